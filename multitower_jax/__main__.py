@@ -1,0 +1,3 @@
+from multitower_jax.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""The `multitower` command line: parse flags, log devices, call the library. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+COMMANDS = {
+    "generate": "write the built-in synthetic world (TFDS ArrayRecord splits + catalogues)",
+    "ingest": "turn your impression logs (Parquet / CSV / JSONL) into TFDS ArrayRecord splits",
+    "bench": "benchmarks: `bench input` (input pipeline examples/s)",
+}
+BENCHES = ("input",)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multitower",
+        description="Multi-tower CTR/CVR ads model in JAX. Every command takes --config FILE "
+                    "and any number of overrides like --config.data.batch_size=4096.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, **kw):
+        p = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], **kw)
+        p.add_argument("--config", required=True, help="experiment file, e.g. experiments/quickstart.py")
+        return p
+
+    p = add("generate")
+    p.add_argument("--out", required=True, help="folder for the datasets (becomes config.data.dir)")
+    p = add("ingest")
+    p.add_argument("--out", required=True, help="folder for the datasets (becomes config.data.dir)")
+    p = add("bench")
+    p.add_argument("what", choices=BENCHES, help="what to benchmark")
+    p.add_argument("--workdir", default="runs/bench", help="where data and statistics are kept")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = _parser().parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        _parser().error(f"unrecognized arguments: {' '.join(bad)}")
+
+    from multitower_jax import config as config_lib  # heavy imports after --help
+
+    try:
+        config = config_lib.load(args.config, rest)
+    except config_lib.ConfigError as e:
+        print(f"multitower: {e}", file=sys.stderr)
+        return 2
+
+    if args.command == "generate":
+        from multitower_jax.data.generate import generate
+
+        config.data.dir = args.out
+        summary = generate(config, args.out)
+        config_lib.write_resolved(config, args.out)
+        print(json.dumps(summary, indent=2))
+        print(f"wrote {args.out} (use --config.data.dir={args.out})")
+    elif args.command == "ingest":
+        from multitower_jax import features
+        from multitower_jax.data import logs
+
+        config.data.dir = args.out
+        report = logs.ingest(config, features.parse_spec(config.features), args.out)
+        config_lib.write_resolved(config, args.out)
+        print(json.dumps(report, indent=2))
+    elif args.command == "bench" and args.what == "input":
+        from multitower_jax.bench import input as bench_input
+
+        bench_input.run(config, args.workdir, args.json)
+    return 0

@@ -1,0 +1,213 @@
+"""Experiment configs: load `experiments/*.py`, apply `--config.a.b=value` overrides, validate.
+
+An experiment file defines ``get_config() -> ml_collections.ConfigDict``. Overrides take the
+type of the value they replace (so ``--config.train.batch_size=4096`` stays an int), and an
+unknown key is an error that names the closest existing keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from multitower_jax import features as features_lib
+
+OVERRIDE_PREFIX = "--config."
+
+
+class ConfigError(ValueError):
+    """The config file, an override or a config value is wrong."""
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    module = _import_experiment(path.resolve())
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: expected a function get_config() returning a ConfigDict")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected ConfigDict")
+    return config
+
+
+def _import_experiment(path: Path):
+    """Import ``<dir>/<name>.py`` as module ``<dir>.<name>``, so that experiment files can
+    ``from experiments import base`` wherever the command runs from."""
+    package = path.parent.name
+    if not package.isidentifier():
+        raise ConfigError(f"{path}: the config's folder name {package!r} must be a Python identifier")
+    pkg = sys.modules.get(package)
+    if pkg is None or Path(getattr(pkg, "__path__", [""])[0]).resolve() != path.parent:
+        init = path.parent / "__init__.py"
+        pkg_spec = importlib.util.spec_from_file_location(
+            package, init if init.exists() else None, submodule_search_locations=[str(path.parent)])
+        pkg = importlib.util.module_from_spec(pkg_spec)
+        sys.modules[package] = pkg
+        if init.exists():
+            pkg_spec.loader.exec_module(pkg)
+    name = f"{package}.{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(_all_keys(v, prefix + k + "."))
+    return keys
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+    if text in ("None", "none", "null"):
+        return None
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}: expected true or false, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ConfigError(
+            f"--config.{key}: expected a {type(current).__name__} like {current!r}, got {text!r}"
+        ) from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, tuple) and isinstance(value, list | tuple):
+        return tuple(value)
+    if isinstance(current, tuple) and isinstance(value, str | int | float):
+        return (value,)
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(
+            f"--config.{key}: expected a {type(current).__name__} like {current!r}, got {text!r}"
+        )
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply ``--config.a.b=value`` (or ``a.b=value``) strings in order."""
+    config = ml_collections.ConfigDict(config.to_dict())  # a copy, unlocked
+    for item in overrides:
+        body = item[len(OVERRIDE_PREFIX):] if item.startswith(OVERRIDE_PREFIX) else item
+        if "=" not in body:
+            raise ConfigError(f"override {item!r}: expected --config.key=value")
+        key, text = body.split("=", 1)
+        parent = config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            node_key = ".".join(parts[: i + 1])
+            is_last = i == len(parts) - 1
+            if not isinstance(parent, ml_collections.ConfigDict) or part not in parent:
+                candidates = difflib.get_close_matches(node_key, _all_keys(config), n=3)
+                hint = f"; did you mean {', '.join(candidates)}?" if candidates else ""
+                raise ConfigError(f"--config.{key}: unknown config key {node_key!r}{hint}")
+            if is_last:
+                current = parent[part]
+                if isinstance(current, ml_collections.ConfigDict):
+                    if text not in ("None", "none", "null"):
+                        raise ConfigError(f"--config.{key}: is a section; set one of its keys, or None to drop it")
+                    del parent[part]  # e.g. drop a feature: --config.features.user.gender=None
+                else:
+                    parent[part] = _parse_value(text, current, key)
+            else:
+                parent = parent[part]
+    return config
+
+
+def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load an experiment file, apply overrides, validate; the one entry point the CLI uses."""
+    config = apply_overrides(load_config_file(path), overrides)
+    validate(config)
+    return config
+
+
+def _require(cond: bool, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config.{key}: expected {expected}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every value the library reads; raise ConfigError naming the first bad key."""
+    for section in ("data", "features"):
+        if section not in config:
+            raise ConfigError(f"config.{section}: missing section")
+    try:
+        spec = features_lib.parse_spec(config.features)
+    except features_lib.SpecError as e:
+        raise ConfigError(str(e)) from None
+    data = config.data
+    _require(data.source in ("synthetic", "logs"), "data.source", "'synthetic' or 'logs'", data.source)
+    placements = tuple(data.placements)
+    _require(len(placements) > 0, "data.placements", "at least one placement", data.placements)
+    for p in placements:
+        _require(p in spec.contexts, "data.placements",
+                 f"placements with a context spec {sorted(spec.contexts)}", data.placements)
+    for key in ("batch_size", "eval_batch_size", "block_size"):
+        _require(isinstance(data[key], int) and data[key] > 0, f"data.{key}", "a positive integer", data[key])
+    rate = data.negative_downsample_rate
+    _require(isinstance(rate, float | int) and 0 < rate <= 1, "data.negative_downsample_rate",
+             "a fraction in (0, 1] of negatives to keep", rate)
+    if data.source == "logs":
+        _require(len(data.logs.paths) > 0, "data.logs.paths", "at least one Parquet/CSV/JSONL file", data.logs.paths)
+        _require(data.logs.format in ("auto", "parquet", "csv", "jsonl"), "data.logs.format",
+                 "'auto', 'parquet', 'csv' or 'jsonl'", data.logs.format)
+        _require(bool(data.logs.validation_start) and bool(data.logs.test_start), "data.logs.validation_start",
+                 "both data.logs.validation_start and data.logs.test_start (timestamps splitting train/validation/test)",
+                 (data.logs.validation_start, data.logs.test_start))
+    if "synthetic" in config:
+        syn = config.synthetic
+        for key in ("num_users", "num_ads", "num_advertisers"):
+            _require(isinstance(syn[key], int) and syn[key] > 0, f"synthetic.{key}", "a positive integer", syn[key])
+        for split in ("train", "validation", "test"):
+            n = syn.impressions[split]
+            _require(isinstance(n, int) and n > 0, f"synthetic.impressions.{split}", "a positive integer", n)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def write_resolved(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
+    """Write the resolved config as ``<workdir>/config.json`` (atomically)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(to_json(config))
+    tmp.replace(path)
+    return path
+
+
+def from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Read back a config written by `write_resolved` (lists become tuples again)."""
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+
+    return ml_collections.ConfigDict(tuples(json.loads(Path(path).read_text())))

@@ -1,0 +1,1 @@
+"""Data: the synthetic world, TFDS builders, the grain input pipeline, tokenizer and preprocessing."""

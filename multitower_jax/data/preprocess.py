@@ -1,0 +1,184 @@
+"""Raw impression columns -> model-ready arrays (ids, normalization, tokenization), vectorized per block.
+
+Normalization statistics come from the training split only (`compute_stats`) and are saved in
+the workdir, so training, evaluation and serving normalize identically.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from multitower_jax import features as F
+from multitower_jax.data import schema
+from multitower_jax.data.tokenizer import HashTokenizer
+
+STATS_FILE = "feature_stats.json"
+AD_FREQ_FILE = "ad_frequency.npz"
+_EPS = 1e-6
+
+
+class StatsError(ValueError):
+    """Feature statistics are missing, stale or malformed."""
+
+
+class FeatureStats:
+    """Mean/std of every numeric column (raw and log1p) and ad frequencies, from the train split."""
+
+    def __init__(self, numeric: Mapping[str, Mapping[str, float]], ad_ids: np.ndarray,
+                 ad_counts: np.ndarray, num_rows: int):
+        self.numeric = {k: dict(v) for k, v in numeric.items()}
+        order = np.argsort(ad_ids)
+        self.ad_ids = np.asarray(ad_ids, np.int64)[order]
+        self.ad_counts = np.asarray(ad_counts, np.int64)[order]
+        self.num_rows = int(num_rows)
+
+    def mean_std(self, column: str, feature: F.Numeric) -> tuple[float, float]:
+        if column not in self.numeric:
+            raise StatsError(f"no statistics for numeric column {column!r}; recompute them "
+                             f"(delete {STATS_FILE} from the workdir)")
+        s = self.numeric[column]
+        prefix = "log1p_" if feature.log1p else ""
+        return s[prefix + "mean"], s[prefix + "std"]
+
+    def ad_log_q(self, ad_id: np.ndarray) -> np.ndarray:
+        """log of each ad's share of training impressions; unseen ads count as seen once."""
+        pos = np.clip(np.searchsorted(self.ad_ids, ad_id), 0, max(len(self.ad_ids) - 1, 0))
+        found = self.ad_ids[pos] == ad_id if len(self.ad_ids) else np.zeros(ad_id.shape, bool)
+        counts = np.where(found, self.ad_counts[pos] if len(self.ad_ids) else 1, 1)
+        return (np.log(counts) - np.log(max(self.num_rows, 1))).astype(np.float32)
+
+    def save(self, workdir: str | os.PathLike) -> None:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(workdir / STATS_FILE, lambda p: p.write_text(
+            json.dumps({"num_rows": self.num_rows, "numeric": self.numeric}, indent=2, sort_keys=True)))
+        _atomic_write(workdir / AD_FREQ_FILE, lambda p: np.savez(p, ad_ids=self.ad_ids, ad_counts=self.ad_counts))
+
+    @classmethod
+    def load(cls, workdir: str | os.PathLike) -> FeatureStats:
+        workdir = Path(workdir)
+        try:
+            meta = json.loads((workdir / STATS_FILE).read_text())
+            with np.load(workdir / AD_FREQ_FILE) as z:
+                return cls(meta["numeric"], z["ad_ids"], z["ad_counts"], meta["num_rows"])
+        except (OSError, KeyError, ValueError) as e:
+            raise StatsError(f"cannot read feature statistics in {workdir}: {e}") from None
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp" + (path.suffix if path.suffix == ".npz" else ""))
+    write(tmp)
+    tmp.replace(path)
+
+
+def compute_stats(blocks: Iterable[Mapping[str, np.ndarray]], spec: F.FeatureSpec, placement: str) -> FeatureStats:
+    """One streaming pass over raw training blocks (float64 accumulators)."""
+    numeric_cols = [c for c, f in spec.columns(placement).items() if isinstance(f, F.Numeric)]
+    acc = {c: np.zeros(4) for c in numeric_cols}  # sum x, sum x^2, sum log1p x, sum log1p^2
+    ad_counts: collections.Counter = collections.Counter()
+    n = 0
+    for block in blocks:
+        n += len(block["ad_id"])
+        ids, counts = np.unique(block["ad_id"], return_counts=True)
+        ad_counts.update(dict(zip(ids.tolist(), counts.tolist())))
+        for c in numeric_cols:
+            x = block[c].astype(np.float64)
+            lx = np.log1p(np.maximum(x, 0.0))
+            acc[c] += (x.sum(), (x * x).sum(), lx.sum(), (lx * lx).sum())
+    if n == 0:
+        raise StatsError("the training split is empty: no rows to compute feature statistics from")
+    numeric = {}
+    for c, (s, ss, ls, lss) in acc.items():
+        mean, lmean = s / n, ls / n
+        numeric[c] = {
+            "mean": float(mean), "std": float(np.sqrt(max(ss / n - mean * mean, 0.0))),
+            "log1p_mean": float(lmean), "log1p_std": float(np.sqrt(max(lss / n - lmean * lmean, 0.0))),
+        }
+    ids = np.fromiter(ad_counts.keys(), np.int64, len(ad_counts))
+    counts = np.fromiter(ad_counts.values(), np.int64, len(ad_counts))
+    return FeatureStats(numeric, ids, counts, n)
+
+
+class Preprocessor:
+    """Turns one raw columnar block into a model batch fragment (see `schema` for both formats).
+
+    Keeps running counts of out-of-vocabulary ids and truncated texts per column.
+    """
+
+    def __init__(self, spec: F.FeatureSpec, placement: str, stats: FeatureStats):
+        self.spec = spec
+        self.placement = placement
+        self.stats = stats
+        self.towers = spec.towers(placement)
+        self.tokenizers = {
+            f"{t}.{f.name}": HashTokenizer(f.vocab_size, f.max_len)
+            for t, tower in self.towers.items() for f in tower.of_type("text")
+        }
+        self.norms = {
+            f"{t}.{f.name}": self.stats.mean_std(f"{t}.{f.name}", f)
+            for t, tower in self.towers.items() for f in tower.of_type("numeric") if f.standardize
+        }
+        self.oov_counts: collections.Counter = collections.Counter()
+        self.truncated_counts: collections.Counter = collections.Counter()
+        self.rows_seen = 0
+
+    def report(self) -> dict:
+        return {
+            "rows": self.rows_seen,
+            "oov": dict(sorted(self.oov_counts.items())),
+            "truncated_texts": dict(sorted(self.truncated_counts.items())),
+        }
+
+    def _feature(self, column: str, f: F.Feature, raw: np.ndarray) -> np.ndarray:
+        if isinstance(f, F.Categorical):
+            if f.encoding == "hash":
+                return (1 + schema.mix64(raw) % np.uint64(f.size)).astype(np.int32)
+            in_range = (raw >= 0) & (raw < f.size)
+            oov = int(raw.size - np.count_nonzero(in_range))
+            if oov:
+                self.oov_counts[column] += oov
+            return np.where(in_range, raw + 1, 0).astype(np.int32)
+        if isinstance(f, F.Numeric):
+            x = np.log1p(np.maximum(raw, 0.0)) if f.log1p else raw
+            if f.standardize:
+                mean, std = self.norms[column]
+                x = (x - mean) / (std + _EPS)
+            return x.astype(np.float32)
+        if isinstance(f, F.Text):
+            tokens, truncated = self.tokenizers[column].encode_batch(raw)
+            if truncated:
+                self.truncated_counts[column] += truncated
+            return tokens
+        if isinstance(f, F.Dense):
+            return raw.astype(np.float32)
+        if isinstance(f, F.MultiHot):
+            out_of_range = (raw >= f.size)
+            if out_of_range.any():
+                self.oov_counts[column] += int(np.count_nonzero(out_of_range))
+            return np.where((raw >= 0) & ~out_of_range, raw + 1, 0).astype(np.int32)
+        raise TypeError(f"unknown feature {f!r}")
+
+    def __call__(self, block: Mapping[str, np.ndarray]) -> dict:
+        n = len(block["click"])
+        self.rows_seen += n
+        out: dict = {
+            tower: {f.name: self._feature(f"{tower}.{f.name}", f, block[f"{tower}.{f.name}"])
+                    for f in spec.features}
+            for tower, spec in self.towers.items()
+        }
+        out["click"] = block["click"].astype(np.float32)
+        out["conversion"] = block["conversion"].astype(np.float32)
+        out["weight"] = np.asarray(block.get("weight", np.ones(n, np.float32)), np.float32)
+        out["user_id"] = block["user_id"].astype(np.int32)
+        out["ad_id"] = block["ad_id"].astype(np.int32)
+        out["ad_log_q"] = self.stats.ad_log_q(block["ad_id"])
+        for name in schema.ORACLE_COLUMNS:
+            if name in block:
+                out[name] = block[name].astype(np.float32)
+        return out
