@@ -1,0 +1,76 @@
+"""Shared fixtures. 8 fake CPU devices for sharding tests: set before jax is imported anywhere."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from multitower_jax import config as config_lib  # noqa: E402
+from multitower_jax import features as F  # noqa: E402
+from multitower_jax.data import builders, schema  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "experiments" / "quickstart.py"
+
+
+def random_chunks(spec: F.FeatureSpec, placement: str, n: int, seed: int, click_rate: float = 0.1,
+                  chunk: int = 1000, oov_every: int = 0):
+    """Random raw impressions that satisfy the raw column contract (independent of the synthetic world)."""
+    cols = schema.raw_columns(spec, placement, with_oracle=True)
+    features = spec.columns(placement)
+    rng = np.random.default_rng(seed)
+    words = np.array([f"w{i}" for i in range(40)])
+    done = 0
+    while done < n:
+        m = min(chunk, n - done)
+        out = {}
+        for name, (dtype, shape) in cols.items():
+            f = features.get(name)
+            if dtype == np.dtype(object):
+                lengths = rng.integers(1, 2 * f.max_len, m)
+                out[name] = np.array([" ".join(rng.choice(words, k)) for k in lengths], dtype=object)
+            elif dtype == np.float32:
+                out[name] = (rng.lognormal(1.0, 1.0, (m, *shape))).astype(np.float32)
+            elif isinstance(f, F.Categorical) and f.encoding == "ids":
+                out[name] = rng.integers(0, f.size, m)
+                if oov_every:
+                    out[name][::oov_every] = f.size + 7  # out of range -> OOV bucket
+            elif isinstance(f, F.MultiHot):
+                out[name] = np.where(rng.random((m, *shape)) < 0.5, rng.integers(0, f.size, (m, *shape)), -1)
+            else:
+                out[name] = rng.integers(0, 1 << 40, (m, *shape))
+        p_click = rng.uniform(0.0, 2 * click_rate, m).astype(np.float32)
+        out["p_click"] = p_click
+        out["click"] = (rng.random(m) < p_click).astype(np.int64)
+        out["conversion"] = out["click"] * (rng.random(m) < 0.2)
+        out["impression_id"] = np.arange(done, done + m) + seed * 10_000_000
+        out["ad_id"] = rng.zipf(1.5, m) % 500
+        done += m
+        yield out
+
+
+def tiny_config(data_dir, *overrides):
+    return config_lib.load(QUICKSTART, [f"--config.data.dir={data_dir}", "--config.data.block_size=64",
+                                        "--config.data.batch_size=256", "--config.data.eval_batch_size=256",
+                                        *overrides])
+
+
+@pytest.fixture(scope="session")
+def random_dataset(tmp_path_factory):
+    """A small TFDS dataset of random impressions for the search placement: (config, spec, sizes)."""
+    data_dir = tmp_path_factory.mktemp("random_data")
+    config = tiny_config(data_dir)
+    spec = F.parse_spec(config.features)
+    sizes = {"train": 6000, "validation": 1000, "test": 1000}
+    seeds = {"train": 1, "validation": 2, "test": 3}
+    builder = builders.SyntheticImpressions(
+        spec=spec, placement="search", block_size=64, with_oracle=True,
+        chunk_source=lambda split: random_chunks(spec, "search", sizes[split], seeds[split], oov_every=10),
+        data_dir=str(data_dir))
+    builder.download_and_prepare()
+    return config, spec, sizes

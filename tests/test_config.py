@@ -1,0 +1,78 @@
+"""Experiment configs: overrides keep types, validation names the bad key, the resolved config round-trips."""
+
+import subprocess
+import sys
+
+import pytest
+
+from multitower_jax import config as config_lib
+from multitower_jax import features as F
+from tests.conftest import QUICKSTART, REPO
+
+
+def load(*overrides):
+    return config_lib.load(QUICKSTART, list(overrides))
+
+
+def test_overrides_keep_types():
+    config = load("--config.data.batch_size=4096", "--config.data.negative_downsample_rate=1",
+                  "--config.data.placements=('search','cart')", "--config.data.importance_weights=false")
+    assert config.data.batch_size == 4096
+    assert isinstance(config.data.negative_downsample_rate, float)
+    assert config.data.placements == ("search", "cart")
+    assert config.data.importance_weights is False
+
+
+def test_feature_can_be_resized_and_dropped():
+    config = load("--config.features.user.country.dim=16", "--config.features.user.gender=None")
+    spec = F.parse_spec(config.features)
+    assert spec.user["country"].dim == 16
+    assert "gender" not in spec.user.names
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.data.bach_size=5", "unknown config key 'data.bach_size'; did you mean data.batch_size"),
+    ("--config.data.batch_size=abc", "--config.data.batch_size: expected a int"),
+    ("--config.data.batch_size=0", "config.data.batch_size: expected a positive integer, got 0"),
+    ("--config.data.negative_downsample_rate=1.5", "config.data.negative_downsample_rate: expected a fraction"),
+    ("--config.data.source=hive", "config.data.source: expected 'synthetic' or 'logs'"),
+    ("--config.data.placements=('mars',)", "config.data.placements: expected placements with a context spec"),
+    ("--config.features.user.country.type=embedding", "config.features.user.country.type: expected one of"),
+    ("--config.features.user.country.size=-3", "config.features.user.country.size: expected a positive integer"),
+    ("--config.data", "expected --config.key=value"),
+])
+def test_validation_errors_name_the_key(override, message):
+    with pytest.raises(config_lib.ConfigError) as e:
+        load(override)
+    assert message in str(e.value)
+
+
+def test_unknown_feature_key_is_named():
+    with pytest.raises(config_lib.ConfigError, match=r"config.features.user.country: unknown keys \['dimm'\]"):
+        config = config_lib.apply_overrides(config_lib.load_config_file(QUICKSTART), [])
+        config.features.user.country.dimm = 3
+        config_lib.validate(config)
+
+
+def test_missing_config_file():
+    with pytest.raises(config_lib.ConfigError, match="does not exist"):
+        config_lib.load(REPO / "experiments" / "nope.py")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load("--config.data.batch_size=512")
+    path = config_lib.write_resolved(config, tmp_path)
+    again = config_lib.from_json(path)
+    assert again.to_dict() == config.to_dict()
+
+
+def test_cli_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "multitower_jax", "--help"], capture_output=True, text=True, check=True)
+    for command in ("generate", "ingest", "bench"):
+        assert command in out.stdout
+
+
+def test_cli_reports_config_errors():
+    out = subprocess.run([sys.executable, "-m", "multitower_jax", "bench", "input", "--config", str(QUICKSTART),
+                          "--config.data.batch_sise=3"], capture_output=True, text=True)
+    assert out.returncode == 2 and "did you mean data.batch_size" in out.stderr
