@@ -12,7 +12,7 @@ A model batch (what `pipeline` yields and the model consumes), B rows:
 
 * ``batch["user" | "context" | "ad"][feature]``: categorical int32[B] in [0, size] (0 = OOV),
   numeric float32[B] (log1p + standardized), text int32[B, max_len] (0 = pad, 1 = [CLS]
-  reserved), dense float32[B, dim], multi_hot int32[B, max_items] (id + 1, 0 = pad)
+  reserved), dense float16[B, dim] (as stored; the model casts), multi_hot int32[B, max_items] (id + 1, 0 = pad)
 * ``click``, ``conversion``, ``weight`` float32[B]; ``user_id``, ``ad_id`` int32[B];
   ``ad_log_q`` float32[B] (log of the ad's frequency among training impressions, for the
   logQ correction of in-batch negatives); on synthetic data also ``p_click`` and

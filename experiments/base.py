@@ -1,0 +1,117 @@
+"""Shared base of every experiment: the seeds' features, the synthetic world and the input pipeline.
+
+Experiments import this file and change a few fields:
+
+    from experiments import base   # or load it by path
+    def get_config():
+        config = base.get_config()
+        config.data.batch_size = 4096
+        return config
+"""
+
+import ml_collections
+
+from multitower_jax import features
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "synthetic"  # or "logs" (Parquet / CSV / JSONL impression logs)
+    config.data.dir = ""  # where `multitower generate` / `multitower ingest` wrote the TFDS data
+    config.data.placements = ("search",)
+    config.data.block_size = 256  # impressions per ArrayRecord record (columnar blocks)
+    config.data.batch_size = 1024  # global batch, split over JAX processes
+    config.data.eval_batch_size = 4096
+    config.data.shuffle_seed = 0
+    config.data.reader_threads = 2  # grain threads reading and preprocessing blocks
+    # Keep this fraction of non-clicked impressions in training; the kept ones get weight
+    # 1 / rate so the weighted click rate stays unbiased.
+    config.data.negative_downsample_rate = 1.0
+    config.data.importance_weights = True
+    config.data.logs = ml_collections.ConfigDict()
+    config.data.logs.paths = ()  # files or globs
+    config.data.logs.format = "auto"  # auto | parquet | csv | jsonl
+    config.data.logs.placement = "search"  # the placement these logs were served on
+    # Our column name (e.g. "user.age_bucket", "click") -> the column in your files.
+    config.data.logs.columns = ml_collections.ConfigDict()
+    config.data.logs.time_column = "timestamp"
+    config.data.logs.validation_start = ""  # rows with time >= this go to validation ...
+    config.data.logs.test_start = ""  # ... and >= this to test (ISO date or epoch seconds)
+
+    config.synthetic = ml_collections.ConfigDict()
+    config.synthetic.seed = 0
+    config.synthetic.num_users = 50_000
+    config.synthetic.num_ads = 10_000
+    config.synthetic.num_advertisers = 1_000
+    config.synthetic.num_topics = 100  # latent topics, nested in 30 categories / industries
+    config.synthetic.ad_popularity_exponent = 1.0  # Zipf exponent of how often ads are shown
+    config.synthetic.impressions = ml_collections.ConfigDict(
+        dict(train=2_000_000, validation=200_000, test=200_000))
+
+    config.features = features.default_features()
+
+    # The model (seeds, sections 2-3). Tower widths list the hidden layers; every tower ends
+    # in an embed_dim-wide Dense -> LayerNorm -> ReLU -> Dropout block.
+    config.model = ml_collections.ConfigDict()
+    config.model.embed_dim = 128  # E_user, E_context, E_ad
+    config.model.user_hidden = (256,)  # 400 -> 256 -> 128
+    config.model.context_hidden = ()  # concat -> 128 (Dense -> LayerNorm)
+    config.model.ad_hidden = (256,)  # ~512 -> 256 -> 128
+    config.model.tower_dropout = 0.2  # user and ad towers
+    config.model.context_dropout = 0.0
+    config.model.fusion = "dot"  # "concat" (pattern A) | "dot" (pattern B: + pairwise dot products)
+    config.model.fusion_hidden = (256, 128, 64)
+    config.model.fusion_dropout = 0.3
+    config.model.head = "esmm"  # "ctr" | "ctr_cvr" | "esmm"
+    config.model.share_text_encoder = True  # one encoder for query and ad text, or one per tower
+    config.model.dtype = "float32"  # compute dtype ("bfloat16" on TPU); parameters stay float32
+    config.model.text = ml_collections.ConfigDict()
+    config.model.text.dim = 128
+    config.model.text.num_layers = 2
+    config.model.text.num_heads = 8
+    config.model.text.mlp_dim = 512
+    config.model.text.positional = "sinusoidal"  # or "learned"
+    config.model.text.pooling = "mean"  # or "cls" (a [CLS] token is prepended)
+    config.model.text.norm = "pre"  # LayerNorm before ("pre") or after ("post") each sublayer
+    config.model.text.dropout = 0.1
+
+    # loss = alpha * ranking + beta * retrieval (in-batch sampled softmax over Q = E_user + E_context).
+    config.loss = ml_collections.ConfigDict()
+    config.loss.alpha = 1.0
+    config.loss.beta = 0.5
+    config.loss.temperature = 0.05  # retrieval logits are similarity / temperature
+    config.loss.l2_normalize = True  # cosine similarity (export and index normalized vectors then)
+    config.loss.logq_correction = True  # subtract log q(ad) from in-batch candidates' logits
+    config.loss.ctr_weight = 0.7  # head "ctr_cvr": 0.7 * BCE(click) + 0.3 * BCE(conversion | click)
+    config.loss.cvr_weight = 0.3
+
+    # AdamW, linear warm-up init_lr -> peak_lr, then cosine decay to end_lr over decay_steps.
+    config.optim = ml_collections.ConfigDict()
+    config.optim.init_lr = 1e-6
+    config.optim.peak_lr = 1e-4
+    config.optim.end_lr = 1e-5
+    config.optim.warmup_steps = 10_000
+    config.optim.decay_steps = 1_000_000  # after the warm-up; counted in optimizer updates
+    config.optim.weight_decay = 1e-5  # not on biases and LayerNorm parameters
+    config.optim.clip_norm = 1.0  # global gradient norm; 0 disables clipping
+    config.optim.accumulation_steps = 1  # > 1: one update every k micro-batches (optax.MultiSteps)
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 20_000
+    config.train.log_every = 50
+    config.train.eval_every = 2_000  # evaluate on the validation split every N steps
+    config.train.patience = 3  # early stopping: evaluations without a validation CTR AUC gain
+    config.train.min_delta = 1e-4
+    config.train.checkpoint_every = 2_000
+    config.train.keep_checkpoints = 2
+
+    # Mesh ("data", "model"); data = -1 takes every device. Logical parameter axes -> mesh
+    # axes (None = replicated): ("vocab", "model") shards embedding tables row-wise.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+    config.sharding = ml_collections.ConfigDict()
+    config.sharding.rules = (("vocab", None), ("embed", None), ("embed_in", None), ("mlp", None),
+                             ("heads", None), ("kv", None), ("pos", None))
+    return config
