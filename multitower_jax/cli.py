@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "generate": "write the built-in synthetic world (TFDS ArrayRecord splits + catalogues)",
     "ingest": "turn your impression logs (Parquet / CSV / JSONL) into TFDS ArrayRecord splits",
+    "train": "train the model (resumes from the workdir's latest checkpoint), then evaluate on test",
+    "evaluate": "evaluate a trained workdir on a split: writes <workdir>/eval_<split>.json",
     "bench": "benchmarks: `bench input` (input pipeline examples/s)",
 }
 BENCHES = ("input",)
@@ -31,11 +33,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the datasets (becomes config.data.dir)")
     p = add("ingest")
     p.add_argument("--out", required=True, help="folder for the datasets (becomes config.data.dir)")
+    p = add("train")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, eval_test.json")
+    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"], description=COMMANDS["evaluate"])
+    p.add_argument("--workdir", required=True, help="a workdir written by `multitower train`")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--predictions", default=None, help="also write one row per impression to this Parquet file")
     p = add("bench")
     p.add_argument("what", choices=BENCHES, help="what to benchmark")
     p.add_argument("--workdir", default="runs/bench", help="where data and statistics are kept")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return parser
+
+
+def _log_devices() -> None:
+    import jax
+
+    print(f"JAX {jax.__version__}: process {jax.process_index()} of {jax.process_count()}, "
+          f"{jax.local_device_count()} local / {jax.device_count()} global {jax.devices()[0].platform} devices")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     from multitower_jax import config as config_lib  # heavy imports after --help
 
     try:
-        config = config_lib.load(args.config, rest)
-    except config_lib.ConfigError as e:
+        if args.command == "evaluate":  # the workdir's resolved config, plus overrides
+            config = config_lib.apply_overrides(config_lib.from_json(f"{args.workdir}/config.json"), rest)
+            config_lib.validate(config)
+        else:
+            config = config_lib.load(args.config, rest)
+    except (config_lib.ConfigError, FileNotFoundError) as e:
         print(f"multitower: {e}", file=sys.stderr)
         return 2
 
@@ -69,6 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         report = logs.ingest(config, features.parse_spec(config.features), args.out)
         config_lib.write_resolved(config, args.out)
         print(json.dumps(report, indent=2))
+    elif args.command == "train":
+        from multitower_jax.train import trainer
+
+        _log_devices()
+        result = trainer.train(config, args.workdir)
+        print(json.dumps(result, indent=2))
+        print(f"metrics: {args.workdir}/metrics.jsonl, {args.workdir}/eval_test.json, "
+              f"tensorboard --logdir {args.workdir}/tensorboard")
+    elif args.command == "evaluate":
+        from multitower_jax.train import trainer
+
+        result = trainer.evaluate_workdir(config, args.workdir, args.split, args.predictions)
+        print(json.dumps(result, indent=2))
     elif args.command == "bench" and args.what == "input":
         from multitower_jax.bench import input as bench_input
 

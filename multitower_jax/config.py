@@ -176,6 +176,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(bool(data.logs.validation_start) and bool(data.logs.test_start), "data.logs.validation_start",
                  "both data.logs.validation_start and data.logs.test_start (timestamps splitting train/validation/test)",
                  (data.logs.validation_start, data.logs.test_start))
+    if "model" in config:
+        from multitower_jax.models.model import validate_config as validate_model  # noqa: PLC0415 (jax import)
+
+        try:
+            validate_model(config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if "train" in config:
+        for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "patience", "keep_checkpoints"):
+            _require(isinstance(config.train[key], int) and config.train[key] > 0, f"train.{key}",
+                     "a positive integer", config.train[key])
     if "synthetic" in config:
         syn = config.synthetic
         for key in ("num_users", "num_ads", "num_advertisers"):

@@ -74,3 +74,36 @@ def random_dataset(tmp_path_factory):
         data_dir=str(data_dir))
     builder.download_and_prepare()
     return config, spec, sizes
+
+
+# A model small enough to compile and train in seconds on 2 CPU cores.
+TINY_MODEL = [
+    "--config.model.embed_dim=16", "--config.model.user_hidden=(32,)", "--config.model.ad_hidden=(32,)",
+    "--config.model.fusion_hidden=(32,16)", "--config.model.text.dim=16", "--config.model.text.mlp_dim=32",
+    "--config.model.text.num_heads=2", "--config.model.text.num_layers=1",
+    "--config.features.ad.advertiser_id.size=512", "--config.features.ad.brand_id.size=512",
+    "--config.features.context.search.city.size=256", "--config.features.ad.title.vocab_size=1024",
+    "--config.features.ad.description.vocab_size=1024", "--config.features.context.search.query.vocab_size=1024",
+    "--config.features.user.interest_vector.dim=32", "--config.features.ad.image_embedding.dim=16",
+    "--config.optim.warmup_steps=5", "--config.optim.decay_steps=200", "--config.optim.peak_lr=3e-3",
+    "--config.train.log_every=5", "--config.train.eval_every=1000", "--config.train.checkpoint_every=1000",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """A small synthetic world (search placement) generated once for the session, with TINY_MODEL features."""
+    from multitower_jax.data.generate import generate
+
+    data_dir = tmp_path_factory.mktemp("synthetic")
+    generate(synthetic_config(data_dir), data_dir)
+    return data_dir
+
+
+def synthetic_config(data_dir, *overrides):
+    return config_lib.load(QUICKSTART, [
+        f"--config.data.dir={data_dir}", "--config.data.block_size=64", "--config.data.batch_size=128",
+        "--config.data.eval_batch_size=512", "--config.synthetic.num_users=2000", "--config.synthetic.num_ads=400",
+        "--config.synthetic.num_advertisers=50", "--config.synthetic.impressions.train=12000",
+        "--config.synthetic.impressions.validation=2000", "--config.synthetic.impressions.test=2000",
+        *TINY_MODEL, *overrides])

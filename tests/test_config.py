@@ -76,3 +76,13 @@ def test_cli_reports_config_errors():
     out = subprocess.run([sys.executable, "-m", "multitower_jax", "bench", "input", "--config", str(QUICKSTART),
                           "--config.data.batch_sise=3"], capture_output=True, text=True)
     assert out.returncode == 2 and "did you mean data.batch_size" in out.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.fusion=cross", "config.model.fusion: expected"),
+    ("--config.model.head=ctcvr", "config.model.head: expected"),
+    ("--config.train.num_steps=0", "config.train.num_steps: expected a positive integer"),
+])
+def test_model_and_train_validation(override, message):
+    with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
+        load(override)

@@ -21,6 +21,7 @@ from multitower_jax.data import schema
 
 SPLITS = ("train", "validation", "test")
 VERSION = "1.0.0"
+SHUFFLE_BUFFER_ROWS = 65_536
 
 ChunkSource = Callable[[str], Iterator[Mapping[str, np.ndarray]]]
 
@@ -68,6 +69,31 @@ def _nest(block: Mapping[str, np.ndarray], num_rows: int) -> dict:
         tower, _, fname = name.rpartition(".")
         (nested.setdefault(tower, {}) if tower else nested)[fname] = value
     return nested
+
+
+def shuffle_rows(chunks: Iterator[Mapping[str, np.ndarray]], buffer_rows: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """Permute rows within consecutive windows of ``buffer_rows`` (bounded memory, seeded).
+
+    Logs and the synthetic world come in time order; without this, each stored block would
+    hold impressions from the same few minutes, and so would every batch built from it.
+    """
+    rng = np.random.default_rng(seed)
+    pending: list[Mapping[str, np.ndarray]] = []
+    pending_rows = 0
+
+    def flush():
+        merged = {k: np.concatenate([c[k] for c in pending]) for k in pending[0]}
+        order = rng.permutation(pending_rows)
+        return {k: v[order] for k, v in merged.items()}
+
+    for chunk in chunks:
+        pending.append(chunk)
+        pending_rows += len(chunk["click"])
+        if pending_rows >= buffer_rows:
+            yield flush()
+            pending, pending_rows = [], 0
+    if pending_rows:
+        yield flush()
 
 
 def to_blocks(chunks: Iterator[Mapping[str, np.ndarray]], columns: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
@@ -128,7 +154,8 @@ class ImpressionsBuilder(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split) for split in SPLITS}
 
     def _generate_examples(self, split: str):
-        for index, block in to_blocks(self._chunk_source(split), self._columns, self._block_size):
+        chunks = shuffle_rows(self._chunk_source(split), SHUFFLE_BUFFER_ROWS, seed=SPLITS.index(split))
+        for index, block in to_blocks(chunks, self._columns, self._block_size):
             yield f"{split}-{index}", block
 
 

@@ -1,0 +1,163 @@
+"""Building blocks shared by the towers: the Dense->LayerNorm->ReLU->Dropout block, an MLP of
+such blocks, and the embedding of a tower's non-text features.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``) so that the
+sharding rules in the config decide where it lives; the names used are listed in
+`LOGICAL_AXES`. A name without a rule is replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from multitower_jax import features as F
+
+Array = jax.Array
+Dtype = Any
+
+# Logical axis names that appear in parameter metadata (map them in the sharding rules):
+#   vocab    rows of an embedding table (token, categorical or multi-hot ids)
+#   embed    width of an embedding table / of the text encoder's residual stream
+#   embed_in input width of an MLP dense kernel
+#   mlp      output width of an MLP dense kernel (and its bias / LayerNorm)
+#   heads    attention heads;  kv  per-head width;  pos  learned positions
+LOGICAL_AXES = ("vocab", "embed", "embed_in", "mlp", "heads", "kv", "pos")
+
+DEFAULT_EMBED_INIT = nn.initializers.normal(stddev=1.0)
+DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
+
+
+def partitioned(init: nn.initializers.Initializer, names: tuple[str | None, ...]) -> Any:
+    """An initializer whose parameter is boxed with logical axis `names`."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def dense(features: int, name: str | None = None, dtype: Dtype = jnp.float32,
+          names: tuple[str | None, str | None] = ("embed_in", "mlp")) -> nn.Dense:
+    """nn.Dense with logically partitioned kernel and bias."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=partitioned(DEFAULT_KERNEL_INIT, names),
+        bias_init=partitioned(nn.initializers.zeros_init(), (names[1],)),
+        name=name,
+    )
+
+
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32, axis_name: str = "mlp") -> nn.LayerNorm:
+    """nn.LayerNorm with logically partitioned scale and bias."""
+    return nn.LayerNorm(
+        dtype=dtype,
+        scale_init=partitioned(nn.initializers.ones_init(), (axis_name,)),
+        bias_init=partitioned(nn.initializers.zeros_init(), (axis_name,)),
+        name=name,
+    )
+
+
+def embed(num_embeddings: int, features: int, name: str | None = None, dtype: Dtype = jnp.float32) -> nn.Embed:
+    """nn.Embed whose table is named ("vocab", "embed")."""
+    return nn.Embed(
+        num_embeddings,
+        features,
+        dtype=dtype,
+        embedding_init=partitioned(DEFAULT_EMBED_INIT, ("vocab", "embed")),
+        name=name,
+    )
+
+
+class Block(nn.Module):
+    """Dense -> LayerNorm -> ReLU -> Dropout, the seeds' unit of every tower and the fusion MLP."""
+
+    features: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxI: Array, train: bool = False) -> Array:
+        h_BxO = dense(self.features, "dense", self.dtype)(x_BxI)
+        h_BxO = layer_norm("layer_norm", self.dtype)(h_BxO)
+        h_BxO = nn.relu(h_BxO)
+        # Dropout draws from the "dropout" RNG stream, only when training.
+        return nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxO)
+
+
+class MLP(nn.Module):
+    """A stack of `Block`s, one per entry of `hidden_sizes`."""
+
+    hidden_sizes: Sequence[int]
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxI: Array, train: bool = False) -> Array:
+        for i, width in enumerate(self.hidden_sizes):
+            x_BxI = Block(width, self.dropout_rate, self.dtype, name=f"block_{i}")(x_BxI, train)
+        return x_BxI
+
+
+def masked_mean(values_BxLxD: Array, mask_BxL: Array) -> Array:
+    """Mean over the positions where `mask_BxL` is true; all-masked rows give zeros."""
+    mask_BxLx1 = mask_BxL[..., None].astype(values_BxLxD.dtype)
+    total_BxD = jnp.sum(values_BxLxD * mask_BxLx1, axis=1)
+    count_Bx1 = jnp.maximum(jnp.sum(mask_BxLx1, axis=1), 1.0)
+    return total_BxD / count_Bx1
+
+
+def feature_width(feature: F.Feature) -> int:
+    """Width a non-text feature contributes to its tower's concatenated input."""
+    if isinstance(feature, F.Categorical | F.MultiHot):
+        return feature.dim
+    if isinstance(feature, F.Dense):
+        return feature.dim
+    if isinstance(feature, F.Numeric):
+        return 1
+    raise TypeError(f"feature {feature.name!r} of type {feature.type!r} has no fixed width here")
+
+
+class FeatureEmbedding(nn.Module):
+    """Embeds and concatenates the non-text features of one tower, in spec order.
+
+    categorical int32[B] -> table of size+1 rows (row 0 is the OOV / missing bucket);
+    numeric float32[B] -> one column (already log1p + standardized by the pipeline);
+    dense float32[B, dim] -> passed through;
+    multi_hot int32[B, max_items] (ids + 1, 0 = pad) -> mean of the embeddings of the real items.
+    Text features are left to the tower, which owns (or shares) a text encoder.
+    """
+
+    spec: F.TowerSpec
+    dtype: Dtype = jnp.float32
+
+    @property
+    def output_dim(self) -> int:
+        return sum(feature_width(f) for f in self.spec.features if not isinstance(f, F.Text))
+
+    @nn.compact
+    def __call__(self, features: Mapping[str, Array]) -> Array:
+        parts = []
+        for f in self.spec.features:
+            if isinstance(f, F.Text):
+                continue
+            if f.name not in features:
+                raise KeyError(f"tower {self.spec.name!r}: batch has no feature {f.name!r}; got {sorted(features)}")
+            x = jnp.asarray(features[f.name])
+            if isinstance(f, F.Categorical):
+                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype)
+                parts.append(table(x.astype(jnp.int32)))
+            elif isinstance(f, F.MultiHot):
+                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype)
+                ids_BxM = x.astype(jnp.int32)
+                parts.append(masked_mean(table(ids_BxM), ids_BxM > 0))
+            elif isinstance(f, F.Numeric):
+                parts.append(x.astype(self.dtype)[:, None])
+            elif isinstance(f, F.Dense):
+                parts.append(x.astype(self.dtype))
+            else:
+                raise TypeError(f"unknown feature type {f.type!r} for {f.name!r}")
+        if not parts:
+            raise ValueError(f"tower {self.spec.name!r} has no non-text features")
+        return jnp.concatenate(parts, axis=-1)

@@ -1,0 +1,317 @@
+"""MultiTowerModel: shared user and ad towers, one context tower + fusion + heads per placement.
+
+    model = build_model(config, spec)
+    variables = init_params(model, jax.random.key(0))           # every placement's params
+    out = model.apply(variables, batch, "search", train=True, rngs={"dropout": rng})
+    e_ad = model.apply(variables, batch["ad"], method=model.embed_ad)
+    scores = model.apply(variables, e_user, e_context, e_ad, "search", method=model.score_embeddings)
+
+The parameters are boxed with logical axis names (`flax.linen.Partitioned`);
+`nn.get_partition_spec(variables)` gives their logical specs, `nn.meta.unbox` the raw arrays.
+`apply` accepts either form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from multitower_jax import features as F
+from multitower_jax.models import towers as towers_lib
+from multitower_jax.models.fusion import FUSIONS, Fusion
+from multitower_jax.models.heads import HEADS, Heads
+from multitower_jax.models.text_encoder import TextEncoder, TextEncoderConfig
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+    """The encoder's architecture; vocabulary and length come from the feature spec."""
+
+    dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 8
+    mlp_dim: int = 512
+    positional: str = "sinusoidal"
+    pooling: str = "mean"
+    norm: str = "pre"
+    dropout: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Frozen (hashable) copy of ``config.model`` plus the placements to build."""
+
+    placements: tuple[str, ...] = ("search",)
+    embed_dim: int = 128
+    user_hidden: tuple[int, ...] = (256,)  # hidden widths; the tower's output is embed_dim
+    context_hidden: tuple[int, ...] = ()
+    ad_hidden: tuple[int, ...] = (256,)
+    tower_dropout: float = 0.2
+    context_dropout: float = 0.0
+    fusion: str = "dot"
+    fusion_hidden: tuple[int, ...] = (256, 128, 64)
+    fusion_dropout: float = 0.3
+    head: str = "esmm"
+    share_text_encoder: bool = True
+    text: TextSettings = TextSettings()
+    dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
+        m = config.model
+        return cls(
+            placements=tuple(config.data.placements),
+            embed_dim=int(m.embed_dim),
+            user_hidden=tuple(int(w) for w in m.user_hidden),
+            context_hidden=tuple(int(w) for w in m.context_hidden),
+            ad_hidden=tuple(int(w) for w in m.ad_hidden),
+            tower_dropout=float(m.tower_dropout),
+            context_dropout=float(m.context_dropout),
+            fusion=str(m.fusion),
+            fusion_hidden=tuple(int(w) for w in m.fusion_hidden),
+            fusion_dropout=float(m.fusion_dropout),
+            head=str(m.head),
+            share_text_encoder=bool(m.share_text_encoder),
+            text=TextSettings(**{k: m.text[k] for k in dataclasses.asdict(TextSettings())}),
+            dtype=str(m.dtype),
+        )
+
+
+def _text_config(settings: TextSettings, specs: list[F.TowerSpec], dtype: Any) -> TextEncoderConfig:
+    """One encoder for the given towers: vocabulary and positions cover all of them."""
+    return TextEncoderConfig(
+        vocab_size=max(towers_lib.text_vocab_size(s) for s in specs),
+        max_len=max(towers_lib.text_length(s) for s in specs),
+        dim=settings.dim,
+        num_layers=settings.num_layers,
+        num_heads=settings.num_heads,
+        mlp_dim=settings.mlp_dim,
+        positional=settings.positional,
+        pooling=settings.pooling,
+        norm=settings.norm,
+        dropout_rate=settings.dropout,
+        dtype=dtype,
+    )
+
+
+class MultiTowerModel(nn.Module):
+    """The seeds' three-tower CTR/CVR model for the placements in `config.placements`."""
+
+    config: ModelConfig
+    user_spec: F.TowerSpec
+    ad_spec: F.TowerSpec
+    context_specs: tuple[tuple[str, F.TowerSpec], ...]  # (placement, spec), hashable
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype = DTYPES[cfg.dtype]
+        contexts = dict(self.context_specs)
+        missing = [p for p in cfg.placements if p not in contexts]
+        if missing:
+            raise ValueError(f"no context feature spec for placements {missing}")
+        all_specs = [self.user_spec, self.ad_spec, *(contexts[p] for p in cfg.placements)]
+        with_text = [s for s in all_specs if s.of_type("text")]
+
+        shared = None
+        if cfg.share_text_encoder and with_text:
+            # One encoder (and one token table) for query and ad text: queries and titles
+            # land in one space, which is what the context.ad dot product compares.
+            shared = TextEncoder(_text_config(cfg.text, with_text, dtype))
+        self.text_encoder = shared
+
+        def tower(spec: F.TowerSpec, hidden: tuple[int, ...], dropout: float) -> towers_lib.Tower:
+            own = None if shared is not None or not spec.of_type("text") else _text_config(cfg.text, [spec], dtype)
+            return towers_lib.Tower(spec, hidden + (cfg.embed_dim,), dropout, shared, own, dtype)
+
+        self.user_tower = tower(self.user_spec, cfg.user_hidden, cfg.tower_dropout)
+        self.ad_tower = tower(self.ad_spec, cfg.ad_hidden, cfg.tower_dropout)
+        self.context_towers = {p: tower(contexts[p], cfg.context_hidden, cfg.context_dropout)
+                               for p in cfg.placements}
+        self.fusions = {p: Fusion(cfg.fusion, cfg.fusion_hidden, cfg.fusion_dropout, dtype)
+                        for p in cfg.placements}
+        self.heads = {p: Heads(cfg.head, dtype) for p in cfg.placements}
+
+    def _check(self, placement: str) -> None:
+        if placement not in self.config.placements:
+            raise ValueError(f"placement {placement!r} is not in this model's placements {self.config.placements}")
+
+    def embed_user(self, features: Mapping[str, Array], train: bool = False) -> Array:
+        """batch["user"] -> E_user float32[B, D] (cacheable per user)."""
+        return self.user_tower(features, train).astype(jnp.float32)
+
+    def embed_context(self, features: Mapping[str, Array], placement: str, train: bool = False) -> Array:
+        """batch["context"] of `placement` -> E_context float32[B, D] (per request)."""
+        self._check(placement)
+        return self.context_towers[placement](features, train).astype(jnp.float32)
+
+    def embed_ad(self, features: Mapping[str, Array], train: bool = False) -> Array:
+        """batch["ad"] -> E_ad float32[B, D] (precomputed per ad, exported to the ANN index)."""
+        return self.ad_tower(features, train).astype(jnp.float32)
+
+    def score_embeddings(self, e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, placement: str,
+                         train: bool = False) -> dict[str, Array]:
+        """Fusion + heads from precomputed embeddings -> logits and probabilities [B]."""
+        self._check(placement)
+        h_BxH = self.fusions[placement](e_user_BxD, e_context_BxD, e_ad_BxD, train)
+        return self.heads[placement](h_BxH)
+
+    def __call__(self, batch: Batch, placement: str, train: bool = False) -> dict[str, Array]:
+        """Full forward pass: head outputs plus the three embeddings e_user, e_context, e_ad."""
+        e_user_BxD = self.embed_user(batch["user"], train)
+        e_context_BxD = self.embed_context(batch["context"], placement, train)
+        e_ad_BxD = self.embed_ad(batch["ad"], train)
+        out = dict(self.score_embeddings(e_user_BxD, e_context_BxD, e_ad_BxD, placement, train))
+        out.update(e_user=e_user_BxD, e_context=e_context_BxD, e_ad=e_ad_BxD)
+        return out
+
+    def init_all(self, batches: Mapping[str, Batch]) -> dict[str, dict[str, Array]]:
+        """Run every placement once, so `init` creates all parameters."""
+        return {p: self(batches[p], p) for p in self.config.placements}
+
+
+def dummy_features(spec: F.TowerSpec, batch_size: int) -> dict[str, np.ndarray]:
+    """All-zero inputs of the right dtypes and shapes (0 is a valid id: OOV / pad)."""
+    out = {}
+    for f in spec.features:
+        if isinstance(f, F.Categorical):
+            out[f.name] = np.zeros((batch_size,), np.int32)
+        elif isinstance(f, F.Numeric):
+            out[f.name] = np.zeros((batch_size,), np.float32)
+        elif isinstance(f, F.Text):
+            out[f.name] = np.zeros((batch_size, f.max_len), np.int32)
+        elif isinstance(f, F.Dense):
+            out[f.name] = np.zeros((batch_size, f.dim), np.float16)  # as the pipeline ships them
+        elif isinstance(f, F.MultiHot):
+            out[f.name] = np.zeros((batch_size, f.max_items), np.int32)
+    return out
+
+
+def init_params(model: MultiTowerModel, rng: Array, batch_size: int = 1) -> dict[str, Any]:
+    """Variables (``{"params": ...}``, boxed with logical names) for every placement.
+
+    Pure in `rng`, so it can run under ``jax.eval_shape`` or ``jax.jit(out_shardings=...)``.
+    """
+    contexts = dict(model.context_specs)
+    batches = {
+        p: {"user": dummy_features(model.user_spec, batch_size),
+            "context": dummy_features(contexts[p], batch_size),
+            "ad": dummy_features(model.ad_spec, batch_size)}
+        for p in model.config.placements
+    }
+    return model.init({"params": rng}, batches, method=MultiTowerModel.init_all)
+
+
+def build_model(config: ml_collections.ConfigDict, spec: F.FeatureSpec) -> MultiTowerModel:
+    """The model for ``config.model`` and ``config.data.placements`` over `spec`."""
+    validate_config(config)
+    model_cfg = ModelConfig.from_config(config)
+    return MultiTowerModel(
+        config=model_cfg,
+        user_spec=spec.user,
+        ad_spec=spec.ad,
+        context_specs=tuple((p, spec.context(p)) for p in model_cfg.placements),
+    )
+
+
+def param_count(variables: Mapping[str, Any]) -> int:
+    """Number of scalars in the parameters (boxed or not)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(variables)))
+
+
+def _fail(key: str, expected: str, value: Any) -> None:
+    raise ValueError(f"config.{key}: expected {expected}, got {value!r}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
+
+
+def _widths(section: Any, key: str, allow_empty: bool) -> None:
+    value = section[key.rsplit(".", 1)[-1]]
+    if not isinstance(value, tuple | list) or not all(_positive_int(w) for w in value) or (
+            not allow_empty and not value):
+        _fail(key, "a tuple of positive layer widths" + ("" if allow_empty else " (at least one)"), value)
+
+
+def _rate(value: Any, key: str) -> None:
+    if not isinstance(value, float | int) or isinstance(value, bool) or not 0 <= value < 1:
+        _fail(key, "a dropout rate in [0, 1)", value)
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, " or ".join(repr(c) for c in choices), value)
+
+
+def _positive_number(value: Any, key: str, allow_zero: bool = False) -> None:
+    ok = isinstance(value, float | int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        _fail(key, "a non-negative number" if allow_zero else "a positive number", value)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Check ``config.model``, ``config.loss`` and ``config.optim``; ValueError names the bad key."""
+    for section in ("model", "loss", "optim"):
+        if section not in config:
+            raise ValueError(f"config.{section}: missing section")
+    m = config.model
+    for key in ("embed_dim", "user_hidden", "context_hidden", "ad_hidden", "tower_dropout", "context_dropout",
+                "fusion", "fusion_hidden", "fusion_dropout", "head", "share_text_encoder", "text", "dtype"):
+        if key not in m:
+            raise ValueError(f"config.model.{key}: missing")
+    if not _positive_int(m.embed_dim):
+        _fail("model.embed_dim", "a positive integer", m.embed_dim)
+    _widths(m, "model.user_hidden", allow_empty=True)
+    _widths(m, "model.context_hidden", allow_empty=True)
+    _widths(m, "model.ad_hidden", allow_empty=True)
+    _widths(m, "model.fusion_hidden", allow_empty=False)
+    for key in ("tower_dropout", "context_dropout", "fusion_dropout"):
+        _rate(m[key], f"model.{key}")
+    _choice(m.fusion, "model.fusion", FUSIONS)
+    _choice(m.head, "model.head", HEADS)
+    _choice(m.dtype, "model.dtype", tuple(DTYPES))
+    if not isinstance(m.share_text_encoder, bool):
+        _fail("model.share_text_encoder", "true or false", m.share_text_encoder)
+    t = m.text
+    for key in ("dim", "num_layers", "num_heads", "mlp_dim"):
+        if key not in t or not _positive_int(t[key]):
+            _fail(f"model.text.{key}", "a positive integer", t.get(key))
+    if t.dim % t.num_heads:
+        _fail("model.text.num_heads", f"a divisor of model.text.dim={t.dim}", t.num_heads)
+    _choice(t.get("positional"), "model.text.positional", ("sinusoidal", "learned"))
+    _choice(t.get("pooling"), "model.text.pooling", ("mean", "cls"))
+    _choice(t.get("norm"), "model.text.norm", ("pre", "post"))
+    _rate(t.get("dropout"), "model.text.dropout")
+
+    loss = config.loss
+    for key in ("alpha", "beta", "ctr_weight", "cvr_weight"):
+        _positive_number(loss.get(key), f"loss.{key}", allow_zero=True)
+    _positive_number(loss.get("temperature"), "loss.temperature")
+    for key in ("logq_correction", "l2_normalize"):
+        if not isinstance(loss.get(key), bool):
+            _fail(f"loss.{key}", "true or false", loss.get(key))
+
+    o = config.optim
+    for key in ("init_lr", "peak_lr", "end_lr"):
+        _positive_number(o.get(key), f"optim.{key}", allow_zero=True)
+    warmup = o.get("warmup_steps")
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        _fail("optim.warmup_steps", "a non-negative integer", warmup)
+    if not _positive_int(o.get("decay_steps")):
+        _fail("optim.decay_steps", "a positive integer", o.get("decay_steps"))
+    _positive_number(o.get("weight_decay"), "optim.weight_decay", allow_zero=True)
+    _positive_number(o.get("clip_norm"), "optim.clip_norm", allow_zero=True)
+    if not _positive_int(o.get("accumulation_steps")):
+        _fail("optim.accumulation_steps", "a positive integer", o.get("accumulation_steps"))

@@ -1,0 +1,145 @@
+"""The query / ad-text Transformer encoder (seeds, Appendix A and B).
+
+token embeddings + positional embeddings (sinusoidal or learned) -> N encoder layers
+(8-head self-attention + MLP, pre- or post-LayerNorm) -> mean pooling or the [CLS] output.
+
+Token id 0 is padding and id 1 is [CLS] (the tokenizer reserves both). Padding is masked
+everywhere: as attention keys and in the pooling, so neither the number of pad positions nor
+what sits under the mask changes the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from multitower_jax.models import layers
+
+Array = jax.Array
+Dtype = Any
+
+PAD_ID = 0
+CLS_ID = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    vocab_size: int
+    max_len: int  # longest token sequence fed to the encoder, without the [CLS] slot
+    dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 8
+    mlp_dim: int = 512
+    positional: str = "sinusoidal"  # "sinusoidal" | "learned"
+    pooling: str = "mean"  # "mean" | "cls"
+    norm: str = "pre"  # "pre" | "post" LayerNorm placement
+    dropout_rate: float = 0.1
+    dtype: Dtype = jnp.float32
+
+
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+    """Fixed encodings of "Attention Is All You Need": sin on even, cos on odd dims; [L, dim]."""
+    positions_Lx1 = np.arange(length, dtype=np.float64)[:, None]
+    div_H = np.power(10000.0, np.arange(0, dim, 2, dtype=np.float64) / dim)
+    table_LxD = np.zeros((length, dim), dtype=np.float64)
+    table_LxD[:, 0::2] = np.sin(positions_Lx1 / div_H)
+    table_LxD[:, 1::2] = np.cos(positions_Lx1 / div_H[: dim // 2])
+    return table_LxD.astype(np.float32)
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention + MLP with residuals; LayerNorm before (pre) or after (post) each."""
+
+    config: TextEncoderConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, key_mask_BxL: Array, train: bool) -> Array:
+        cfg = self.config
+        # Only keys are masked: a pad query row produces garbage nobody reads (pads are never
+        # attended to and never pooled), and masking it too would make its softmax all-masked.
+        mask_Bx1x1xL = key_mask_BxL[:, None, None, :]
+        attention = nn.MultiHeadDotProductAttention(
+            num_heads=cfg.num_heads,
+            qkv_features=cfg.dim,
+            out_features=cfg.dim,
+            dtype=cfg.dtype,
+            dropout_rate=cfg.dropout_rate,
+            deterministic=not train,
+            kernel_init=layers.partitioned(layers.DEFAULT_KERNEL_INIT, ("embed", "heads", "kv")),
+            out_kernel_init=layers.partitioned(layers.DEFAULT_KERNEL_INIT, ("heads", "kv", "embed")),
+            bias_init=layers.partitioned(nn.initializers.zeros_init(), ("heads", "kv")),
+            out_bias_init=layers.partitioned(nn.initializers.zeros_init(), ("embed",)),
+            name="attention",
+        )
+        dropout = nn.Dropout(cfg.dropout_rate, deterministic=not train)
+
+        def mlp(h_BxLxD: Array) -> Array:
+            h = layers.dense(cfg.mlp_dim, "mlp_in", cfg.dtype, ("embed", "mlp"))(h_BxLxD)
+            h = nn.gelu(h)
+            h = dropout(h)
+            return layers.dense(cfg.dim, "mlp_out", cfg.dtype, ("mlp", "embed"))(h)
+
+        ln_attn = layers.layer_norm("ln_attention", cfg.dtype, "embed")
+        ln_mlp = layers.layer_norm("ln_mlp", cfg.dtype, "embed")
+        if cfg.norm == "pre":
+            h = ln_attn(x_BxLxD)
+            x_BxLxD = x_BxLxD + dropout(attention(h, h, mask=mask_Bx1x1xL))
+            x_BxLxD = x_BxLxD + dropout(mlp(ln_mlp(x_BxLxD)))
+        else:
+            x_BxLxD = ln_attn(x_BxLxD + dropout(attention(x_BxLxD, x_BxLxD, mask=mask_Bx1x1xL)))
+            x_BxLxD = ln_mlp(x_BxLxD + dropout(mlp(x_BxLxD)))
+        return x_BxLxD
+
+
+class TextEncoder(nn.Module):
+    """tokens int32[B, L] (0 = pad) -> E_text float[B, dim]."""
+
+    config: TextEncoderConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL: Array, mask_BxL: Array | None = None, train: bool = False) -> Array:
+        """`mask_BxL` (true = real token) defaults to ``tokens_BxL != 0``; positions under a
+        false mask are ignored whatever token they hold."""
+        cfg = self.config
+        tokens_BxL = jnp.asarray(tokens_BxL).astype(jnp.int32)
+        mask_BxL = tokens_BxL != PAD_ID if mask_BxL is None else jnp.asarray(mask_BxL, dtype=bool)
+        if cfg.pooling == "cls":
+            # The tokenizer never emits [CLS]; we prepend it, and it is always a real position.
+            batch = tokens_BxL.shape[0]
+            tokens_BxL = jnp.concatenate([jnp.full((batch, 1), CLS_ID, jnp.int32), tokens_BxL], axis=1)
+            mask_BxL = jnp.concatenate([jnp.ones((batch, 1), bool), mask_BxL], axis=1)
+        length = tokens_BxL.shape[1]
+
+        token_table = layers.embed(cfg.vocab_size, cfg.dim, "token_embed", cfg.dtype)
+        x_BxLxD = token_table(tokens_BxL)
+        if cfg.positional == "learned":
+            table_size = cfg.max_len + (1 if cfg.pooling == "cls" else 0)
+            if length > table_size:
+                raise ValueError(f"text of length {length} exceeds the learned position table ({table_size})")
+            positions = self.param(
+                "position_embed",
+                layers.partitioned(nn.initializers.normal(stddev=0.02), ("pos", "embed")),
+                (table_size, cfg.dim),
+            )
+            x_BxLxD = x_BxLxD + jnp.asarray(positions[:length], cfg.dtype)[None]
+        elif cfg.positional == "sinusoidal":
+            x_BxLxD = x_BxLxD + jnp.asarray(sinusoidal_positions(length, cfg.dim), cfg.dtype)[None]
+        else:
+            raise ValueError(f"positional: expected 'sinusoidal' or 'learned', got {cfg.positional!r}")
+        x_BxLxD = nn.Dropout(cfg.dropout_rate, deterministic=not train)(x_BxLxD)
+
+        for i in range(cfg.num_layers):
+            x_BxLxD = EncoderLayer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, train)
+        if cfg.norm == "pre":
+            x_BxLxD = layers.layer_norm("ln_final", cfg.dtype, "embed")(x_BxLxD)
+
+        if cfg.pooling == "cls":
+            return x_BxLxD[:, 0]
+        if cfg.pooling == "mean":
+            return layers.masked_mean(x_BxLxD, mask_BxL)
+        raise ValueError(f"pooling: expected 'mean' or 'cls', got {cfg.pooling!r}")

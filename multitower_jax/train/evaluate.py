@@ -1,0 +1,73 @@
+"""Evaluation: run the model over a split, then exact AUC / log loss per head (and for the oracle)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from multitower_jax.train import metrics, sharding
+
+PREDICTION_KEYS = ("pctr", "pcvr", "pctcvr")
+
+
+def make_predict_fn(model, placement: str, mesh) -> Callable:
+    """jit(params, batch) -> {pctr, pcvr, pctcvr} (those the head has), rows sharded like the batch."""
+
+    def predict(params, batch):
+        out = model.apply({"params": params}, batch, placement, train=False)
+        return {k: out[k] for k in PREDICTION_KEYS if k in out}
+
+    return jax.jit(predict, out_shardings=sharding.batch_sharding(mesh))
+
+
+def collect(predict_fn, params, batches, mesh, desc: str | None = None) -> dict[str, np.ndarray]:
+    """Predictions, labels, ids and oracle columns of every valid row, gathered to every host."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
+        out = predict_fn(params, sharding.shard_batch(batch, mesh))
+        if jax.process_count() > 1:
+            out = multihost_utils.process_allgather(out, tiled=True)
+            batch = multihost_utils.process_allgather(
+                {k: v for k, v in batch.items() if not isinstance(v, Mapping)}, tiled=True)
+        valid = np.asarray(batch["valid"]) > 0
+        row = {k: np.asarray(v)[valid] for k, v in out.items()}
+        for key in ("click", "conversion", "user_id", "ad_id", "p_click", "p_convert_given_click"):
+            if key in batch:
+                row[key] = np.asarray(batch[key])[valid]
+        for key, value in row.items():
+            parts.setdefault(key, []).append(value)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def report(pred: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Per head: CTR over all impressions, CVR over clicked ones, CTCVR over all; same for the oracle."""
+    click, conversion = pred["click"], pred["conversion"]
+    clicked = click > 0.5
+    out: dict[str, Any] = {"num_examples": int(len(click))}
+    out.update(metrics.binary_report("ctr", pred["pctr"], click))
+    if "pcvr" in pred:
+        out.update(metrics.binary_report("cvr", pred["pcvr"][clicked], conversion[clicked]))
+        out.update(metrics.binary_report("ctcvr", pred["pctcvr"], click * conversion))
+    if "p_click" in pred:
+        oracle_ctcvr = pred["p_click"] * pred["p_convert_given_click"]
+        out.update(metrics.binary_report("oracle_ctr", pred["p_click"], click))
+        out.update(metrics.binary_report("oracle_cvr", pred["p_convert_given_click"][clicked], conversion[clicked]))
+        out.update(metrics.binary_report("oracle_ctcvr", oracle_ctcvr, click * conversion))
+    return out
+
+
+def write_predictions(pred: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """One row per impression: ids, labels, predictions and the oracle columns when present."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.table({k: np.asarray(v) for k, v in pred.items()}), tmp)
+    tmp.replace(path)

@@ -1,0 +1,62 @@
+"""The optimizer (seeds, section 5.2): AdamW, linear warm-up then cosine decay, clipping.
+
+    init_lr --(warmup_steps, linear)--> peak_lr --(decay_steps, cosine)--> end_lr (then constant)
+
+Steps count optimizer *updates*: with ``accumulation_steps = k`` the gradients of k
+micro-batches are averaged (`optax.MultiSteps`) and the schedule advances once per k
+micro-batches. Clipping and weight decay act on the averaged gradient, as they would on one
+k-times larger batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+# Parameters whose last name is one of these are not weight-decayed: shrinking a bias or a
+# LayerNorm gain towards 0 regularizes nothing, it only shifts or shrinks the activations.
+NO_DECAY_NAMES = ("bias", "scale")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate as a function of the update count, from ``config.optim``."""
+    o = config.optim
+    return optax.warmup_cosine_decay_schedule(
+        init_value=float(o.init_lr),
+        peak_value=float(o.peak_lr),
+        warmup_steps=int(o.warmup_steps),
+        decay_steps=int(o.warmup_steps) + int(o.decay_steps),  # optax counts the warm-up in
+        end_value=float(o.end_lr),
+    )
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay: kernels and embedding tables.
+
+    Works on raw and on `nn.Partitioned`-boxed parameter trees (the box is a pytree node).
+    """
+
+    def decays(path: tuple, _: Any) -> bool:
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return not names or names[-1] not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW(schedule, decoupled weight decay), wrapped in
+    `optax.MultiSteps` when ``config.optim.accumulation_steps > 1``."""
+    o = config.optim
+    parts = []
+    if float(o.clip_norm) > 0:
+        parts.append(optax.clip_by_global_norm(float(o.clip_norm)))
+    parts.append(optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+                             weight_decay=float(o.weight_decay), mask=decay_mask))
+    tx = optax.chain(*parts)
+    steps = int(o.accumulation_steps)
+    if steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=steps).gradient_transformation()
+    return tx

@@ -1,0 +1,248 @@
+"""`multitower train`: the sharded training loop with evaluation, early stopping and orbax checkpoints.
+
+One jitted train step with explicit shardings and donated state, compiled once; metrics are
+read from the device one step late so dispatch stays asynchronous; the step RNG is
+``fold_in(rng, step)``. Checkpoints hold the train state (params, optimizer, step, rng) and
+the grain iterator state, so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import grain
+from tqdm import tqdm
+
+from multitower_jax import config as config_lib
+from multitower_jax import features as F
+from multitower_jax.data import pipeline
+from multitower_jax.models import model as model_lib
+from multitower_jax.train import evaluate, losses, optim, sharding
+
+
+class Trainer:
+    """Everything a run needs, built once: model, optimizer, mesh, shardings, jitted functions."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, devices: list | None = None):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.spec = F.parse_spec(config.features)
+        self.placement = config.data.placements[0]
+        self.model = model_lib.build_model(config, self.spec)
+        self.tx = optim.make_optimizer(config)
+        self.loss_config = losses.LossConfig.from_config(config)
+        self.mesh = sharding.make_mesh(config, devices)
+        self.rules = sharding.logical_rules(config)
+        self.stats = pipeline.load_or_compute_stats(config, self.spec, self.workdir)
+
+        boxed = jax.eval_shape(self._init_boxed_state, jax.random.key(0))
+        self.state_shardings = sharding.state_shardings(boxed, self.mesh, self.rules)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), self.state_shardings)
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, batch_sharding),
+            out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+            donate_argnums=0,
+        )
+        self.predict = evaluate.make_predict_fn(self.model, self.placement, self.mesh)
+
+    # -- state and step ---------------------------------------------------------------------
+
+    def _init_boxed_state(self, rng: jax.Array) -> dict[str, Any]:
+        """The state with parameters (and their optimizer moments) boxed with logical axis names."""
+        init_rng, state_rng = jax.random.split(rng)
+        params = model_lib.init_params(self.model, init_rng)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": self.tx.init(params), "rng": jax.random.key_data(state_rng)}
+
+    def init_state(self) -> dict[str, Any]:
+        """The initial state, created directly with its shardings (never materialized whole)."""
+        init = jax.jit(lambda rng: nn.unbox(self._init_boxed_state(rng)), out_shardings=self.state_shardings)
+        return init(jax.random.key(int(self.config.seed)))
+
+    def _train_step(self, state: dict[str, Any], batch: dict[str, Any]):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def loss_fn(params):
+            out = self.model.apply({"params": params}, batch, self.placement, train=True, rngs={"dropout": rng})
+            return losses.total_loss(out, batch, self.loss_config, self.mesh)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def dataset(self, split: str, train: bool) -> pipeline.Pipeline:
+        return pipeline.make_dataset(self.config, self.spec, self.stats, placement=self.placement,
+                                     split=split, train=train)
+
+    def evaluate(self, params: Any, split: str, predictions_path: str | None = None) -> dict[str, Any]:
+        pred = evaluate.collect(self.predict, params, self.dataset(split, train=False), self.mesh,
+                                desc=f"evaluate {split}")
+        if predictions_path:
+            evaluate.write_predictions(pred, predictions_path)
+        return evaluate.report(pred)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint_manager(self) -> ocp.CheckpointManager:
+        t = self.config.train
+        return ocp.CheckpointManager(
+            (self.workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=int(t.keep_checkpoints), create=True),
+        )
+
+    def restore(self, manager: ocp.CheckpointManager, iterator=None, step: int | None = None):
+        step = manager.latest_step() if step is None else step
+        args = {"state": ocp.args.StandardRestore(self.abstract_state)}
+        if iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+        return restored["state"]
+
+    def save(self, manager: ocp.CheckpointManager, state, iterator, force: bool = False) -> None:
+        step = int(state["step"])
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)), force=force)
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop at the next step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Train (resuming from the workdir's latest checkpoint), evaluate, write eval_test.json."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        config_lib.write_resolved(config, workdir)
+    t = config.train
+    trainer = Trainer(config, workdir)
+    manager = trainer.checkpoint_manager()
+    iterator = iter(trainer.dataset("train", train=True))
+    if manager.latest_step() is not None:
+        state = trainer.restore(manager, iterator)
+        print(f"resumed from {workdir / 'checkpoints'} at step {int(state['step'])}")
+    else:
+        state = trainer.init_state()
+    progress = json.loads((workdir / "progress.json").read_text()) if (workdir / "progress.json").exists() else {}
+    best_auc, bad_evals = progress.get("best_auc", -1.0), progress.get("bad_evals", 0)
+    best_params = None
+
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(workdir / "tensorboard"))
+    metrics_file = (workdir / "metrics.jsonl").open("a") if is_main else None
+
+    def log(step: int, values: dict[str, float]) -> None:
+        if not is_main:
+            return
+        metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+        metrics_file.flush()
+        for k, v in values.items():
+            writer.add_scalar(k, v, step)
+
+    batch_size = int(config.data.batch_size)
+    step = int(state["step"])
+    pending = None  # (step, metrics on device): read one step late
+    bar = tqdm(total=int(t.num_steps), initial=step, desc="train", unit="step", disable=not is_main)
+    start, start_step = time.perf_counter(), step
+    stopped_early = False
+    with _StopFlag() as stop:
+        while step < int(t.num_steps) and not stop.raised:
+            batch = sharding.shard_batch(next(iterator), trainer.mesh)
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            if pending is not None and (pending[0] % int(t.log_every) == 0):
+                values = _scalars(pending[1])
+                rate = (step - start_step) * batch_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", ex_per_s=f"{rate:,.0f}")
+                log(pending[0], dict(values, examples_per_sec=rate))
+            pending = (step, metrics)
+            bar.update(1)
+            if step % int(t.eval_every) == 0 or step == int(t.num_steps):
+                result = trainer.evaluate(state["params"], "validation")
+                log(step, {f"validation/{k}": v for k, v in result.items() if isinstance(v, float)})
+                if result["ctr_auc"] > best_auc + float(t.min_delta):
+                    best_auc, bad_evals = result["ctr_auc"], 0
+                    best_params = jax.tree.map(jnp.copy, state["params"])
+                else:
+                    bad_evals += 1
+                if is_main:
+                    (workdir / "progress.json").write_text(json.dumps({"best_auc": best_auc, "bad_evals": bad_evals}))
+                if bad_evals >= int(t.patience):
+                    stopped_early = True
+                    break
+            if step % int(t.checkpoint_every) == 0:
+                trainer.save(manager, state, iterator)
+        if manager.latest_step() != step:
+            trainer.save(manager, state, iterator, force=True)
+        manager.wait_until_finished()
+    bar.close()
+    if stop.raised:
+        print(f"stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
+        return {"step": step, "interrupted": True}
+    params = best_params if best_params is not None else state["params"]
+    result = trainer.evaluate(params, "test")
+    result.update(step=step, stopped_early=stopped_early, best_validation_ctr_auc=best_auc)
+    if is_main:
+        (workdir / "eval_test.json").write_text(json.dumps(result, indent=2))
+        metrics_file.close()
+        writer.close()
+    return result
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path, split: str,
+                     predictions_path: str | None = None) -> dict[str, Any]:
+    """Restore the latest checkpoint of a workdir and write ``<workdir>/eval_<split>.json``."""
+    workdir = Path(workdir)
+    trainer = Trainer(config, workdir)
+    manager = trainer.checkpoint_manager()
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run `multitower train` first")
+    state = trainer.restore(manager)
+    result = trainer.evaluate(state["params"], split, predictions_path)
+    result["step"] = int(state["step"])
+    if jax.process_index() == 0:
+        (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,143 @@
+"""Optimizer tests: the schedule's values, AdamW against a numpy reference (clipping, decay
+mask, boxed parameters) and gradient accumulation against one large batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from multitower_jax import config as config_lib
+from multitower_jax.train import optim
+
+# These tests compile many small programs and run each once or twice: skipping LLVM's
+# optimizations halves the compile time on a small CPU and changes nothing but float rounding.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit(fn, **kwargs):
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
+
+BASE = Path(__file__).resolve().parents[1] / "experiments" / "base.py"
+
+
+def config_with(**optim_values) -> ml_collections.ConfigDict:
+    config = config_lib.load_config_file(BASE)
+    for key, value in optim_values.items():
+        config.optim[key] = value
+    return config
+
+
+def test_schedule_defaults_warm_up_linearly_then_decay_by_cosine():
+    schedule = optim.learning_rate_schedule(config_with())
+    lr = lambda step: float(schedule(step))  # noqa: E731
+    np.testing.assert_allclose(lr(0), 1e-6, rtol=1e-5)
+    np.testing.assert_allclose(lr(5_000), (1e-6 + 1e-4) / 2, rtol=1e-5)
+    np.testing.assert_allclose(lr(10_000), 1e-4, rtol=1e-5)
+    np.testing.assert_allclose(lr(10_000 + 500_000), (1e-4 + 1e-5) / 2, rtol=1e-4)  # cosine midpoint
+    quarter = 1e-5 + (1e-4 - 1e-5) * 0.5 * (1 + np.cos(np.pi / 4))
+    np.testing.assert_allclose(lr(10_000 + 250_000), quarter, rtol=1e-4)
+    np.testing.assert_allclose(lr(1_010_000), 1e-5, rtol=1e-5)
+    np.testing.assert_allclose(lr(5_000_000), 1e-5, rtol=1e-5)
+
+
+def np_adamw(params, grads, lrs, weight_decay, clip_norm, decays, b1=0.9, b2=0.999, eps=1e-8):
+    """Textbook AdamW with global-norm clipping, in float64, on flat dicts of arrays."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        norm = np.sqrt(sum(np.sum(np.square(x)) for x in g.values()))
+        scale = min(1.0, clip_norm / norm)
+        for k in p:
+            gk = g[k] * scale
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk * gk
+            update = (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+            if decays[k]:
+                update = update + weight_decay * p[k]
+            p[k] = p[k] - lr * update
+    return p
+
+
+@pytest.mark.parametrize("boxed", [False, True])
+def test_adamw_matches_a_numpy_reference(boxed):
+    config = config_with(init_lr=0.01, peak_lr=0.1, end_lr=0.001, warmup_steps=2, decay_steps=4,
+                         weight_decay=0.5, clip_norm=1.0)
+    rng = np.random.default_rng(0)
+    flat = {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=(2,)), "scale": rng.normal(size=(2,)),
+            "embedding": rng.normal(size=(4, 2))}
+    grads = [{k: rng.normal(size=v.shape) * s for k, v in flat.items()} for s in (100.0, 0.1, 1.0)]  # 1st clipped
+
+    def tree(d):
+        arrays = {k: jnp.asarray(v, jnp.float32) for k, v in d.items()}
+        if boxed:  # as the model's parameters come: nn.Partitioned with logical names
+            arrays = {k: nn.Partitioned(v, names=(None,) * v.ndim) for k, v in arrays.items()}
+        return {"dense": {"kernel": arrays["kernel"], "bias": arrays["bias"]},
+                "layer_norm": {"scale": arrays["scale"]}, "embed": {"embedding": arrays["embedding"]}}
+
+    tx = optim.make_optimizer(config)
+    params = tree(flat)
+    state = tx.init(params)
+    step = jit(lambda p, s, g: (lambda u, s2: (jax.tree_util.tree_map(jnp.add, p, u), s2))(*tx.update(g, s, p)))
+    for g in grads:
+        params, state = step(params, state, tree(g))
+    schedule = optim.learning_rate_schedule(config)
+    expected = np_adamw(flat, grads, [float(schedule(t)) for t in range(3)], 0.5, 1.0,
+                        decays={"kernel": True, "embedding": True, "bias": False, "scale": False})
+    got = nn.meta.unbox(params)
+    got = {"kernel": got["dense"]["kernel"], "bias": got["dense"]["bias"], "scale": got["layer_norm"]["scale"],
+           "embedding": got["embed"]["embedding"]}
+    for k in flat:
+        np.testing.assert_allclose(np.asarray(got[k]), expected[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_decay_mask_spares_biases_and_layer_norm():
+    params = {"block": {"dense": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
+                        "layer_norm": {"scale": np.ones(2), "bias": np.ones(2)}},
+              "attention": {"query": {"kernel": np.ones((2, 1, 2)), "bias": np.ones((1, 2))}}}
+    mask = optim.decay_mask(params)
+    assert mask["block"]["dense"] == {"kernel": True, "bias": False}
+    assert mask["block"]["layer_norm"] == {"scale": False, "bias": False}
+    assert mask["attention"]["query"] == {"kernel": True, "bias": False}  # a 2-D bias is still a bias
+
+
+def test_accumulating_k_micro_batches_equals_one_big_batch_step():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 32, 3)).astype(np.float32)  # two big batches of 32
+    y = rng.normal(size=(2, 32)).astype(np.float32)
+    params0 = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+
+    def loss(p, xb, yb):
+        return jnp.mean(jnp.square(xb @ p["w"] + p["b"] - yb))
+
+    def run(accumulation_steps: int, micro: int):
+        tx = optim.make_optimizer(config_with(init_lr=0.05, peak_lr=0.1, end_lr=0.01, warmup_steps=1, decay_steps=3,
+                                              clip_norm=0.5, weight_decay=0.1, accumulation_steps=accumulation_steps))
+        state = tx.init(params0)
+
+        @jit
+        def step(p, s, xb, yb):
+            updates, s = tx.update(jax.grad(loss)(p, xb, yb), s, p)
+            return jax.tree_util.tree_map(jnp.add, p, updates), s
+
+        params, history = params0, []
+        for xb, yb in zip(x.reshape(-1, micro, 3), y.reshape(-1, micro)):
+            params, state = step(params, state, xb, yb)
+            history.append(params)
+        return params, history
+
+    big, _ = run(1, 32)
+    accumulated, history = run(4, 8)
+    for k in big:
+        np.testing.assert_allclose(np.asarray(accumulated[k]), np.asarray(big[k]), rtol=1e-5, atol=1e-7)
+    # No update until the k-th micro-batch.
+    for params in history[:3]:
+        np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(params0["w"]))
+    assert np.abs(np.asarray(history[3]["w"] - params0["w"])).max() > 1e-4
