@@ -107,6 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.min_delta = 1e-4
     config.train.checkpoint_every = 2_000
     config.train.keep_checkpoints = 2
+    config.train.rng_impl = "rbg"  # PRNG for dropout: "rbg" (fast everywhere) or "threefry2x32"
 
     # Mesh ("data", "model"); data = -1 takes every device. Logical parameter axes -> mesh
     # axes (None = replicated): ("vocab", "model") shards embedding tables row-wise.

@@ -1,9 +1,12 @@
 """Quickstart: the search placement on the built-in synthetic world, sized for a laptop CPU.
 
-    pip install -e . && multitower generate --config experiments/quickstart.py --out runs/quickstart/data
+    pip install -e . && multitower train --config experiments/quickstart.py --workdir runs/quickstart
 
-Writes train / validation / test splits (TFDS ArrayRecord) with the oracle columns
-`p_click` and `p_convert_given_click`; takes well under a minute on 2 CPU cores.
+Generates the world into `<workdir>/data` if `config.data.dir` is empty, then trains an ESMM
+model (fusion pattern B, joint ranking + retrieval loss) and writes `eval_test.json`.
+The text encoder is narrower (64-d) and the texts shorter than the seeds' defaults (the
+synthetic titles, descriptions and queries have at most 7, 21 and 6 words), so a 2-core CPU
+gets through a few epochs; `experiments/search_full.py` has the seeds' sizes.
 """
 
 import ml_collections
@@ -14,10 +17,27 @@ from experiments import base
 def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
     config.data.placements = ("search",)
+    config.data.batch_size = 512
     config.synthetic.num_users = 20_000
     config.synthetic.num_ads = 5_000
     config.synthetic.num_advertisers = 500
     config.synthetic.impressions.train = 400_000
     config.synthetic.impressions.validation = 50_000
     config.synthetic.impressions.test = 50_000
+
+    config.features.ad.title.max_len = 8
+    config.features.ad.description.max_len = 24
+    config.features.context.search.query.max_len = 8
+    config.features.ad.advertiser_id.size = 4096  # 500 advertisers: no need for 100k buckets
+    config.features.ad.brand_id.size = 4096
+    config.model.text.dim = 64
+    config.model.text.mlp_dim = 128
+    config.model.text.dropout = 0.0
+
+    config.optim.peak_lr = 2e-3
+    config.optim.warmup_steps = 200
+    config.optim.decay_steps = 2_300
+    config.train.num_steps = 2_500
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
     return config

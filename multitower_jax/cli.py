@@ -11,9 +11,9 @@ COMMANDS = {
     "ingest": "turn your impression logs (Parquet / CSV / JSONL) into TFDS ArrayRecord splits",
     "train": "train the model (resumes from the workdir's latest checkpoint), then evaluate on test",
     "evaluate": "evaluate a trained workdir on a split: writes <workdir>/eval_<split>.json",
-    "bench": "benchmarks: `bench input` (input pipeline examples/s)",
+    "bench": "benchmarks: `bench input` (input pipeline examples/s), `bench train` (step examples/s, fraction of peak)",
 }
-BENCHES = ("input",)
+BENCHES = ("input", "train")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,4 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         from multitower_jax.bench import input as bench_input
 
         bench_input.run(config, args.workdir, args.json)
+    elif args.command == "bench" and args.what == "train":
+        from multitower_jax.bench import train as bench_train
+
+        _log_devices()
+        bench_train.run(config, args.json)
     return 0

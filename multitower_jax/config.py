@@ -106,6 +106,15 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     return value
 
 
+# Sections whose keys are the user's to choose: overrides may add new ones.
+OPEN_SECTIONS = ("data.logs.columns",)
+
+
+def _is_open(parents: list[str]) -> bool:
+    path = ".".join(parents)
+    return any(path == s or path.startswith(s + ".") for s in OPEN_SECTIONS)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Apply ``--config.a.b=value`` (or ``a.b=value``) strings in order."""
     config = ml_collections.ConfigDict(config.to_dict())  # a copy, unlocked
@@ -119,6 +128,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         for i, part in enumerate(parts):
             node_key = ".".join(parts[: i + 1])
             is_last = i == len(parts) - 1
+            if isinstance(parent, ml_collections.ConfigDict) and part not in parent and _is_open(parts[:i]):
+                parent[part] = ml_collections.ConfigDict() if not is_last else None
             if not isinstance(parent, ml_collections.ConfigDict) or part not in parent:
                 candidates = difflib.get_close_matches(node_key, _all_keys(config), n=3)
                 hint = f"; did you mean {', '.join(candidates)}?" if candidates else ""

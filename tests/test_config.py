@@ -86,3 +86,8 @@ def test_cli_reports_config_errors():
 def test_model_and_train_validation(override, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
         load(override)
+
+
+def test_log_column_mapping_can_be_added_from_the_command_line():
+    config = load("--config.data.logs.columns.user.age_bucket=age", "--config.data.logs.columns.click=clicked")
+    assert config.data.logs.columns.user.age_bucket == "age" and config.data.logs.columns.click == "clicked"

@@ -66,8 +66,9 @@ def test_preprocessed_values(random_dataset, stats):
     age = raw["user.age_bucket"]
     np.testing.assert_array_equal(out["user"]["age_bucket"], np.where(age < 10, age + 1, 0))
     assert out["ad"]["advertiser_id"].min() >= 1 and out["ad"]["advertiser_id"].max() <= 100_000
-    assert out["context"]["query"].shape == (64, 16)
-    tok = HashTokenizer(16384, 16)
+    query = spec.context("search")["query"]
+    assert out["context"]["query"].shape == (64, query.max_len)
+    tok = HashTokenizer(query.vocab_size, query.max_len)
     np.testing.assert_array_equal(out["context"]["query"][3], tok.tokenize(raw["context.query"][3].decode())[0])
 
 
@@ -80,7 +81,17 @@ def test_oov_and_truncation_counts(random_dataset, stats):
     assert report["oov"]["user.age_bucket"] == int(np.count_nonzero(raw["user.age_bucket"] >= 10))
     assert report["oov"]["user.age_bucket"] > 0
     n_words = np.array([len(t.split()) for t in raw["context.query"]])
-    assert report["truncated_texts"]["context.query"] == int(np.count_nonzero(n_words > 16))
+    max_len = spec.context("search")["query"].max_len
+    assert report["truncated_texts"]["context.query"] == int(np.count_nonzero(n_words > max_len))
+
+
+def test_shuffle_rows_permutes_within_windows():
+    chunks = [{"click": np.arange(i, i + 10), "t": np.arange(i, i + 10) * 2} for i in range(0, 100, 10)]
+    out = list(builders.shuffle_rows(iter(chunks), buffer_rows=30, seed=0))
+    click = np.concatenate([c["click"] for c in out])
+    assert sorted(click.tolist()) == list(range(100)) and not np.array_equal(click, np.arange(100))
+    np.testing.assert_array_equal(np.concatenate([c["t"] for c in out]), click * 2)  # rows stay whole
+    assert set(out[0]["click"]) == set(range(30))  # bounded: only within a 30-row window
 
 
 def test_tokenizer():

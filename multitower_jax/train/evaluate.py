@@ -57,11 +57,15 @@ def report(pred: Mapping[str, np.ndarray]) -> dict[str, Any]:
     if "pcvr" in pred:
         out.update(metrics.binary_report("cvr", pred["pcvr"][clicked], conversion[clicked]))
         out.update(metrics.binary_report("ctcvr", pred["pctcvr"], click * conversion))
+        # ESMM's claim: pCVR should rank conversions over the entire impression space, not
+        # only over the clicked impressions a plain CVR head is trained on.
+        out["cvr_entire_space_auc"] = metrics.auc(pred["pcvr"], conversion)
     if "p_click" in pred:
         oracle_ctcvr = pred["p_click"] * pred["p_convert_given_click"]
         out.update(metrics.binary_report("oracle_ctr", pred["p_click"], click))
         out.update(metrics.binary_report("oracle_cvr", pred["p_convert_given_click"][clicked], conversion[clicked]))
         out.update(metrics.binary_report("oracle_ctcvr", oracle_ctcvr, click * conversion))
+        out["oracle_cvr_entire_space_auc"] = metrics.auc(pred["p_convert_given_click"], conversion)
     return out
 
 

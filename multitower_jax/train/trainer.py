@@ -20,13 +20,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import grain
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
-from multitower_jax.data import pipeline
+from multitower_jax.data import builders, pipeline
+from multitower_jax.data.generate import generate
 from multitower_jax.models import model as model_lib
 from multitower_jax.train import evaluate, losses, optim, sharding
 
@@ -46,7 +48,7 @@ class Trainer:
         self.rules = sharding.logical_rules(config)
         self.stats = pipeline.load_or_compute_stats(config, self.spec, self.workdir)
 
-        boxed = jax.eval_shape(self._init_boxed_state, jax.random.key(0))
+        boxed = jax.eval_shape(self._init_boxed_state, self._key(0))
         self.state_shardings = sharding.state_shardings(boxed, self.mesh, self.rules)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), self.state_shardings)
@@ -71,10 +73,15 @@ class Trainer:
     def init_state(self) -> dict[str, Any]:
         """The initial state, created directly with its shardings (never materialized whole)."""
         init = jax.jit(lambda rng: nn.unbox(self._init_boxed_state(rng)), out_shardings=self.state_shardings)
-        return init(jax.random.key(int(self.config.seed)))
+        return init(self._key(int(self.config.seed)))
+
+    def _key(self, seed: int) -> jax.Array:
+        # Dropout draws tens of millions of bits per step; threefry costs seconds per step on a
+        # CPU where "rbg" (XLA's RngBitGenerator) costs milliseconds.
+        return jax.random.key(seed, impl=self.config.train.rng_impl)
 
     def _train_step(self, state: dict[str, Any], batch: dict[str, Any]):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=self.config.train.rng_impl), state["step"])
 
         def loss_fn(params):
             out = self.model.apply({"params": params}, batch, self.placement, train=True, rngs={"dropout": rng})
@@ -147,11 +154,27 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def ensure_data(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """With no ``config.data.dir``, use ``<workdir>/data``, generating the synthetic world there once."""
+    if config.data.dir:
+        return
+    config.data.dir = str(workdir / "data")
+    missing = [p for p in config.data.placements
+               if not builders.dataset_dir(config.data.dir, config.data.source, p).exists()]
+    if missing and config.data.source == "synthetic":
+        if jax.process_index() == 0:
+            print(f"generating the synthetic world into {config.data.dir}")
+            generate(config, config.data.dir)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("synthetic data generated")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Train (resuming from the workdir's latest checkpoint), evaluate, write eval_test.json."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    ensure_data(config, workdir)
     if is_main:
         config_lib.write_resolved(config, workdir)
     t = config.train

@@ -1,0 +1,449 @@
+"""Ingest a user's own impression logs (Parquet, CSV, JSONL) into the TFDS builder, strictly validated.
+
+Files are streamed in chunks, columns renamed (``config.data.logs.columns``: ours -> the file's, nested
+by tower), converted to `schema.raw_columns` and checked with vectorized Arrow / numpy operations (a row
+is looked up only when something is wrong), split by time and mixed by a seeded bounded shuffle buffer.
+`ingest` builds next to ``out_dir`` and swaps in only a complete dataset: a failure keeps the old one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import glob
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
+import tensorflow_datasets as tfds
+
+from multitower_jax import features as F
+from multitower_jax.data import builders, schema
+from multitower_jax.data.tokenizer import HashTokenizer
+
+REPORT_FILE = "ingest_report.json"
+CHUNK_ROWS = 65_536  # rows per Parquet / JSON read batch
+SHUFFLE_BUFFER = 65_536  # rows mixed at a time, so that blocks are not time-ordered
+WORD_PATTERN = "[0-9a-z]+"  # a word of HashTokenizer (in lower-cased text); a test checks they agree
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+_FLOAT16_MAX = 65504.0  # dense vectors are stored as float16 (builders.storage_dtype)
+_FAR = 2**62  # beyond any epoch second
+_NUMBER = r"^[+-]?\d+(\.\d*)?$"
+_TEXT = (pa.string(), pa.large_string())
+
+
+class LogError(ValueError):
+    """A log file breaks the raw column contract; the message names the file, row, field and expectation."""
+
+
+class _Said(str):
+    """A description of what was found (shown as is), not a value (shown with repr)."""
+
+
+def _np(arr: pa.Array) -> np.ndarray:
+    return arr.to_numpy(zero_copy_only=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where the values of one chunk came from: converts them, and names their row when one is wrong."""
+    path: Path
+    row: Callable[[int], int]  # value index -> 1-based data row in the file; composed lazily, used on errors
+    names: Mapping[str, str]  # our column -> file column
+    csv: bool  # CSV values are all text: integer-looking ids are ids, not strings to hash
+
+    def error(self, column: str, i: int, expected: str, got) -> LogError:
+        got = got.as_py() if isinstance(got, pa.Scalar) else got.item() if isinstance(got, np.generic) else got
+        shown = got if isinstance(got, _Said) else repr(got)
+        return LogError(f"{self.path}: row {self.row(i)}: column {column!r} (file column "
+                        f"{self.names.get(column, column)!r}): expected {expected}, got {shown[:100]}")
+
+    def check(self, bad: np.ndarray, column: str, expected: str, got=None) -> None:
+        """Raise for the first row where `bad` is True, showing got[i] (or got(i) if callable)."""
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise self.error(column, i, expected, got(i) if callable(got) else None if got is None else got[i])
+
+    def sub(self, index: np.ndarray) -> _Source:
+        return dataclasses.replace(self, row=lambda i: self.row(int(index[i])))
+
+    def cast(self, arr: pa.Array, to: pa.DataType, column: str, expected: str) -> pa.Array:
+        """Arrow cast; on failure, bisect to the first value that does not cast and name its row."""
+        try:
+            return pc.cast(arr, to)
+        except pa.ArrowNotImplementedError:
+            raise self.error(column, 0, expected, _Said(f"a column of type {arr.type}")) from None
+        except pa.ArrowInvalid:
+            lo, hi = 0, len(arr)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                try:
+                    pc.cast(arr[lo:mid], to)
+                    lo = mid
+                except pa.ArrowInvalid:
+                    hi = mid
+            raise self.error(column, lo, expected, arr[lo]) from None
+
+    def floats(self, arr: pa.Array, column: str, expected: str = "a number") -> np.ndarray:
+        if arr.type in _TEXT:
+            arr = self.cast(pc.utf8_trim_whitespace(arr), pa.float64(), column, expected)
+        elif not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_decimal(arr.type)):
+            raise self.error(column, 0, expected, _Said(f"a column of type {arr.type}"))
+        x = np.asarray(_np(arr), np.float64)
+        self.check(~np.isfinite(x), column, f"{expected} (finite)", x)
+        return x
+
+    def ints(self, arr: pa.Array, column: str, expected: str) -> np.ndarray:
+        if pa.types.is_integer(arr.type):
+            return _np(arr).astype(np.int64, copy=False)
+        if arr.type in _TEXT:
+            return _np(self.cast(pc.utf8_trim_whitespace(arr), pa.int64(), column, expected))
+        x = self.floats(arr, column, expected)
+        self.check(x != np.round(x), column, expected, x)
+        return x.astype(np.int64)
+
+    def keys(self, arr: pa.Array, column: str) -> np.ndarray:
+        """Integer ids kept, strings hashed with stable_hash64 (CSV: integer-looking text is an id)."""
+        if arr.type not in _TEXT:
+            return self.ints(arr, column, "an integer id or a string")
+        numeric = _np(pc.match_substring_regex(arr, r"^\s*[+-]?\d{1,18}\s*$")) if self.csv else np.zeros(len(arr), bool)
+        out = np.zeros(len(arr), np.int64)
+        out[numeric] = _np(pc.cast(pc.utf8_trim_whitespace(arr.filter(pa.array(numeric))), pa.int64()))
+        enc = pc.dictionary_encode(arr.filter(pa.array(~numeric)))  # hash each distinct string once: ids repeat
+        out[~numeric] = schema.stable_hash64(enc.dictionary.to_pylist())[_np(enc.indices)]
+        return out
+
+    def seconds(self, arr: pa.Array, column: str) -> np.ndarray:
+        """Epoch seconds from ints, floats, Arrow timestamps / dates or ISO strings (no zone = UTC)."""
+        expected = "epoch seconds, an ISO date/datetime or a timestamp"
+        arr = pc.cast(arr, pa.timestamp("s")) if pa.types.is_date(arr.type) else arr
+        if pa.types.is_timestamp(arr.type):
+            return _np(pc.cast(arr, pa.int64())) // 10 ** {"s": 0, "ms": 3, "us": 6, "ns": 9}[arr.type.unit]
+        arr = pc.utf8_trim_whitespace(arr) if arr.type in _TEXT else arr
+        if arr.type in _TEXT and not pc.any(pc.match_substring_regex(arr, _NUMBER)).as_py():
+            # ISO dates / datetimes, all with a zone offset like the first value, or all without (= UTC)
+            zoned = re.search(r"(Z|[+-]\d\d:?\d\d)$", arr[0].as_py()) is not None
+            iso = self.cast(arr, pa.timestamp("ns", "UTC" if zoned else None), column,
+                            f"an ISO date/datetime {'with' if zoned else 'without'} a zone offset, like row 1")
+            return _np(pc.cast(iso, pa.int64())) // 10**9
+        x = np.floor(self.floats(arr, column, expected)).astype(np.int64)
+        self.check(np.abs(x) > 10**11, column, "epoch seconds (this looks like milliseconds)", x)  # > year 5000
+        return x
+
+    def binary(self, arr: pa.Array, column: str) -> np.ndarray:
+        if pa.types.is_boolean(arr.type):
+            return _np(arr).astype(np.int64)
+        if arr.type in _TEXT:
+            idx = pc.index_in(pc.utf8_lower(pc.utf8_trim_whitespace(arr)),
+                              value_set=pa.array(["0", "1", "false", "true", "0.0", "1.0"]))
+            self.check(_np(idx.is_null()), column, "0 or 1", arr)
+            return _np(idx).astype(np.int64) % 2
+        x = self.floats(arr, column, "0 or 1")
+        self.check((x != 0) & (x != 1), column, "0 or 1", x)
+        return x.astype(np.int64)
+
+    def lists(self, arr: pa.Array, column: str, expected: str, separators: str) -> tuple[np.ndarray, pa.Array]:
+        """(row of each value, values) of a list column, or of text lists like "3|5|7" or "0.1 0.2"."""
+        if arr.type in _TEXT:  # separators become spaces: splitting on whitespace is ~8x faster than a regex
+            for separator in separators:
+                arr = pc.replace_substring(arr, separator, " ")
+            parts = pc.ascii_split_whitespace(pc.utf8_trim(arr, characters=" \t[]"))
+            values, parents = pc.list_flatten(parts), _np(pc.list_parent_indices(parts))
+            keep = pc.not_equal(values, "")  # "" splits into [""]: an empty list
+            return parents[_np(keep)].astype(np.int64), values.filter(keep)
+        if not isinstance(arr.type, pa.ListType | pa.LargeListType | pa.FixedSizeListType):
+            raise self.error(column, 0, expected, _Said(f"a column of type {arr.type}"))
+        values, parents = pc.list_flatten(arr), _np(pc.list_parent_indices(arr)).astype(np.int64)
+        self.sub(parents).check(_np(values.is_null()), column, expected, lambda i: _Said("a null item"))
+        return parents, values
+
+    def dense(self, arr: pa.Array, column: str, f: F.Dense) -> np.ndarray:
+        expected = f"a list of {f.dim} numbers"
+        parents, values = self.lists(arr, column, expected, ",;")
+        lengths = np.bincount(parents, minlength=len(arr))
+        self.check(lengths != f.dim, column, expected, lambda i: _Said(f"a list of {lengths[i]} numbers"))
+        x = self.sub(parents).floats(values, column, expected).reshape(len(arr), f.dim)
+        biggest = np.abs(x).max(axis=1, initial=0.0)
+        self.check(biggest > _FLOAT16_MAX, column, f"values within +-{_FLOAT16_MAX} (stored as float16)", biggest)
+        return x.astype(np.float32)
+
+    def multi_hot(self, arr: pa.Array, column: str, f: F.MultiHot, counts: dict[str, Counter]) -> np.ndarray:
+        expected = "a list of integer ids >= 0"
+        parents, values = self.lists(arr, column, expected, "|,;")
+        ids = self.sub(parents).ints(values, column, expected) if len(values) else np.zeros(0, np.int64)
+        self.sub(parents).check(ids < 0, column, expected, ids)
+        pos = np.arange(len(ids)) - np.searchsorted(parents, parents)  # position within its list
+        keep = pos < f.max_items
+        out = np.full((len(arr), f.max_items), -1, np.int64)
+        out[parents[keep], pos[keep]] = ids[keep]
+        counts["truncated_multi_hot"][column] += int(np.count_nonzero(np.bincount(parents, minlength=len(arr))
+                                                                      > f.max_items))
+        counts["oov"][column] += int(np.count_nonzero(ids[keep] >= f.size))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    placement: str
+    files: tuple[tuple[Path, str], ...]  # (path, format)
+    names: dict[str, str]  # our column -> file column, for every column we may read
+    columns: dict[str, tuple[np.dtype, tuple[int, ...]]]  # schema.raw_columns
+    features: dict[str, F.Feature]
+    with_oracle: bool
+    validation_start: int  # epoch seconds
+    test_start: int
+
+
+def _utc(seconds: int) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat()
+
+
+def _text_seconds(text: str) -> int:
+    """Epoch seconds from "1706486400" or an ISO date / datetime (no zone = UTC); ValueError if neither."""
+    if re.fullmatch(_NUMBER, text := text.strip()):
+        return int(float(text) // 1)
+    t = datetime.datetime.fromisoformat(text)
+    return int((t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)).timestamp() // 1)
+
+
+def _flatten(mapping, prefix: str = "") -> dict[str, str]:
+    raw = mapping.to_dict() if isinstance(mapping, ml_collections.ConfigDict) else dict(mapping or {})
+    return {k: v for key, value in raw.items() for k, v in (_flatten(value, f"{prefix}{key}.").items()
+            if isinstance(value, Mapping) else [(prefix + key, str(value))])}
+
+
+def _file_columns(path: Path, fmt: str) -> list[str]:
+    """The columns of a file, from its header only (JSONL: the keys of the first line)."""
+    try:
+        if fmt == "parquet":
+            return list(pq.read_schema(path).names)
+        with pa.input_stream(str(path), compression="detect") as stream:
+            line = stream.read(1 << 22).split(b"\n", 1)[0].decode("utf-8-sig").strip()
+        return next(csv.reader([line]), []) if fmt == "csv" else list(json.loads(line)) if line else []
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise LogError(f"{path}: cannot read as {fmt}: {e}") from None
+
+
+def _read(path: Path, fmt: str, wanted: list[str], group: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of one Parquet row group, or of a whole CSV / JSONL file."""
+    try:
+        if fmt == "parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS, row_groups=[group], columns=wanted)
+        elif fmt == "csv":  # all as text, converted here: Arrow would infer types from the first block only
+            yield from pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=8 << 20),
+                                     convert_options=pcsv.ConvertOptions(
+                                         include_columns=wanted, column_types=dict.fromkeys(wanted, pa.string())))
+        else:
+            table = pjson.read_json(path, read_options=pjson.ReadOptions(block_size=16 << 20))  # fewer, larger batches
+            yield from table.select(wanted).to_batches(max_chunksize=CHUNK_ROWS)
+    except pa.ArrowInvalid as e:
+        raise LogError(f"{path}: cannot read as {fmt}: {e}") from None
+
+
+def _plan(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str) -> _Plan:
+    logs = config.data.logs
+    patterns = (logs.paths,) if isinstance(logs.paths, str) else tuple(logs.paths)
+    paths = sorted({Path(p) for pat in patterns for p in glob.glob(os.path.expanduser(str(pat))) if Path(p).is_file()})
+    if not paths:
+        raise LogError(f"no files match config.data.logs.paths={patterns!r}")
+    exts = {p: os.path.splitext(re.sub(r"\.(gz|bz2|zst|lz4)$", "", p.name.lower()))[1] for p in paths}
+    if logs.format == "auto" and (unknown := [str(p) for p, ext in exts.items() if ext not in FORMATS]):
+        raise LogError(f"{unknown}: cannot tell the format from the file name; set config.data.logs.format")
+    files = tuple((p, FORMATS[ext] if logs.format == "auto" else logs.format) for p, ext in exts.items())
+    everything = schema.raw_columns(spec, placement, with_oracle=True)
+    names = _flatten(logs.columns)
+    if unknown := sorted(set(names) - set(everything)):
+        raise LogError(f"config.data.logs.columns: unknown columns {unknown}; ours are {list(everything)}")
+    names.setdefault("timestamp", logs.time_column or "timestamp")
+    names = {c: names.get(c, c) for c in everything}
+    with_oracle = all(names[c] in _file_columns(*files[0]) for c in schema.ORACLE_COLUMNS)
+    try:
+        start = {k: int(logs[k]) if isinstance(logs[k], int | float) else _text_seconds(str(logs[k]))
+                 for k in ("validation_start", "test_start")}
+    except ValueError:
+        raise LogError(f"config.data.logs.validation_start / test_start: expected ISO dates (2024-01-29T06:00Z) or "
+                       f"epoch seconds, got {logs.validation_start!r} / {logs.test_start!r}") from None
+    if start["validation_start"] > start["test_start"]:
+        raise LogError(f"config.data.logs.validation_start is after test_start: {start}")
+    return _Plan(placement, files, names, schema.raw_columns(spec, placement, with_oracle),
+                 spec.columns(placement), with_oracle, **start)
+
+
+def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str, Counter],
+             tokenizers: dict[str, HashTokenizer]) -> dict[str, np.ndarray]:
+    """File columns -> our raw columns (the caller adds the timestamp, and impression ids if the file has none)."""
+    out: dict[str, np.ndarray] = {}
+    for column in (c for c in plan.columns if c != "timestamp" and plan.names[c] in batch.schema.names):
+        arr, f = batch.column(plan.names[column]), plan.features.get(column)
+        arr = arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
+        if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):  # strings without a UTF-8 mark
+            arr = src.cast(arr, pa.string(), column, "UTF-8 text")
+        if arr.null_count:
+            src.check(_np(arr.is_null()), column, "a value", None)
+        if column in ("click", "conversion"):
+            out[column] = src.binary(arr, column)
+        elif column in ("impression_id", "user_id", "ad_id") or (isinstance(f, F.Categorical) and f.encoding == "hash"):
+            out[column] = src.keys(arr, column)
+        elif column in schema.ORACLE_COLUMNS:
+            x = src.floats(arr, column, "a probability")
+            src.check((x < 0) | (x > 1), column, "a probability in [0, 1]", x)
+            out[column] = x.astype(np.float32)
+        elif isinstance(f, F.Categorical) and f.encoding == "vocab":
+            text = arr if arr.type in _TEXT else src.cast(arr, pa.string(), column, "a string")
+            idx = pc.index_in(text, value_set=pa.array(f.vocab, pa.string())).fill_null(-1)
+            out[column] = _np(idx).astype(np.int64)
+            counts["oov"][column] += int(np.count_nonzero(out[column] < 0))
+        elif isinstance(f, F.Categorical):
+            out[column] = x = src.ints(arr, column, f"an integer id in [0, {f.size})")
+            counts["oov"][column] += int(np.count_nonzero((x < 0) | (x >= f.size)))
+        elif isinstance(f, F.Numeric):
+            out[column] = x = src.floats(arr, column).astype(np.float32)
+            if f.log1p:
+                src.check(x < 0, column, "a count >= 0 (a log1p feature), not a negative count", x)
+        elif isinstance(f, F.Text):
+            if arr.type not in _TEXT:
+                raise src.error(column, 0, "a string", arr[0])
+            # Arrow counts the words of ASCII texts; the tokenizer itself looks at the others.
+            ascii_ = _np(pc.string_is_ascii(arr))
+            words = _np(pc.count_substring_regex(pc.ascii_lower(arr), WORD_PATTERN))
+            counts["truncated_text"][column] += int(np.count_nonzero(ascii_ & (words > f.max_len))) + sum(
+                tokenizers[column].tokenize(t)[1] for t in arr.filter(pa.array(~ascii_)).to_pylist())
+            out[column] = _np(arr).astype(object)
+        elif isinstance(f, F.Dense):
+            out[column] = src.dense(arr, column, f)
+        elif isinstance(f, F.MultiHot):
+            out[column] = src.multi_hot(arr, column, f, counts)
+    src.check((out["conversion"] == 1) & (out["click"] == 0), "conversion", "conversion=0 when click=0",
+              lambda i: _Said("a conversion without a click (click=0, conversion=1)"))
+    return out
+
+
+def _shuffled(chunks: Iterator[dict[str, np.ndarray]], rng: np.random.Generator, capacity: int) -> Iterator[dict]:
+    """A bounded shuffle buffer: holds at most 2 x capacity rows (+ a chunk), emits uniformly drawn rows."""
+    buffer, size = [], 0
+    for chunk in itertools.chain(chunks, [None]):  # None: the end, emit everything
+        if chunk is not None:
+            buffer.append(chunk)
+            size += len(chunk["click"])
+        if size and (size >= 2 * capacity or chunk is None):
+            keep = 0 if chunk is None else capacity
+            rows, order = {k: np.concatenate([c[k] for c in buffer]) for k in buffer[0]}, rng.permutation(size)
+            yield {k: v[order[keep:]] for k, v in rows.items()}
+            buffer, size = [{k: v[order[:keep]] for k, v in rows.items()}], keep
+
+
+def _read_split(plan: _Plan, seed: int, split: str, report: dict, seen: dict) -> Iterator[dict[str, np.ndarray]]:
+    """One split's validated, shuffled chunks. `seen` keeps (rows, min time, max time) per row group
+    from earlier passes, so that a later pass skips row groups (or files) holding none of its rows."""
+    lo, hi = {"train": (-_FAR, plan.validation_start), "validation": (plan.validation_start, plan.test_start),
+              "test": (plan.test_start, _FAR)}[split]
+    for key, value in {"placement": plan.placement, "files": [str(p) for p, _ in plan.files], "rows": {}, "splits": {},
+                       "with_oracle": plan.with_oracle, "validation_start": _utc(plan.validation_start),
+                       "test_start": _utc(plan.test_start)}.items():
+        report.setdefault(key, value)
+    counts = report["splits"][split] = {k: Counter() for k in ("oov", "truncated_text", "truncated_multi_hot")}
+    tokenizers = {c: HashTokenizer(f.vocab_size, f.max_len) for c, f in plan.features.items() if isinstance(f, F.Text)}
+
+    def chunks() -> Iterator[dict[str, np.ndarray]]:
+        for file_index, (path, fmt) in enumerate(plan.files):
+            have = _file_columns(path, fmt)
+            for ours, theirs in plan.names.items():
+                if ours in plan.columns and ours != "impression_id" and theirs not in have:
+                    raise LogError(f"{path}: missing column {theirs!r} (our column {ours!r}; map another file "
+                                   f"column to it with config.data.logs.columns); the file has columns {have}")
+            wanted = list(dict.fromkeys(plan.names[c] for c in plan.columns if plan.names[c] in have))
+            row = 0
+            for group in range(pq.ParquetFile(path).num_row_groups if fmt == "parquet" else 1):
+                rows, t_min, t_max = seen.get((path, group), (0, _FAR, -_FAR))
+                if (path, group) in seen and (t_max < lo or t_min >= hi):
+                    row += rows
+                    continue
+                first = row
+                for batch in (b for b in _read(path, fmt, wanted, group) if b.num_rows):
+                    n = batch.num_rows
+                    src = _Source(path, lambda i, first_row=row + 1: first_row + i, plan.names, fmt == "csv")
+                    if (times := batch.column(plan.names["timestamp"])).null_count:
+                        src.check(_np(times.is_null()), "timestamp", "a value", None)
+                    ts = src.seconds(times, "timestamp")
+                    t_min, t_max = min(t_min, int(ts.min(initial=_FAR))), max(t_max, int(ts.max(initial=-_FAR)))
+                    if len(idx := np.flatnonzero((ts >= lo) & (ts < hi))):
+                        sub = batch if len(idx) == n else batch.take(pa.array(idx))
+                        chunk = _convert(sub, plan, src.sub(idx), counts, tokenizers)
+                        chunk["timestamp"] = ts[idx]
+                        if "impression_id" not in chunk:  # unique and stable: (file, row)
+                            chunk["impression_id"] = (file_index << 40) + row + 1 + idx
+                        yield chunk
+                    row += n
+                seen[(path, group)] = (row - first, t_min, t_max)
+            if row == 0:
+                raise LogError(f"{path}: no rows (expected at least one impression)")
+
+    total = 0
+    for out in _shuffled(chunks(), np.random.default_rng([seed, builders.SPLITS.index(split)]), SHUFFLE_BUFFER):
+        total += len(out["click"])
+        yield out
+    report["rows"][split] = total
+    for kind, types in {"oov": (F.Categorical, F.MultiHot), "truncated_text": (F.Text,),
+                        "truncated_multi_hot": (F.MultiHot,)}.items():  # totals over the splits read so far
+        report[kind] = {c: sum(s[kind].get(c, 0) for s in report["splits"].values()) for c, f in plan.features.items()
+                        if isinstance(f, types) and not (kind == "oov" and getattr(f, "encoding", "") == "hash")}
+    t_min, t_max = min(s[1] for s in seen.values()), max(s[2] for s in seen.values())
+    report["time_range"] = {"min": _utc(t_min), "max": _utc(t_max)} if t_min <= t_max else {}
+    if total == 0:
+        span = f"{report['time_range'].get('min')} to {report['time_range'].get('max')}"
+        raise LogError(f"no rows in the {split} split ({_utc(max(lo, 0))} <= timestamp < {_utc(min(hi, 2**35))}); "
+                       f"the files' timestamps run from {span}; check config.data.logs.validation_start and test_start")
+
+
+def read_chunks(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str, split: str,
+                report: dict) -> Iterator[dict[str, np.ndarray]]:
+    """Validated, shuffled columnar chunks (`schema.raw_columns`) of one split of the logs; fills `report`."""
+    yield from _read_split(_plan(config, spec, placement), int(config.data.shuffle_seed), split, report, {})
+
+
+def ingest(config: ml_collections.ConfigDict, spec: F.FeatureSpec, out_dir: str | os.PathLike) -> dict:
+    """Validate and convert the logs into ``<out_dir>/log_impressions/<placement>/``; return the report,
+    also written to ``<out_dir>/ingest_report.json``."""
+    start, placement = time.perf_counter(), config.data.logs.placement
+    plan = _plan(config, spec, placement)  # bad paths or config fail before anything is built
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    report, seen = {}, {}
+    # TFDS deletes an existing dataset before it regenerates one: build next to out_dir instead.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.ingest-", dir=out_dir.parent))
+    new, target = builders.dataset_dir(tmp, "logs", placement), builders.dataset_dir(out_dir, "logs", placement)
+    try:
+        builder = builders.LogImpressions(
+            spec=spec, placement=placement, block_size=config.data.block_size, with_oracle=plan.with_oracle,
+            chunk_source=lambda split: _read_split(plan, int(config.data.shuffle_seed), split, report, seen),
+            data_dir=str(tmp), metadata={"files": [str(p) for p, _ in plan.files]})
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        report["rows_per_second"] = round(sum(report["rows"].values()) / max(report["seconds"], 1e-9))
+        target.parent.mkdir(parents=True, exist_ok=True)  # swap: old aside, new in, then the old deleted
+        if target.exists():
+            target.rename(tmp / "previous")
+        new.rename(target)
+        part = out_dir / f".{REPORT_FILE}.tmp"
+        part.write_text(json.dumps(report, indent=2, sort_keys=True))
+        part.replace(out_dir / REPORT_FILE)
+    finally:
+        if (tmp / "previous").exists() and not target.exists():  # the swap failed: put the old dataset back
+            (tmp / "previous").rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
