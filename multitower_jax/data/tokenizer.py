@@ -59,11 +59,10 @@ class HashTokenizer:
     def encode_batch(self, texts) -> tuple[np.ndarray, int]:
         """(int32[n, max_len] token ids, number of truncated texts) for str or bytes texts."""
         get = self._row.get
-        rows = [get(t) for t in texts]
-        if None in rows:
+        rows = np.fromiter((get(t, -1) for t in texts), np.int64, len(texts))
+        if rows.size and rows.min() < 0:  # some texts are new
             if len(self._row) + len(rows) > self._cache_size:
                 self._reset()
             cache = self._row
-            rows = [cache[t] if t in cache else self._add(t) for t in texts]
-        rows = np.asarray(rows, np.int64)
+            rows = np.fromiter((cache[t] if t in cache else self._add(t) for t in texts), np.int64, len(texts))
         return self._tokens[rows], int(np.count_nonzero(self._truncated[rows]))
