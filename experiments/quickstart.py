@@ -34,10 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.text.mlp_dim = 128
     config.model.text.dropout = 0.0
 
+    config.loss.beta = 0.1  # the retrieval term slows the ranking heads' early progress
     config.optim.peak_lr = 2e-3
-    config.optim.warmup_steps = 200
-    config.optim.decay_steps = 2_300
-    config.train.num_steps = 2_500
+    config.optim.warmup_steps = 100
+    config.optim.decay_steps = 1_400
+    config.train.num_steps = 1_500  # about 15 minutes on 2 CPU cores
     config.train.eval_every = 500
     config.train.checkpoint_every = 500
     return config
