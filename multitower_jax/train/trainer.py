@@ -218,6 +218,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             step += 1
             if pending is not None and (pending[0] % int(t.log_every) == 0):
                 values = _scalars(pending[1])
+                if not np.isfinite(values["loss"]):
+                    raise FloatingPointError(
+                        f"loss is {values['loss']} at step {pending[0]}; the last good checkpoint is in "
+                        f"{workdir / 'checkpoints'} (lower config.optim.peak_lr or check the data)")
                 rate = (step - start_step) * batch_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", ex_per_s=f"{rate:,.0f}")
                 log(pending[0], dict(values, examples_per_sec=rate))
