@@ -165,3 +165,15 @@ def test_iterator_state_restores_the_exact_next_batches(random_dataset, stats):
         np.testing.assert_array_equal(got["ad_id"], want["ad_id"])
         np.testing.assert_array_equal(got["weight"], want["weight"])
         np.testing.assert_array_equal(got["context"]["query"], want["context"]["query"])
+
+
+def test_shards_are_stored_uncompressed(random_dataset):
+    from array_record.python import array_record_module
+
+    config, _, _ = random_dataset
+    shards = list(builders.dataset_dir(config.data.dir, "synthetic", "search").glob("*.array_record-*"))
+    assert shards
+    for path in shards:
+        reader = array_record_module.ArrayRecordReader(str(path))
+        assert "uncompressed" in reader.writer_options_string()
+        reader.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 
 from multitower_jax import features as F
 from multitower_jax.data import schema
@@ -142,6 +143,12 @@ class ImpressionsBuilder(tfds.core.GeneratorBasedBuilder):
         self._metadata = dict(metadata or {}, placement=placement, block_size=block_size, with_oracle=with_oracle)
         super().__init__(config=tfds.core.BuilderConfig(name=placement, version=VERSION), file_format="array_record", **kwargs)
 
+    def download_and_prepare(self, **kwargs):
+        # Never look for a prebuilt copy on TFDS's servers: no network at run time.
+        kwargs.setdefault("download_config", tfds.download.DownloadConfig(try_download_gcs=False))
+        super().download_and_prepare(**kwargs)
+        store_uncompressed(Path(self.data_dir))
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
@@ -157,6 +164,29 @@ class ImpressionsBuilder(tfds.core.GeneratorBasedBuilder):
         chunks = shuffle_rows(self._chunk_source(split), SHUFFLE_BUFFER_ROWS, seed=SPLITS.index(split))
         for index, block in to_blocks(chunks, self._columns, self._block_size):
             yield f"{split}-{index}", block
+
+
+def store_uncompressed(dataset_dir: Path, batch: int = 512) -> None:
+    """Rewrite the dataset's ArrayRecord shards without compression (each file atomically).
+
+    TFDS writes zstd-compressed records; decompressing is the largest single cost of reading a
+    block, while float16 embeddings barely compress (+40 % on disk, ~1.4x faster reads).
+    """
+    for path in sorted(dataset_dir.glob("*.array_record-*")):
+        reader = array_record_module.ArrayRecordReader(str(path))
+        try:
+            if "uncompressed" in reader.writer_options_string():
+                continue
+            tmp = path.with_name(f".{path.name}.tmp")
+            writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")
+            total = reader.num_records()
+            for start in range(0, total, batch):
+                for record in reader.read(list(range(start, min(total, start + batch)))):
+                    writer.write(record)
+            writer.close()
+        finally:
+            reader.close()
+        tmp.replace(path)
 
 
 class SyntheticImpressions(ImpressionsBuilder):
