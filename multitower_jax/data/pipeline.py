@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from multitower_jax import features as F
 from multitower_jax.data import builders
-from multitower_jax.data.preprocess import FeatureStats, Preprocessor, StatsError, compute_stats
+from multitower_jax.data.preprocess import STATS_FILE, FeatureStats, Preprocessor, StatsError, compute_stats
 
 
 def data_source(config: ml_collections.ConfigDict, placement: str, split: str):
@@ -47,7 +47,7 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, spec: F.FeatureSpec
     try:
         return FeatureStats.load(workdir)
     except StatsError:
-        if Path(workdir, "feature_stats.json").exists():
+        if Path(workdir, STATS_FILE).exists():  # present but unreadable: do not overwrite it
             raise
     placement = config.data.placements[0]
     source = data_source(config, placement, "train")
