@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from multitower_jax.config import ConfigError
+    from multitower_jax.data.logs import LogError
+    from multitower_jax.data.preprocess import StatsError
+    from multitower_jax.features import SpecError
+
+    return (ConfigError, LogError, StatsError, SpecError, FileNotFoundError, FileExistsError)
+
+
 def _log_devices() -> None:
     import jax
 
@@ -72,42 +81,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multitower: {e}", file=sys.stderr)
         return 2
 
-    if args.command == "generate":
-        from multitower_jax.data.generate import generate
+    try:
+        if args.command == "generate":
+            from multitower_jax.data.generate import generate
 
-        config.data.dir = args.out
-        summary = generate(config, args.out)
-        config_lib.write_resolved(config, args.out)
-        print(json.dumps(summary, indent=2))
-        print(f"wrote {args.out} (use --config.data.dir={args.out})")
-    elif args.command == "ingest":
-        from multitower_jax import features
-        from multitower_jax.data import logs
+            config.data.dir = args.out
+            summary = generate(config, args.out)
+            config_lib.write_resolved(config, args.out)
+            print(json.dumps(summary, indent=2))
+            print(f"wrote {args.out} (use --config.data.dir={args.out})")
+        elif args.command == "ingest":
+            from multitower_jax import features
+            from multitower_jax.data import logs
 
-        config.data.dir = args.out
-        report = logs.ingest(config, features.parse_spec(config.features), args.out)
-        config_lib.write_resolved(config, args.out)
-        print(json.dumps(report, indent=2))
-    elif args.command == "train":
-        from multitower_jax.train import trainer
+            config.data.dir = args.out
+            report = logs.ingest(config, features.parse_spec(config.features), args.out)
+            config_lib.write_resolved(config, args.out)
+            print(json.dumps(report, indent=2))
+        elif args.command == "train":
+            from multitower_jax.train import trainer
 
-        _log_devices()
-        result = trainer.train(config, args.workdir)
-        print(json.dumps(result, indent=2))
-        print(f"metrics: {args.workdir}/metrics.jsonl, {args.workdir}/eval_test.json, "
-              f"tensorboard --logdir {args.workdir}/tensorboard")
-    elif args.command == "evaluate":
-        from multitower_jax.train import trainer
+            _log_devices()
+            result = trainer.train(config, args.workdir)
+            print(json.dumps(result, indent=2))
+            print(f"metrics: {args.workdir}/metrics.jsonl, {args.workdir}/eval_test.json, "
+                  f"tensorboard --logdir {args.workdir}/tensorboard")
+        elif args.command == "evaluate":
+            from multitower_jax.train import trainer
 
-        result = trainer.evaluate_workdir(config, args.workdir, args.split, args.predictions)
-        print(json.dumps(result, indent=2))
-    elif args.command == "bench" and args.what == "input":
-        from multitower_jax.bench import input as bench_input
+            result = trainer.evaluate_workdir(config, args.workdir, args.split, args.predictions)
+            print(json.dumps(result, indent=2))
+        elif args.command == "bench" and args.what == "input":
+            from multitower_jax.bench import input as bench_input
 
-        bench_input.run(config, args.workdir, args.json)
-    elif args.command == "bench" and args.what == "train":
-        from multitower_jax.bench import train as bench_train
+            bench_input.run(config, args.workdir, args.json)
+        elif args.command == "bench" and args.what == "train":
+            from multitower_jax.bench import train as bench_train
 
-        _log_devices()
-        bench_train.run(config, args.json)
+            _log_devices()
+            bench_train.run(config, args.json)
+    except _user_errors() as e:  # bad input, not a bug: the message names the file, row or key
+        print(f"multitower: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -91,3 +91,14 @@ def test_model_and_train_validation(override, message):
 def test_log_column_mapping_can_be_added_from_the_command_line():
     config = load("--config.data.logs.columns.user.age_bucket=age", "--config.data.logs.columns.click=clicked")
     assert config.data.logs.columns.user.age_bucket == "age" and config.data.logs.columns.click == "clicked"
+
+
+def test_cli_reports_bad_logs_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    out = subprocess.run([sys.executable, "-m", "multitower_jax", "ingest", "--config", str(QUICKSTART),
+                          "--out", str(tmp_path / "out"), "--config.data.source=logs",
+                          f"--config.data.logs.paths=('{bad}',)", "--config.data.logs.validation_start=2024-01-01",
+                          "--config.data.logs.test_start=2024-02-01"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "bad.csv: missing column 'user_id'" in out.stderr and "Traceback" not in out.stderr
