@@ -1,0 +1,327 @@
+"""`multitower index`: the ad index, a ScaNN searcher (or exact search for small catalogues) over
+exported ad embeddings, with live add / update / delete and a rebuild when it has drifted.
+
+Layout of an index folder:
+    manifest.json      model fingerprint, embed dim, query rule, ScaNN settings, mutation counts
+    ad_ids.npy, embeddings.npy, bid.npy, quality.npy, targeting.npy    the ad store
+    scann/             the serialized ScaNN searcher (absent in exact mode)
+
+Row i of the store is ScaNN datapoint i. ScaNN 1.4's `upsert` appends new points and updates
+existing ones in place; `delete` moves the last point into the freed slot. The store mirrors
+both, so search results index the store directly, with no id translation in the hot path.
+The embeddings are kept as the tower wrote them (the scorer needs them raw); with the cosine
+rule ScaNN holds their normalized copies and exact search multiplies by 1 / norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multitower_jax.retrieval import targeting as targeting_lib
+from multitower_jax.retrieval.settings import RetrievalSettings
+
+MANIFEST = "manifest.json"
+STORE_ARRAYS = ("ad_ids", "embeddings", "bid", "quality", "targeting")
+FORMAT = 1
+
+
+class IndexMismatchError(ValueError):
+    """An index or an embedding export does not belong to this model (or is not an index at all)."""
+
+
+def query_rule(l2_normalize: bool) -> dict[str, Any]:
+    """How Q is computed from the towers; training (`retrieval_logits`) and serving must agree."""
+    return {"query": "e_user + e_context", "l2_normalize": bool(l2_normalize)}
+
+
+def check_compatible(manifest: dict, *, fingerprint: str, embed_dim: int, rule: dict, where: str) -> None:
+    """IndexMismatchError naming the first field of `manifest` that differs from the model."""
+    for key, want in (("embed_dim", embed_dim), ("query_rule", rule), ("fingerprint", fingerprint)):
+        have = manifest.get(key)
+        if have != want:
+            raise IndexMismatchError(
+                f"{where}: {key} is {have!r} but the model has {want!r}; rebuild it from this model "
+                "(`multitower export`, then `multitower index`)")
+
+
+def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {folder} a `multitower {kind}` folder?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("kind") != kind:
+        raise IndexMismatchError(f"{path}: kind is {manifest.get('kind')!r}, expected {kind!r}")
+    return manifest
+
+
+def atomic_dir(out: Path, write) -> None:
+    """Write a folder through `write(tmp)` into a sibling temp folder, then swap it in."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class AdStore:
+    """Per-ad arrays; row i is search datapoint i."""
+
+    ad_ids: np.ndarray  # int64[N]
+    embeddings: np.ndarray  # float32[N, D], as the ad tower wrote them
+    bid: np.ndarray  # float32[N]
+    quality: np.ndarray  # float32[N]
+    targeting: np.ndarray  # uint64[N, targeting.NUM_WORDS]
+
+    def __len__(self) -> int:
+        return len(self.ad_ids)
+
+    @classmethod
+    def load(cls, folder: Path, mmap: bool = False) -> AdStore:
+        mode = "r" if mmap else None
+        return cls(**{name: np.load(folder / f"{name}.npy", mmap_mode=mode) for name in STORE_ARRAYS})
+
+    def save(self, folder: Path) -> None:
+        for name in STORE_ARRAYS:
+            np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
+
+    def rows(self, rows: np.ndarray) -> AdStore:
+        return AdStore(**{name: getattr(self, name)[rows] for name in STORE_ARRAYS})
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _top_k(scores_BxN: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k per row, best first; k <= N."""
+    part = np.argpartition(-scores_BxN, k - 1, axis=1)[:, :k] if k < scores_BxN.shape[1] else \
+        np.broadcast_to(np.arange(scores_BxN.shape[1]), scores_BxN.shape).copy()
+    s = np.take_along_axis(scores_BxN, part, 1)
+    order = np.argsort(-s, axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1), np.take_along_axis(s, order, 1)
+
+
+class AdIndex:
+    """A searchable, mutable set of ads. `search` returns store rows (-1 pads a short result)."""
+
+    def __init__(self, store: AdStore, manifest: dict, settings: RetrievalSettings, searcher=None):
+        self.store, self.manifest, self.settings, self.searcher = store, manifest, settings, searcher
+        self.l2_normalize = bool(manifest["query_rule"]["l2_normalize"])
+        self._refresh()
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def build(cls, store: AdStore, manifest: dict, settings: RetrievalSettings) -> AdIndex:
+        """Index `store` (exact below `settings.exact_below` ads, else a ScaNN tree + AH searcher)."""
+        manifest = {k: v for k, v in manifest.items() if k not in ("arrays", "num_users")}
+        manifest.update(kind="multitower-index", format=FORMAT)
+        index = cls(store, manifest, settings)
+        index._build_searcher()
+        return index
+
+    def _build_searcher(self) -> None:
+        import scann  # heavy; only when a tree is needed
+
+        n, s = len(self.store), self.settings
+        start = time.perf_counter()
+        self.searcher, leaves = None, 0
+        if n >= max(s.exact_below, 2):
+            leaves = s.leaves(n)
+            db = self._search_vectors(np.arange(n))
+            self.searcher = (scann.scann_ops_pybind.builder(db, 10, "dot_product")
+                             .tree(num_leaves=leaves, num_leaves_to_search=s.search_leaves(leaves),
+                                   training_sample_size=min(n, s.training_sample_size))
+                             .score_ah(s.dims_per_block, anisotropic_quantization_threshold=s.anisotropic_threshold)
+                             .reorder(s.reorder(10)).build())
+        self.manifest.update(mode="scann" if self.searcher else "exact", num_leaves=leaves, built_size=n,
+                             mutations_since_build=0, build_seconds=round(time.perf_counter() - start, 3),
+                             settings=dataclasses.asdict(s))
+        self._refresh()
+
+    def save(self, out: str | os.PathLike) -> None:
+        """Write the index folder atomically (a half-written index never replaces a good one)."""
+        def write(tmp: Path) -> None:
+            self.store.save(tmp)
+            if self.searcher is not None:
+                (tmp / "scann").mkdir()
+                self.searcher.serialize(str(tmp / "scann"), relative_path=True)
+            self.manifest["num_ads"] = len(self.store)
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+        atomic_dir(Path(out), write)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, settings: RetrievalSettings | None = None) -> AdIndex:
+        """Load an index folder; `settings` (search-time knobs) default to those it was built with."""
+        folder = Path(folder)
+        manifest = read_manifest(folder, "multitower-index")
+        if settings is None:
+            settings = RetrievalSettings(**manifest["settings"])
+        searcher = None
+        if manifest["mode"] == "scann":
+            import scann
+
+            searcher = scann.scann_ops_pybind.load_searcher(str(folder / "scann"))
+        index = cls(AdStore.load(folder), manifest, settings, searcher)
+        if searcher is not None and searcher.size() != len(index.store):
+            raise IndexMismatchError(f"{folder}: the ScaNN searcher holds {searcher.size()} points, "
+                                     f"the store {len(index.store)}; rebuild the index")
+        return index
+
+    # -- search --------------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Derived arrays: 1 / norm per row (cosine rule) and the id -> row lookup."""
+        e = self.store.embeddings
+        self._scale = (1.0 / np.maximum(np.linalg.norm(e, axis=1), 1e-12)).astype(np.float32) \
+            if self.l2_normalize else np.ones(len(e), np.float32)
+        self._order = np.argsort(self.store.ad_ids, kind="stable")
+        self._sorted_ids = self.store.ad_ids[self._order]
+
+    def _search_vectors(self, rows: np.ndarray) -> np.ndarray:
+        e = np.asarray(self.store.embeddings[rows], np.float32)
+        return _normalized(e) if self.l2_normalize else e
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
+    def rows_of(self, ad_ids: np.ndarray) -> np.ndarray:
+        """Store rows of `ad_ids` (-1 where an id is not in the index)."""
+        ad_ids = np.asarray(ad_ids, np.int64)
+        pos = np.clip(np.searchsorted(self._sorted_ids, ad_ids), 0, max(len(self._sorted_ids) - 1, 0))
+        if not len(self._sorted_ids):
+            return np.full(ad_ids.shape, -1, np.int64)
+        return np.where(self._sorted_ids[pos] == ad_ids, self._order[pos], -1)
+
+    def exact(self, q_BxD: np.ndarray, k: int, rows: np.ndarray | None = None,
+              chunk_bytes: int = 1 << 28) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by the index's similarity, over all rows or the given subset; -1 pads."""
+        q_BxD = np.asarray(q_BxD, np.float32)
+        rows = np.arange(len(self.store)) if rows is None else np.asarray(rows, np.int64)
+        B = len(q_BxD)
+        out_rows, out_scores = np.full((B, k), -1, np.int64), np.full((B, k), -np.inf, np.float32)
+        kk = min(k, len(rows))
+        if kk == 0:
+            return out_rows, out_scores
+        e_NxD = np.asarray(self.store.embeddings[rows], np.float32)
+        step = max(1, chunk_bytes // (4 * max(len(rows), 1)))
+        for s in range(0, B, step):
+            scores = (q_BxD[s:s + step] @ e_NxD.T) * self._scale[rows]
+            idx, sc = _top_k(scores, kk)
+            out_rows[s:s + step, :kk], out_scores[s:s + step, :kk] = rows[idx], sc
+        return out_rows, out_scores
+
+    def search(self, q_BxD: np.ndarray, k: int, leaves_to_search: int | None = None,
+               reorder: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k (exact in exact mode): store rows int64[B, k] and scores float32[B, k]."""
+        q_BxD = np.ascontiguousarray(q_BxD, np.float32)
+        if self.searcher is None:
+            return self.exact(q_BxD, k)
+        B, kk = len(q_BxD), min(k, len(self.store))
+        leaves = leaves_to_search or self.settings.search_leaves(self.manifest["num_leaves"])
+        pre = max(kk, reorder or self.settings.reorder(kk))
+        if B == 1:
+            idx, dist = self.searcher.search(q_BxD[0], kk, pre, leaves)
+            idx, dist = idx[None], dist[None]
+        else:
+            idx, dist = self.searcher.search_batched_parallel(q_BxD, kk, pre, leaves)
+        rows, scores = np.full((B, k), -1, np.int64), np.full((B, k), -np.inf, np.float32)
+        got = idx.shape[1]
+        rows[:, :got], scores[:, :got] = idx, dist
+        return rows, scores
+
+    # -- live updates --------------------------------------------------------------------------
+    def upsert(self, ads: AdStore) -> None:
+        """Add new ads and replace existing ones (matched by ad id), without a rebuild."""
+        if len(np.unique(ads.ad_ids)) != len(ads.ad_ids):
+            raise ValueError("upsert: duplicate ad ids in one call")
+        if ads.embeddings.shape[1:] != self.store.embeddings.shape[1:]:
+            raise IndexMismatchError(f"upsert: embeddings of dim {ads.embeddings.shape[1:]}, the index holds "
+                                     f"{self.store.embeddings.shape[1:]}")
+        rows = self.rows_of(ads.ad_ids)
+        old, new = rows >= 0, rows < 0
+        store = {name: np.array(getattr(self.store, name)) for name in STORE_ARRAYS}  # writable copies
+        for name in STORE_ARRAYS:
+            store[name][rows[old]] = getattr(ads, name)[old]
+            store[name] = np.concatenate([store[name], getattr(ads, name)[new]])
+        if self.searcher is not None:
+            # ScaNN appends the None-indexed points in order, exactly as the store does.
+            order = np.concatenate([np.flatnonzero(old), np.flatnonzero(new)])
+            vecs = ads.embeddings[order].astype(np.float32)
+            vecs = _normalized(vecs) if self.l2_normalize else vecs
+            indices = [int(r) for r in rows[old]] + [None] * int(new.sum())
+            self.searcher.searcher.upsert(indices, np.ascontiguousarray(vecs), max(1, len(indices)))
+        self.store = AdStore(**store)
+        self.manifest["mutations_since_build"] += len(ads.ad_ids)
+        self._refresh()
+
+    def delete(self, ad_ids: np.ndarray) -> None:
+        """Remove ads by id (KeyError for an unknown id); each freed row takes the current last row."""
+        ad_ids = np.asarray(ad_ids, np.int64)
+        rows = self.rows_of(ad_ids)
+        if (rows < 0).any():
+            raise KeyError(f"delete: ad ids not in the index: {ad_ids[rows < 0][:10].tolist()}")
+        if len(np.unique(ad_ids)) != len(ad_ids):
+            raise ValueError("delete: duplicate ad ids in one call")
+        perm = np.arange(len(self.store))  # perm[slot] = original row now in slot
+        where = np.arange(len(self.store))  # where[original row] = its slot
+        size, indices = len(self.store), []
+        for r in rows:
+            slot, last = where[r], size - 1
+            indices.append(int(slot))
+            moved = perm[last]
+            perm[slot], where[moved] = moved, slot
+            size -= 1
+        if self.searcher is not None:
+            self.searcher.searcher.delete(indices)
+        self.store = self.store.rows(perm[:size])
+        self.manifest["mutations_since_build"] += len(ad_ids)
+        self._refresh()
+
+    @property
+    def drift(self) -> float:
+        """Mutations since the last build, as a fraction of the size then."""
+        return self.manifest["mutations_since_build"] / max(self.manifest["built_size"], 1)
+
+    def needs_rebuild(self) -> bool:
+        """True once the partitioner and codebooks were trained on a set that has drifted too far,
+        or the catalogue crossed `exact_below` in either direction."""
+        want_scann = len(self.store) >= max(self.settings.exact_below, 2)
+        return self.drift > self.settings.rebuild_fraction or want_scann != (self.searcher is not None)
+
+    def rebuild(self) -> None:
+        """Retrain the tree and the codebooks on the current ads (same settings)."""
+        self._build_searcher()
+
+
+def build_from_export(embeddings_dir: str | os.PathLike, out: str | os.PathLike,
+                      settings: RetrievalSettings) -> AdIndex:
+    """`multitower index`: read an export folder, build and save the index."""
+    embeddings_dir = Path(embeddings_dir)
+    manifest = read_manifest(embeddings_dir, "multitower-export")
+    store = AdStore.load(embeddings_dir)
+    store = AdStore(**{n: np.asarray(getattr(store, n)) for n in STORE_ARRAYS})
+    index = AdIndex.build(store, {**manifest, "embeddings": str(embeddings_dir)}, settings)
+    index.save(out)
+    return index

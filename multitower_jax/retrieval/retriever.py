@@ -1,0 +1,153 @@
+"""The query side of retrieval: Q from the user and context towers, top-K eligible ads per query.
+
+    trained = load_trained("runs/quickstart")
+    retriever = Retriever.load("runs/index", trained)          # refuses an index of another model
+    q_BxD = retriever.query_embeddings(e_user_BxD, e_context_BxD)
+    got = retriever.search(q_BxD, k=100, eligibility=Eligibility(country=c_B, device=d_B, placement="search"))
+    got.ad_ids, got.scores, got.embeddings, got.bid, got.quality      # [B, K] (embeddings [B, K, D])
+
+Q follows the rule the retrieval loss was trained with (`train/losses.py: retrieval_logits`):
+Q = E_user + E_context, and with `loss.l2_normalize` both Q and E_ad are L2-normalized (cosine).
+The logQ correction is a training-time fix for in-batch sampling bias and is not applied here.
+
+Targeting: for each distinct (country, device, placement) in a batch the eligible set is one
+bitset test over the catalogue. Large eligible sets are searched with ScaNN, over-fetching
+k * N / eligible * overfetch candidates and filtering; small sets, and any query that comes back
+with fewer than min(k, eligible) ads, are searched exactly over the eligible rows. So K eligible
+ads come back whenever K exist, and the common, unrestricted case pays only the over-fetch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from multitower_jax.retrieval import targeting as targeting_lib
+from multitower_jax.retrieval.index import AdIndex, AdStore, check_compatible, query_rule
+from multitower_jax.retrieval.settings import RetrievalSettings
+from multitower_jax.retrieval.targeting import Eligibility
+
+__all__ = ["Candidates", "Eligibility", "Retriever"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """Top-K per query, best first. Where fewer than K ads qualify, the tail is padding:
+    ad_id -1, row -1, score -inf, zero embedding, bid 0, quality 0, valid False."""
+
+    ad_ids: np.ndarray  # int64[B, K]
+    scores: np.ndarray  # float32[B, K], the retrieval similarity (cosine or dot product)
+    rows: np.ndarray  # int64[B, K], rows of the index store
+    embeddings: np.ndarray  # float32[B, K, D], E_ad as the ad tower wrote it (not normalized)
+    bid: np.ndarray  # float32[B, K]
+    quality: np.ndarray  # float32[B, K]
+    valid: np.ndarray  # bool[B, K]
+
+
+class Retriever:
+    """Searches an `AdIndex` with queries built by the training rule, honouring ad targeting."""
+
+    def __init__(self, index: AdIndex, settings: RetrievalSettings | None = None):
+        self.index = index
+        self.settings = settings or index.settings
+        self.l2_normalize = index.l2_normalize
+        self.counts = {"queries": 0, "exact_small_eligible": 0, "exact_fallback": 0}
+
+    @classmethod
+    def load(cls, index_dir: str | os.PathLike, trained: Any | None = None,
+             settings: RetrievalSettings | None = None) -> Retriever:
+        """Load an index folder; with `trained` (an `inference.Trained`), check that the index was
+        built from that model (fingerprint, embedding dim, query rule) or raise IndexMismatchError."""
+        index = AdIndex.load(index_dir, settings)
+        if trained is not None:
+            check_compatible(index.manifest, fingerprint=trained.fingerprint, embed_dim=trained.embed_dim,
+                             rule=query_rule(trained.config.loss.l2_normalize), where=str(index_dir))
+        return cls(index, settings)
+
+    # -- queries -------------------------------------------------------------------------------
+    def query_embeddings(self, e_user_BxD, e_context_BxD) -> np.ndarray:
+        """Q = E_user + E_context, L2-normalized under the cosine rule: float32[B, D]."""
+        q = np.asarray(e_user_BxD, np.float32) + np.asarray(e_context_BxD, np.float32)
+        if self.l2_normalize:
+            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        return q.astype(np.float32)
+
+    # -- search --------------------------------------------------------------------------------
+    def search(self, q_BxD, k: int, eligibility: Eligibility | None = None) -> Candidates:
+        """Top-k ads per query (ScaNN, or exact where that is needed or cheaper)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q_BxD = np.ascontiguousarray(q_BxD, np.float32)
+        if q_BxD.ndim != 2 or q_BxD.shape[1] != self.index.store.embeddings.shape[1]:
+            raise ValueError(f"queries must be [B, {self.index.store.embeddings.shape[1]}], got {q_BxD.shape}")
+        B = len(q_BxD)
+        self.counts["queries"] += B
+        if eligibility is None or B == 0:
+            rows, scores = self.index.search(q_BxD, k)
+            return self._gather(rows, scores)
+        rows = np.full((B, k), -1, np.int64)
+        scores = np.full((B, k), -np.inf, np.float32)
+        keys = eligibility.keys(B)
+        uniq, group = np.unique(keys, axis=0, return_inverse=True)
+        for g, key in enumerate(uniq):
+            members = np.flatnonzero(group.reshape(-1) == g)
+            rows[members], scores[members] = self._search_eligible(q_BxD[members], k, key)
+        return self._gather(rows, scores)
+
+    def _search_eligible(self, q_BxD: np.ndarray, k: int, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index, n = self.index, len(self.index)
+        mask = targeting_lib.eligible_mask(index.store.targeting, key)
+        eligible = int(mask.sum())
+        if eligible == n:  # nothing filtered out for this audience
+            return index.search(q_BxD, k)
+        eligible_rows = np.flatnonzero(mask)
+        if index.searcher is None or eligible <= self.settings.exact_eligible_below:
+            self.counts["exact_small_eligible"] += len(q_BxD)
+            return index.exact(q_BxD, k, eligible_rows)
+        fetch = min(n, math.ceil(k * n / eligible * self.settings.overfetch))
+        got_rows, got_scores = index.search(q_BxD, fetch)
+        keep = (got_rows >= 0) & mask[np.maximum(got_rows, 0)]
+        # Stable order of kept entries first (ScaNN returns best first), then take k.
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        rows = np.take_along_axis(got_rows, order, 1)
+        scores = np.take_along_axis(got_scores, order, 1)
+        kept = np.take_along_axis(keep, order, 1)
+        rows, scores = np.where(kept, rows, -1), np.where(kept, scores, -np.inf).astype(np.float32)
+        if rows.shape[1] < k:
+            rows = np.pad(rows, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, k - scores.shape[1])), constant_values=-np.inf)
+        short = np.flatnonzero(kept.sum(1) < min(k, eligible))
+        if len(short):  # rare: the over-fetch missed; exact over the eligible set keeps the guarantee
+            self.counts["exact_fallback"] += len(short)
+            rows[short], scores[short] = index.exact(q_BxD[short], k, eligible_rows)
+        return rows, scores
+
+    def _gather(self, rows: np.ndarray, scores: np.ndarray) -> Candidates:
+        store: AdStore = self.index.store
+        valid = rows >= 0
+        safe = np.where(valid, rows, 0)
+        emb = np.where(valid[..., None], np.asarray(store.embeddings)[safe], 0).astype(np.float32)
+        return Candidates(
+            ad_ids=np.where(valid, store.ad_ids[safe], -1),
+            scores=np.where(valid, scores, -np.inf).astype(np.float32),
+            rows=np.where(valid, rows, -1), embeddings=emb,
+            bid=np.where(valid, store.bid[safe], 0).astype(np.float32),
+            quality=np.where(valid, store.quality[safe], 0).astype(np.float32), valid=valid)
+
+    def ads(self, ad_ids) -> AdStore:
+        """Embedding, bid, quality and targeting of the given ads (KeyError for unknown ids)."""
+        rows = self.index.rows_of(np.asarray(ad_ids, np.int64))
+        if (rows < 0).any():
+            raise KeyError(f"ad ids not in the index: {np.asarray(ad_ids)[rows < 0][:10].tolist()}")
+        return self.index.store.rows(rows)
+
+    # -- live updates (delegated to the index) --------------------------------------------------
+    def upsert(self, ads: AdStore) -> None:
+        self.index.upsert(ads)
+
+    def delete(self, ad_ids) -> None:
+        self.index.delete(ad_ids)

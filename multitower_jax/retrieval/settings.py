@@ -1,0 +1,91 @@
+"""`config.retrieval`: every knob of export, the ScaNN index and targeting-aware search.
+
+Workdirs trained before this section existed have no `retrieval` keys; `RetrievalSettings.from_config`
+fills whatever is missing from `default_config()`, so old workdirs export and index unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    r = ml_collections.ConfigDict()
+    r.export_batch_size = 1024  # ads (and users) per jitted tower call; the last batch is padded
+    r.exact_below = 20_000  # catalogues smaller than this are searched exactly (no ScaNN tree)
+    # ScaNN: tree (k-means) partitioning, asymmetric hashing, exact re-scoring of the best candidates.
+    r.num_leaves = 0  # 0: round(sqrt(num_ads))
+    r.leaves_to_search = 0  # 0: leaves_fraction * num_leaves
+    r.leaves_fraction = 0.03
+    r.training_sample_size = 250_000  # vectors used to train the partitioner and the codebooks
+    r.dims_per_block = 2  # asymmetric hashing: 2 dims per 16-centroid block (4 bits)
+    r.anisotropic_threshold = 0.2  # score-aware quantization (dot product); <= 0 turns it off
+    r.reorder_multiplier = 5  # re-score reorder_multiplier * k candidates exactly before returning k
+    r.min_reorder = 100
+    # Targeting: ask ScaNN for k / eligible_fraction * overfetch candidates, then filter; a query
+    # whose eligible set is small (or that comes back short) is searched exactly over that set.
+    r.overfetch = 1.5
+    r.exact_eligible_below = 5_000
+    # Live updates: rebuild (retrain the partitioner and codebooks) once this fraction of the
+    # index has been added, updated or deleted since the last build.
+    r.rebuild_fraction = 0.25
+    return r
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSettings:
+    export_batch_size: int = 1024
+    exact_below: int = 20_000
+    num_leaves: int = 0
+    leaves_to_search: int = 0
+    leaves_fraction: float = 0.03
+    training_sample_size: int = 250_000
+    dims_per_block: int = 2
+    anisotropic_threshold: float = 0.2
+    reorder_multiplier: int = 5
+    min_reorder: int = 100
+    overfetch: float = 1.5
+    exact_eligible_below: int = 5_000
+    rebuild_fraction: float = 0.25
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict | None) -> RetrievalSettings:
+        """From ``config.retrieval`` (missing keys take their defaults); ValueError names a bad key."""
+        section = config.get("retrieval") if config is not None else None
+        values = dict(default_config())
+        if section is not None:
+            unknown = sorted(set(section) - set(values))
+            if unknown:
+                raise ValueError(f"config.retrieval: unknown keys {unknown}; known: {sorted(values)}")
+            values.update(dict(section))
+        out = cls(**{f.name: type(f.default)(values[f.name]) for f in dataclasses.fields(cls)})
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"config.retrieval.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+        for key in ("export_batch_size", "dims_per_block", "reorder_multiplier", "training_sample_size"):
+            need(getattr(self, key) > 0, key, "a positive integer")
+        for key in ("exact_below", "num_leaves", "leaves_to_search", "min_reorder", "exact_eligible_below"):
+            need(getattr(self, key) >= 0, key, "a non-negative integer")
+        need(0 < self.leaves_fraction <= 1, "leaves_fraction", "a fraction in (0, 1]")
+        need(self.overfetch >= 1, "overfetch", "a number >= 1")
+        need(0 < self.rebuild_fraction, "rebuild_fraction", "a positive fraction")
+
+    def leaves(self, num_ads: int) -> int:
+        """Number of k-means leaves for a catalogue of `num_ads` (about sqrt(n) by default)."""
+        n = self.num_leaves or round(math.sqrt(num_ads))
+        return max(1, min(n, num_ads))
+
+    def search_leaves(self, num_leaves: int) -> int:
+        n = self.leaves_to_search or math.ceil(self.leaves_fraction * num_leaves)
+        return max(1, min(n, num_leaves))
+
+    def reorder(self, k: int) -> int:
+        return max(self.min_reorder, self.reorder_multiplier * k)
