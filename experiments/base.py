@@ -11,7 +11,8 @@ Experiments import this file and change a few fields:
 
 import ml_collections
 
-from multitower_jax import features
+from multitower_jax import calibration, features
+from multitower_jax.serving import settings as serving_settings
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.batch_size = 1024  # global batch, split over JAX processes
     config.data.eval_batch_size = 4096
     config.data.shuffle_seed = 0
+    # The train stream is cut into this many shards (block i goes to shard i % num_shards), each
+    # read by one process; 0 = one per process. Fix it (to a multiple of every process count you
+    # will use) and a run gets the same global batches on any number of hosts.
+    config.data.num_shards = 0
     # grain threads reading and preprocessing blocks. 0 (read in the training loop) is fastest on a
     # small host: the work is Python-bound, and async dispatch overlaps it with the device step.
     config.data.reader_threads = 0
@@ -70,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.head = "esmm"  # "ctr" | "ctr_cvr" | "esmm"
     config.model.share_text_encoder = True  # one encoder for query and ad text, or one per tower
     config.model.dtype = "float32"  # compute dtype ("bfloat16" on TPU); parameters stay float32
+    config.model.vocab_multiple = 1  # pad embedding-table rows to a multiple (of mesh.model, to shard them)
     config.model.text = ml_collections.ConfigDict()
     config.model.text.dim = 128
     config.model.text.num_layers = 2
@@ -112,9 +118,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.rng_impl = "rbg"  # PRNG for dropout: "rbg" (fast everywhere) or "threefry2x32"
 
     # Mesh ("data", "model"); data = -1 takes every device. Logical parameter axes -> mesh
-    # axes (None = replicated): ("vocab", "model") shards embedding tables row-wise.
+    # axes (None = replicated): ("vocab", "model") shards every embedding table row-wise over
+    # the "model" devices (set model.vocab_multiple to a multiple of mesh.model, e.g. 128);
+    # dense layers stay replicated unless their axes get a rule too.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = (("vocab", None), ("embed", None), ("embed_in", None), ("mlp", None),
                              ("heads", None), ("kv", None), ("pos", None))
+
+    # Serving (multitower rank / export-scorer / bench score|serve): candidate buckets, K, top-N,
+    # objective, user-embedding cache and micro-batching; see multitower_jax/serving/settings.py.
+    config.serving = serving_settings.defaults()
+
+    # Calibration (multitower calibrate), per head: "isotonic" | "platt" | "temperature" | "none"
+    # (ctcvr also "product" = calibrated pCTR x pCVR), ECE bins, output clipping;
+    # see multitower_jax/calibration/core.py.
+    config.calibration = calibration.default_config()
     return config

@@ -1,0 +1,236 @@
+"""The jitted batched scorer: embeddings of B requests x N candidates -> calibrated pCTR, pCVR,
+pCTCVR, the ranking value (eCPM) and the top-N, in one compiled function.
+
+The first fusion layer is factorized. Its input is [u, c, a] (+ [u.a, u.c, c.a] for "dot"), so
+
+    x W + b = (u W_u + c W_c + (u.c) w_uc + b)  +  a W_a  +  (u.a) w_ua + (c.a) w_ca
+              `------- once per request -------'  `per ad'  `--- two D-dots per candidate ---'
+
+`a W_a` is computed once per ad at export time (`ad_part`), so a candidate costs two D-wide dot
+products and an H-wide add instead of a (3D + 3) x H matmul row. The rest of the fusion MLP and
+the heads run through the model's own modules (`layers.Block`, `layer_norm`, `Heads`), so they
+cannot drift from training. The calibrators run inside the same compiled function.
+
+Candidate counts are padded to `ServingSettings.buckets` and request counts to
+`batch_buckets`; padded candidates get -inf eCPM and never rank. Each (batch bucket,
+candidate bucket) pair compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from multitower_jax.models import layers
+from multitower_jax.models.heads import Heads
+from multitower_jax.models.model import ModelConfig
+from multitower_jax.serving.settings import ServingSettings, bucket_for
+
+Array = jax.Array
+Params = Mapping[str, Any]
+
+
+class Calibrator(Protocol):
+    """What the scorer needs from `multitower_jax.calibration`: a pure-jnp map per head."""
+
+    def apply(self, head: str, p: Array) -> Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerSpec:
+    """The static description of one placement's scorer (what the compiled function depends on)."""
+
+    fusion: str  # "concat" | "dot"
+    fusion_hidden: tuple[int, ...]
+    head: str  # "ctr" | "ctr_cvr" | "esmm"
+    embed_dim: int
+    objective: str = "ecpm"
+    ctr_weight: float = 1.0
+    cvr_weight: float = 0.0
+    top_n: int = 20
+
+    @property
+    def has_cvr(self) -> bool:
+        return self.head != "ctr"
+
+
+def split_first_layer(fusion_params: Params, mode: str, embed_dim: int) -> dict[str, Array]:
+    """Slice the first fusion Dense kernel [(3D [+3]) x H] into its user/context/ad/dot parts."""
+    d = embed_dim
+    dense = fusion_params["mlp"]["block_0"]["dense"]
+    kernel, bias = jnp.asarray(dense["kernel"], jnp.float32), jnp.asarray(dense["bias"], jnp.float32)
+    expected = 3 * d + (3 if mode == "dot" else 0)
+    if kernel.shape[0] != expected:
+        raise ValueError(f"fusion kernel has {kernel.shape[0]} input rows; fusion {mode!r} with "
+                         f"embed_dim {d} needs {expected}")
+    parts = {"w_user": kernel[:d], "w_context": kernel[d:2 * d], "w_ad": kernel[2 * d:3 * d], "bias": bias}
+    if mode == "dot":  # row order of fusion.pairwise_dots: user.ad, user.context, context.ad
+        parts.update(w_ua=kernel[3 * d], w_uc=kernel[3 * d + 1], w_ca=kernel[3 * d + 2])
+    return parts
+
+
+def ad_part(fusion_params: Params, spec: ScorerSpec, e_ad_NxD: Array) -> Array:
+    """a W_a: the ad's share of the first fusion layer, computed once per ad at export."""
+    w_ad = split_first_layer(fusion_params, spec.fusion, spec.embed_dim)["w_ad"]
+    return jnp.asarray(e_ad_NxD, jnp.float32) @ w_ad
+
+
+def _mlp_tail(fusion_params: Params, spec: ScorerSpec, x_MxH: Array) -> Array:
+    """First block's LayerNorm + ReLU, then the remaining blocks, exactly as `layers.MLP`."""
+    block0 = fusion_params["mlp"]["block_0"]
+    h = layers.layer_norm(dtype=jnp.float32).apply({"params": block0["layer_norm"]}, x_MxH)
+    h = nn.relu(h)
+    for i, width in enumerate(spec.fusion_hidden[1:], start=1):
+        h = layers.Block(width, 0.0, jnp.float32).apply({"params": fusion_params["mlp"][f"block_{i}"]}, h)
+    return h
+
+
+def ranking_value(spec: ScorerSpec, pctr: Array, pcvr: Array | None, bid: Array, quality: Array) -> Array:
+    """eCPM = bid x pCTR x quality x 1000, or bid x (a pCTR + b pCVR) for objective "weighted"."""
+    if spec.objective == "ecpm":
+        return bid * pctr * quality * 1000.0
+    value = spec.ctr_weight * pctr
+    if pcvr is not None and spec.cvr_weight:
+        value = value + spec.cvr_weight * pcvr
+    return bid * value
+
+
+def score_candidates(params: Params, spec: ScorerSpec, calibration: Calibrator | None,
+                     e_user_BxD: Array, e_context_BxD: Array, e_ad_BxNxD: Array, ad_part_BxNxH: Array,
+                     bid_BxN: Array, quality_BxN: Array, valid_BxN: Array) -> dict[str, Array]:
+    """The pure scoring function. `params` = {"fusion": ..., "heads": ...} of one placement.
+
+    Returns pctr, (pcvr, pctcvr,) ecpm [B, N] and top_index (int32), top_ecpm [B, T] with
+    T = min(top_n, N); invalid candidates have ecpm -inf.
+    """
+    fusion_params, head_params = params["fusion"], params["heads"]
+    parts = split_first_layer(fusion_params, spec.fusion, spec.embed_dim)
+    u, c = e_user_BxD.astype(jnp.float32), e_context_BxD.astype(jnp.float32)
+    a = e_ad_BxNxD.astype(jnp.float32)
+    # Per request: the user and context rows of the first layer, once.
+    r_BxH = u @ parts["w_user"] + c @ parts["w_context"] + parts["bias"]
+    x_BxNxH = ad_part_BxNxH.astype(jnp.float32) + r_BxH[:, None, :]
+    if spec.fusion == "dot":
+        r_BxH_dot = jnp.sum(u * c, axis=-1, keepdims=True) * parts["w_uc"]
+        ua_BxN = jnp.einsum("bnd,bd->bn", a, u)
+        ca_BxN = jnp.einsum("bnd,bd->bn", a, c)
+        x_BxNxH = (x_BxNxH + r_BxH_dot[:, None, :] + ua_BxN[..., None] * parts["w_ua"]
+                   + ca_BxN[..., None] * parts["w_ca"])
+    b, n, h = x_BxNxH.shape
+    fused = _mlp_tail(fusion_params, spec, x_BxNxH.reshape(b * n, h))
+    out = Heads(spec.head, jnp.float32).apply({"params": head_params}, fused)
+
+    pctr = out["pctr"].reshape(b, n)
+    if calibration is not None:
+        pctr = calibration.apply("ctr", pctr)
+    result = {"pctr": pctr}
+    pcvr = None
+    if spec.has_cvr:
+        pcvr = out["pcvr"].reshape(b, n)
+        if calibration is not None:
+            pcvr = calibration.apply("cvr", pcvr)
+            result["pctcvr"] = pctr * pcvr
+        else:
+            result["pctcvr"] = out["pctcvr"].reshape(b, n)  # exact in the tails (log-space product)
+        result["pcvr"] = pcvr
+    value = ranking_value(spec, pctr, pcvr, bid_BxN.astype(jnp.float32), quality_BxN.astype(jnp.float32))
+    value = jnp.where(valid_BxN, value, -jnp.inf)
+    result["ecpm"] = value
+    top_ecpm, top_index = jax.lax.top_k(value, min(spec.top_n, n))
+    result.update(top_index=top_index.astype(jnp.int32), top_ecpm=top_ecpm)
+    return result
+
+
+def placement_params(params: Params, placement: str) -> dict[str, Any]:
+    """The fusion and head parameters of one placement, from the model's (unboxed) params."""
+    params = nn.meta.unbox(params)
+    params = params.get("params", params)
+    key = f"fusions_{placement}"
+    if key not in params:
+        have = sorted(k.removeprefix("fusions_") for k in params if k.startswith("fusions_"))
+        raise ValueError(f"placement {placement!r} has no fusion parameters; the model has {have}")
+    return {"fusion": params[key], "heads": params[f"heads_{placement}"]}
+
+
+class Scorer:
+    """One placement's scorer with its parameters, calibration and settings bound.
+
+        scorer = Scorer.from_trained(load_trained(workdir), calibration=calibration.load(workdir))
+        out = scorer.score(e_user_BxD, e_context_BxD, e_ad_BxNxD, bid_BxN, quality_BxN, ad_part_BxNxH)
+    """
+
+    def __init__(self, params: Params, model_config: ModelConfig, placement: str,
+                 calibration: Calibrator | None = None, settings: ServingSettings | None = None):
+        self.settings = settings or ServingSettings()
+        self.placement = placement
+        s = self.settings
+        self.spec = ScorerSpec(fusion=model_config.fusion, fusion_hidden=tuple(model_config.fusion_hidden),
+                               head=model_config.head, embed_dim=model_config.embed_dim,
+                               objective=s.objective, ctr_weight=float(s.ctr_weight),
+                               cvr_weight=float(s.cvr_weight), top_n=s.top_n)
+        if s.objective == "weighted" and s.cvr_weight and not self.spec.has_cvr:
+            raise ValueError(f"config.serving.cvr_weight={s.cvr_weight} needs a pCVR, but head "
+                             f"{model_config.head!r} has none")
+        self.params = jax.device_put(placement_params(params, placement))
+        self.calibration = calibration
+        self.trace_count = 0  # compilations of the scoring function (tests check it stays put)
+        self._score = jax.jit(self._traced)
+        self._ad_part = jax.jit(lambda fusion_params, e_ad_NxD: ad_part(fusion_params, self.spec, e_ad_NxD))
+
+    @classmethod
+    def from_trained(cls, trained: Any, placement: str | None = None, calibration: Calibrator | None = None,
+                     settings: ServingSettings | None = None) -> Scorer:
+        """From `inference.load_trained(workdir)`; settings default to the workdir's config.serving."""
+        settings = settings or ServingSettings.from_config(trained.config)
+        return cls(trained.params, ModelConfig.from_config(trained.config),
+                   placement or trained.config.data.placements[0], calibration, settings)
+
+    def _traced(self, params, *arrays):
+        self.trace_count += 1
+        return score_candidates(params, self.spec, self.calibration, *arrays)
+
+    def ad_part(self, e_ad_NxD: np.ndarray) -> np.ndarray:
+        """a W_a for a block of ads (export stores it; the scorer takes it per candidate)."""
+        return np.asarray(self._ad_part(self.params["fusion"], np.asarray(e_ad_NxD, np.float32)))
+
+    def score_padded(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH, bid_BxN, quality_BxN,
+                     valid_BxN) -> dict[str, Array]:
+        """The compiled call on inputs already padded to a (batch, candidate) bucket."""
+        return self._score(self.params, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH,
+                           bid_BxN, quality_BxN, valid_BxN)
+
+    def score(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, bid_BxN, quality_BxN, ad_part_BxNxH=None,
+              num_valid_B=None) -> dict[str, np.ndarray]:
+        """Score B requests x N candidates (N <= the largest bucket); pads, runs, un-pads.
+
+        `num_valid_B[i]` candidates of request i are real (default: all N). Without
+        `ad_part_BxNxH` it is computed here (what the export normally saves).
+        """
+        e_ad = np.asarray(e_ad_BxNxD, np.float32)
+        b, n, d = e_ad.shape
+        if ad_part_BxNxH is None:
+            ad_part_BxNxH = np.asarray(self.ad_part(e_ad.reshape(b * n, d))).reshape(b, n, -1)
+        num_valid = np.full(b, n) if num_valid_B is None else np.asarray(num_valid_B)
+        valid = np.arange(n)[None, :] < num_valid[:, None]
+        bb = bucket_for(b, self.settings.batch_buckets, "requests")
+        nb = bucket_for(n, self.settings.buckets)
+        padded = [pad_to(x, bb, nb) for x in (e_ad, ad_part_BxNxH, bid_BxN, quality_BxN, valid)]
+        out = self.score_padded(pad_to(e_user_BxD, bb), pad_to(e_context_BxD, bb), *padded)
+        out = jax.device_get(out)
+        t = min(self.spec.top_n, n)
+        return {k: (v[:b, :t] if k.startswith("top_") else v[:b, :n]) for k, v in out.items()}
+
+
+def pad_to(x: Any, rows: int, cols: int | None = None) -> np.ndarray:
+    """Zero-pad the first axis to `rows` (and the second to `cols`)."""
+    x = np.asarray(x)
+    widths = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+    if cols is not None:
+        widths[1] = (0, cols - x.shape[1])
+    return np.pad(x, widths) if any(w[1] for w in widths) else x

@@ -1,0 +1,111 @@
+"""`config.serving`: defaults, validation and a frozen copy the serving code reads.
+
+Workdirs trained before the section existed have no `serving` key in their `config.json`;
+`from_config` fills in the defaults, so every trained workdir can be served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from multitower_jax.config import ConfigError
+
+OBJECTIVES = ("ecpm", "weighted")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The `config.serving` section of experiments/base.py."""
+    s = ml_collections.ConfigDict()
+    # Candidate counts are padded up to one of these, so the scorer compiles once per bucket.
+    s.buckets = (64, 128, 256, 512, 1024)
+    s.num_candidates = 500  # K: ads retrieved from the ANN index per request
+    s.top_n = 20  # ads returned per request
+    # "ecpm": bid x pCTR x quality x 1000.  "weighted": bid x (ctr_weight pCTR + cvr_weight pCVR).
+    s.objective = "ecpm"
+    s.ctr_weight = 1.0
+    s.cvr_weight = 0.0
+    s.cache_ttl_s = 300.0  # user embeddings are reused this long (users change slowly)
+    s.cache_size = 100_000  # at most this many cached users (least recently used leave first)
+    s.max_batch_size = 16  # the micro-batcher groups at most this many concurrent requests ...
+    s.max_wait_ms = 2.0  # ... and waits at most this long for the group to fill
+    return s
+
+
+class ServingConfigError(ConfigError):
+    """A `config.serving` value is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingSettings:
+    buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    num_candidates: int = 500
+    top_n: int = 20
+    objective: str = "ecpm"
+    ctr_weight: float = 1.0
+    cvr_weight: float = 0.0
+    cache_ttl_s: float = 300.0
+    cache_size: int = 100_000
+    max_batch_size: int = 16
+    max_wait_ms: float = 2.0
+
+    def __post_init__(self) -> None:
+        def fail(key: str, expected: str, value: Any) -> None:
+            raise ServingConfigError(f"config.serving.{key}: expected {expected}, got {value!r}")
+
+        def pos_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        def number(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
+        b = self.buckets
+        if not b or not all(pos_int(x) for x in b) or list(b) != sorted(set(b)):
+            fail("buckets", "strictly increasing positive candidate counts", b)
+        for key in ("num_candidates", "top_n", "cache_size", "max_batch_size"):
+            if not pos_int(getattr(self, key)):
+                fail(key, "a positive integer", getattr(self, key))
+        if self.num_candidates > b[-1]:
+            fail("num_candidates", f"at most the largest bucket {b[-1]}", self.num_candidates)
+        if self.top_n > b[0]:
+            fail("top_n", f"at most the smallest bucket {b[0]}", self.top_n)
+        if self.objective not in OBJECTIVES:
+            fail("objective", " or ".join(map(repr, OBJECTIVES)), self.objective)
+        for key in ("ctr_weight", "cvr_weight", "cache_ttl_s", "max_wait_ms"):
+            v = getattr(self, key)
+            if not number(v) or v < 0:
+                fail(key, "a non-negative number", v)
+        if self.objective == "weighted" and self.ctr_weight == 0 and self.cvr_weight == 0:
+            fail("ctr_weight", "a positive ctr_weight or cvr_weight for objective 'weighted'", 0)
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        """Request-batch sizes the micro-batcher pads to: powers of two up to max_batch_size."""
+        sizes, n = [], 1
+        while n < self.max_batch_size:
+            sizes.append(n)
+            n *= 2
+        return (*sizes, self.max_batch_size)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> ServingSettings:
+        """`config.serving` over the defaults (a missing section or key takes its default)."""
+        merged = defaults().to_dict()
+        section = config.get("serving") if config is not None else None
+        if section is not None:
+            unknown = sorted(set(section.keys()) - set(merged))
+            if unknown:
+                raise ServingConfigError(f"config.serving: unknown keys {unknown}; known: {sorted(merged)}")
+            merged.update(section.to_dict() if hasattr(section, "to_dict") else dict(section))
+        merged["buckets"] = tuple(merged["buckets"])
+        return cls(**merged)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...], what: str = "candidates") -> int:
+    """The smallest bucket >= n; ValueError when n exceeds the largest."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} {what} exceed the largest bucket {buckets[-1]} (config.serving.buckets)")

@@ -1,0 +1,126 @@
+"""The factorized, calibrated, bucketed scorer against the model's own `score_embeddings` and numpy."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from multitower_jax import features as F
+from multitower_jax.models import model as model_lib
+from multitower_jax.serving.scorer import Scorer
+from multitower_jax.serving.settings import ServingConfigError, ServingSettings, bucket_for
+from tests.conftest import TINY_MODEL, synthetic_config
+
+D = 16
+
+
+def fusion_model(fusion: str, head: str):
+    """A tiny model with random fusion + head params (LayerNorm scale/bias perturbed too)."""
+    config = synthetic_config("/nonexistent", *TINY_MODEL, f"--config.model.fusion={fusion}",
+                              f"--config.model.head={head}")
+    model = model_lib.build_model(config, F.parse_spec(config.features))
+    z = jnp.zeros((1, D))
+    params = nn.meta.unbox(model.init(jax.random.key(0), z, z, z, "search", method=model.score_embeddings))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return config, model, jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def reference(model, params, e_user, e_ctx, e_ad):
+    """Unfactorized: broadcast each request to its candidates and run score_embeddings."""
+    b, n, d = e_ad.shape
+    rep = lambda x: np.repeat(x, n, axis=0)  # noqa: E731
+    out = model.apply(params, rep(e_user), rep(e_ctx), e_ad.reshape(b * n, d), "search",
+                      method=model.score_embeddings)
+    return {k: np.asarray(v).reshape(b, n) for k, v in out.items()}
+
+
+def inputs(b, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(b, D)).astype(np.float32), rng.normal(size=(b, D)).astype(np.float32),
+            rng.normal(size=(b, n, D)).astype(np.float32), rng.uniform(0.1, 3.0, (b, n)).astype(np.float32),
+            rng.uniform(0.5, 1.5, (b, n)).astype(np.float32))
+
+
+@pytest.mark.parametrize("fusion", ["dot", "concat"])
+@pytest.mark.parametrize("head", ["ctr", "ctr_cvr", "esmm"])
+def test_factorized_equals_score_embeddings_and_ranks_by_ecpm(fusion, head):
+    config, model, params = fusion_model(fusion, head)
+    scorer = Scorer(params, model_lib.ModelConfig.from_config(config), "search",
+                    settings=ServingSettings(buckets=(8, 16), num_candidates=16, top_n=5, max_batch_size=4))
+    e_user, e_ctx, e_ad, bid, quality = inputs(3, 13)
+    num_valid = np.array([13, 7, 5])
+    out = scorer.score(e_user, e_ctx, e_ad, bid, quality, num_valid_B=num_valid)
+    ref = reference(model, params, e_user, e_ctx, e_ad)
+    keys = ["pctr"] + (["pcvr", "pctcvr"] if head != "ctr" else [])
+    for key in keys:
+        np.testing.assert_allclose(out[key], ref[key], atol=1e-5, rtol=1e-5, err_msg=key)
+    ecpm = bid * ref["pctr"] * quality * 1000.0
+    for i, nv in enumerate(num_valid):
+        np.testing.assert_allclose(out["ecpm"][i, :nv], ecpm[i, :nv], rtol=1e-5)
+        assert np.all(np.isneginf(out["ecpm"][i, nv:]))  # padding never ranks
+        order = np.argsort(-ecpm[i, :nv], kind="stable")[:5]
+        np.testing.assert_array_equal(out["top_index"][i], order)
+        np.testing.assert_allclose(out["top_ecpm"][i], ecpm[i, order], rtol=1e-5)
+
+
+def test_weighted_objective_and_calibration_inside_the_compiled_function():
+    config, model, params = fusion_model("dot", "esmm")
+
+    class Isotonic:  # the calibration interface: a pure-jnp map per head
+        x = jnp.linspace(0.0, 1.0, 11)
+        y = {"ctr": jnp.sqrt(jnp.linspace(0.0, 1.0, 11)) * 0.5, "cvr": jnp.linspace(0.0, 1.0, 11) ** 2}
+
+        def apply(self, head, p):
+            return jnp.interp(p, self.x, self.y[head])
+
+    settings = ServingSettings(buckets=(16,), num_candidates=16, top_n=4, max_batch_size=2, objective="weighted",
+                               ctr_weight=0.6, cvr_weight=2.0)
+    scorer = Scorer(params, model_lib.ModelConfig.from_config(config), "search", Isotonic(), settings)
+    e_user, e_ctx, e_ad, bid, quality = inputs(2, 16, seed=3)
+    out = scorer.score(e_user, e_ctx, e_ad, bid, quality)
+    ref = reference(model, params, e_user, e_ctx, e_ad)
+    grid = np.linspace(0.0, 1.0, 11)
+    pctr = np.interp(ref["pctr"], grid, np.sqrt(grid) * 0.5)
+    pcvr = np.interp(ref["pcvr"], grid, grid**2)
+    np.testing.assert_allclose(out["pctr"], pctr, atol=1e-5)
+    np.testing.assert_allclose(out["pcvr"], pcvr, atol=1e-5)
+    np.testing.assert_allclose(out["pctcvr"], pctr * pcvr, atol=1e-5)
+    value = bid * (0.6 * pctr + 2.0 * pcvr)
+    np.testing.assert_allclose(out["ecpm"], value, rtol=1e-4)
+    np.testing.assert_array_equal(out["top_index"], np.argsort(-value, axis=1)[:, :4])
+
+
+def test_candidate_counts_within_buckets_do_not_recompile():
+    config, model, params = fusion_model("dot", "esmm")
+    settings = ServingSettings(buckets=(8, 16, 32), num_candidates=32, top_n=4, max_batch_size=4)
+    scorer = Scorer(params, model_lib.ModelConfig.from_config(config), "search", settings=settings)
+    for n in (8, 16, 32):  # warm up one shape per bucket (batch bucket 1)
+        scorer.score(*inputs(1, n))
+    assert scorer.trace_count == 3
+    compiled = scorer._score._cache_size()
+    for n in (5, 8, 9, 13, 16, 17, 30, 32):
+        scorer.score(*inputs(1, n, seed=n))
+    assert scorer.trace_count == 3 and scorer._score._cache_size() == compiled
+    scorer.score(*inputs(3, 20))  # a new batch bucket (4) compiles once ...
+    scorer.score(*inputs(4, 25))  # ... and is reused
+    assert scorer.trace_count == 4
+    with pytest.raises(ValueError, match="exceed the largest bucket 32"):
+        scorer.score(*inputs(1, 33))
+
+
+def test_settings_validation_and_buckets():
+    assert bucket_for(1, (64, 128)) == 64 and bucket_for(65, (64, 128)) == 128
+    assert ServingSettings(max_batch_size=12).batch_buckets == (1, 2, 4, 8, 12)
+    with pytest.raises(ServingConfigError, match="config.serving.top_n: expected at most the smallest bucket 64"):
+        ServingSettings(top_n=100)
+    with pytest.raises(ServingConfigError, match="config.serving.buckets"):
+        ServingSettings(buckets=(128, 64))
+    with pytest.raises(ServingConfigError, match="config.serving.objective"):
+        ServingSettings(objective="cpa")
+    config = synthetic_config("/nonexistent", "--config.serving.top_n=7")
+    assert ServingSettings.from_config(config).top_n == 7
+    del config.serving
+    assert ServingSettings.from_config(config) == ServingSettings()  # old workdirs: defaults
