@@ -198,6 +198,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "patience", "keep_checkpoints"):
             _require(isinstance(config.train[key], int) and config.train[key] > 0, f"train.{key}",
                      "a positive integer", config.train[key])
+    if "mesh" in config:
+        _validate_mesh(config)
+    if "calibration" in config:
+        from multitower_jax.calibration import validate_config as validate_calibration  # noqa: PLC0415 (jax)
+
+        validate_calibration(config)
     if "synthetic" in config:
         syn = config.synthetic
         for key in ("num_users", "num_ads", "num_advertisers"):
@@ -205,6 +211,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for split in ("train", "validation", "test"):
             n = syn.impressions[split]
             _require(isinstance(n, int) and n > 0, f"synthetic.impressions.{split}", "a positive integer", n)
+
+
+MESH_AXES = ("data", "model")
+
+
+def _validate_mesh(config: ml_collections.ConfigDict) -> None:
+    mesh = config.mesh
+    _require(isinstance(mesh.data, int) and (mesh.data == -1 or mesh.data > 0), "mesh.data",
+             "a positive device count, or -1 for every device not used by mesh.model", mesh.data)
+    _require(isinstance(mesh.model, int) and mesh.model > 0, "mesh.model", "a positive device count", mesh.model)
+    rules = tuple(config.sharding.rules) if "sharding" in config else ()
+    for rule in rules:
+        ok = (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)
+              and (rule[1] is None or rule[1] in MESH_AXES))
+        _require(ok, "sharding.rules", f"(logical_axis, mesh_axis) pairs with mesh_axis in {MESH_AXES} or None", rule)
+    multiple = config.model.get("vocab_multiple", 1) if "model" in config else 1
+    if mesh.model > 1 and ("vocab", "model") in [tuple(r) for r in rules]:
+        _require(multiple % mesh.model == 0, "model.vocab_multiple",
+                 f"a multiple of mesh.model={mesh.model} when embedding tables are sharded over \"model\" "
+                 "(rows are padded to it so each device holds an equal slice; e.g. 128)", multiple)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

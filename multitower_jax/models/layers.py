@@ -59,10 +59,18 @@ def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32, axis_name: s
     )
 
 
-def embed(num_embeddings: int, features: int, name: str | None = None, dtype: Dtype = jnp.float32) -> nn.Embed:
-    """nn.Embed whose table is named ("vocab", "embed")."""
+def padded_rows(num_embeddings: int, multiple: int) -> int:
+    """Rows rounded up to a multiple, so a table splits evenly over the devices of the
+    "model" mesh axis (JAX shards only evenly divisible dimensions). The extra rows are
+    never looked up: ids stay below `num_embeddings`."""
+    return -(-num_embeddings // multiple) * multiple
+
+
+def embed(num_embeddings: int, features: int, name: str | None = None, dtype: Dtype = jnp.float32,
+          vocab_multiple: int = 1) -> nn.Embed:
+    """nn.Embed whose table is named ("vocab", "embed"), rows padded to `vocab_multiple`."""
     return nn.Embed(
-        num_embeddings,
+        padded_rows(num_embeddings, vocab_multiple),
         features,
         dtype=dtype,
         embedding_init=partitioned(DEFAULT_EMBED_INIT, ("vocab", "embed")),
@@ -131,6 +139,7 @@ class FeatureEmbedding(nn.Module):
 
     spec: F.TowerSpec
     dtype: Dtype = jnp.float32
+    vocab_multiple: int = 1
 
     @property
     def output_dim(self) -> int:
@@ -146,10 +155,10 @@ class FeatureEmbedding(nn.Module):
                 raise KeyError(f"tower {self.spec.name!r}: batch has no feature {f.name!r}; got {sorted(features)}")
             x = jnp.asarray(features[f.name])
             if isinstance(f, F.Categorical):
-                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype)
+                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype, self.vocab_multiple)
                 parts.append(table(x.astype(jnp.int32)))
             elif isinstance(f, F.MultiHot):
-                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype)
+                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype, self.vocab_multiple)
                 ids_BxM = x.astype(jnp.int32)
                 parts.append(masked_mean(table(ids_BxM), ids_BxM > 0))
             elif isinstance(f, F.Numeric):

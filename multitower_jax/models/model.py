@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from multitower_jax import features as F
+from multitower_jax.models import layers
 from multitower_jax.models import towers as towers_lib
 from multitower_jax.models.fusion import FUSIONS, Fusion
 from multitower_jax.models.heads import HEADS, Heads
@@ -67,6 +68,7 @@ class ModelConfig:
     share_text_encoder: bool = True
     text: TextSettings = TextSettings()
     dtype: str = "float32"
+    vocab_multiple: int = 1  # embedding-table rows are padded to a multiple of this
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
@@ -86,13 +88,15 @@ class ModelConfig:
             share_text_encoder=bool(m.share_text_encoder),
             text=TextSettings(**{k: m.text[k] for k in dataclasses.asdict(TextSettings())}),
             dtype=str(m.dtype),
+            vocab_multiple=int(m.get("vocab_multiple", 1)),
         )
 
 
-def _text_config(settings: TextSettings, specs: list[F.TowerSpec], dtype: Any) -> TextEncoderConfig:
+def _text_config(settings: TextSettings, specs: list[F.TowerSpec], dtype: Any,
+                 vocab_multiple: int = 1) -> TextEncoderConfig:
     """One encoder for the given towers: vocabulary and positions cover all of them."""
     return TextEncoderConfig(
-        vocab_size=max(towers_lib.text_vocab_size(s) for s in specs),
+        vocab_size=layers.padded_rows(max(towers_lib.text_vocab_size(s) for s in specs), vocab_multiple),
         max_len=max(towers_lib.text_length(s) for s in specs),
         dim=settings.dim,
         num_layers=settings.num_layers,
@@ -128,12 +132,13 @@ class MultiTowerModel(nn.Module):
         if cfg.share_text_encoder and with_text:
             # One encoder (and one token table) for query and ad text: queries and titles
             # land in one space, which is what the context.ad dot product compares.
-            shared = TextEncoder(_text_config(cfg.text, with_text, dtype))
+            shared = TextEncoder(_text_config(cfg.text, with_text, dtype, cfg.vocab_multiple))
         self.text_encoder = shared
 
         def tower(spec: F.TowerSpec, hidden: tuple[int, ...], dropout: float) -> towers_lib.Tower:
-            own = None if shared is not None or not spec.of_type("text") else _text_config(cfg.text, [spec], dtype)
-            return towers_lib.Tower(spec, hidden + (cfg.embed_dim,), dropout, shared, own, dtype)
+            own = (None if shared is not None or not spec.of_type("text")
+                   else _text_config(cfg.text, [spec], dtype, cfg.vocab_multiple))
+            return towers_lib.Tower(spec, hidden + (cfg.embed_dim,), dropout, shared, own, dtype, cfg.vocab_multiple)
 
         self.user_tower = tower(self.user_spec, cfg.user_hidden, cfg.tower_dropout)
         self.ad_tower = tower(self.ad_spec, cfg.ad_hidden, cfg.tower_dropout)
@@ -282,6 +287,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(m.fusion, "model.fusion", FUSIONS)
     _choice(m.head, "model.head", HEADS)
     _choice(m.dtype, "model.dtype", tuple(DTYPES))
+    if not _positive_int(m.get("vocab_multiple", 1)):
+        _fail("model.vocab_multiple", "a positive integer", m.get("vocab_multiple"))
     if not isinstance(m.share_text_encoder, bool):
         _fail("model.share_text_encoder", "true or false", m.share_text_encoder)
     t = m.text

@@ -61,6 +61,7 @@ class Tower(nn.Module):
     text_encoder: nn.Module | None = None
     text_config: TextEncoderConfig | None = None
     dtype: Dtype = jnp.float32
+    vocab_multiple: int = 1
 
     @nn.compact
     def __call__(self, features: Mapping[str, Array], train: bool = False) -> Array:
@@ -75,6 +76,6 @@ class Tower(nn.Module):
             tokens_BxL = jnp.concatenate([jnp.asarray(features[f.name]) for f in texts], axis=1)
             parts.append(encoder(tokens_BxL, train=train).astype(self.dtype))
         if len(texts) < len(self.spec.features):
-            parts.append(layers.FeatureEmbedding(self.spec, self.dtype, name="features")(features))
+            parts.append(layers.FeatureEmbedding(self.spec, self.dtype, self.vocab_multiple, name="features")(features))
         x_BxI = jnp.concatenate(parts, axis=-1)
         return layers.MLP(tuple(self.hidden_sizes), self.dropout_rate, self.dtype, name="mlp")(x_BxI, train)
