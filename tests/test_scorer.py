@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from multitower_jax import features as F
+from multitower_jax.calibration import Calibration
 from multitower_jax.models import model as model_lib
 from multitower_jax.serving.scorer import Scorer
 from multitower_jax.serving.settings import ServingConfigError, ServingSettings, bucket_for
@@ -69,22 +70,18 @@ def test_factorized_equals_score_embeddings_and_ranks_by_ecpm(fusion, head):
 def test_weighted_objective_and_calibration_inside_the_compiled_function():
     config, model, params = fusion_model("dot", "esmm")
 
-    class Isotonic:  # the calibration interface: a pure-jnp map per head
-        x = jnp.linspace(0.0, 1.0, 11)
-        y = {"ctr": jnp.sqrt(jnp.linspace(0.0, 1.0, 11)) * 0.5, "cvr": jnp.linspace(0.0, 1.0, 11) ** 2}
-
-        def apply(self, head, p):
-            return jnp.interp(p, self.x, self.y[head])
-
+    grid = np.linspace(0.0, 1.0, 11)
+    cal = Calibration.create({"ctr": {"x": grid, "y": np.sqrt(grid) * 0.5}, "cvr": {"temperature": 2.5}},
+                             (("ctr", "isotonic"), ("cvr", "temperature"), ("ctcvr", "product")), 1.0, 1e-6)
     settings = ServingSettings(buckets=(16,), num_candidates=16, top_n=4, max_batch_size=2, objective="weighted",
                                ctr_weight=0.6, cvr_weight=2.0)
-    scorer = Scorer(params, model_lib.ModelConfig.from_config(config), "search", Isotonic(), settings)
+    scorer = Scorer(params, model_lib.ModelConfig.from_config(config), "search", cal, settings)
     e_user, e_ctx, e_ad, bid, quality = inputs(2, 16, seed=3)
     out = scorer.score(e_user, e_ctx, e_ad, bid, quality)
     ref = reference(model, params, e_user, e_ctx, e_ad)
-    grid = np.linspace(0.0, 1.0, 11)
-    pctr = np.interp(ref["pctr"], grid, np.sqrt(grid) * 0.5)
-    pcvr = np.interp(ref["pcvr"], grid, grid**2)
+    pctr = np.clip(np.interp(np.clip(ref["pctr"], 1e-6, 1 - 1e-6), grid, np.sqrt(grid) * 0.5), 1e-6, 1 - 1e-6)
+    logit = np.log(ref["pcvr"]) - np.log1p(-ref["pcvr"])
+    pcvr = 1 / (1 + np.exp(-logit / 2.5))
     np.testing.assert_allclose(out["pctr"], pctr, atol=1e-5)
     np.testing.assert_allclose(out["pcvr"], pcvr, atol=1e-5)
     np.testing.assert_allclose(out["pctcvr"], pctr * pcvr, atol=1e-5)

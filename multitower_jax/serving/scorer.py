@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from multitower_jax.models import layers
 from multitower_jax.models.heads import Heads
@@ -34,12 +35,13 @@ from multitower_jax.serving.settings import ServingSettings, bucket_for
 
 Array = jax.Array
 Params = Mapping[str, Any]
+AD_PART_FILE = "fusion_ad_part_{placement}.npy"  # written by `multitower export` next to embeddings.npy
 
 
 class Calibrator(Protocol):
-    """What the scorer needs from `multitower_jax.calibration`: a pure-jnp map per head."""
+    """What the scorer needs from `multitower_jax.calibration.Calibration` (a pytree)."""
 
-    def apply(self, head: str, p: Array) -> Array: ...
+    def outputs(self, pctr_B: Array, pcvr_B: Array | None = None) -> dict[str, Array]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +103,11 @@ def ranking_value(spec: ScorerSpec, pctr: Array, pcvr: Array | None, bid: Array,
     return bid * value
 
 
-def score_candidates(params: Params, spec: ScorerSpec, calibration: Calibrator | None,
+def score_candidates(params: Params, calibration: Calibrator | None, spec: ScorerSpec,
                      e_user_BxD: Array, e_context_BxD: Array, e_ad_BxNxD: Array, ad_part_BxNxH: Array,
                      bid_BxN: Array, quality_BxN: Array, valid_BxN: Array) -> dict[str, Array]:
-    """The pure scoring function. `params` = {"fusion": ..., "heads": ...} of one placement.
+    """The pure scoring function. `params` = {"fusion": ..., "heads": ...} of one placement;
+    `calibration` maps the heads' probabilities (None: uncalibrated).
 
     Returns pctr, (pcvr, pctcvr,) ecpm [B, N] and top_index (int32), top_ecpm [B, T] with
     T = min(top_n, N); invalid candidates have ecpm -inf.
@@ -126,20 +129,12 @@ def score_candidates(params: Params, spec: ScorerSpec, calibration: Calibrator |
     fused = _mlp_tail(fusion_params, spec, x_BxNxH.reshape(b * n, h))
     out = Heads(spec.head, jnp.float32).apply({"params": head_params}, fused)
 
-    pctr = out["pctr"].reshape(b, n)
+    keys = ("pctr", "pcvr", "pctcvr") if spec.has_cvr else ("pctr",)
+    result = {k: out[k].reshape(b, n) for k in keys}
     if calibration is not None:
-        pctr = calibration.apply("ctr", pctr)
-    result = {"pctr": pctr}
-    pcvr = None
-    if spec.has_cvr:
-        pcvr = out["pcvr"].reshape(b, n)
-        if calibration is not None:
-            pcvr = calibration.apply("cvr", pcvr)
-            result["pctcvr"] = pctr * pcvr
-        else:
-            result["pctcvr"] = out["pctcvr"].reshape(b, n)  # exact in the tails (log-space product)
-        result["pcvr"] = pcvr
-    value = ranking_value(spec, pctr, pcvr, bid_BxN.astype(jnp.float32), quality_BxN.astype(jnp.float32))
+        result = dict(calibration.outputs(result["pctr"], result.get("pcvr")))
+    value = ranking_value(spec, result["pctr"], result.get("pcvr"), bid_BxN.astype(jnp.float32),
+                          quality_BxN.astype(jnp.float32))
     value = jnp.where(valid_BxN, value, -jnp.inf)
     result["ecpm"] = value
     top_ecpm, top_index = jax.lax.top_k(value, min(spec.top_n, n))
@@ -178,6 +173,7 @@ class Scorer:
             raise ValueError(f"config.serving.cvr_weight={s.cvr_weight} needs a pCVR, but head "
                              f"{model_config.head!r} has none")
         self.params = jax.device_put(placement_params(params, placement))
+        # A pytree argument of the compiled function (not baked in), so recalibrating needs no recompile.
         self.calibration = calibration
         self.trace_count = 0  # compilations of the scoring function (tests check it stays put)
         self._score = jax.jit(self._traced)
@@ -191,9 +187,9 @@ class Scorer:
         return cls(trained.params, ModelConfig.from_config(trained.config),
                    placement or trained.config.data.placements[0], calibration, settings)
 
-    def _traced(self, params, *arrays):
+    def _traced(self, params, calibration, *arrays):
         self.trace_count += 1
-        return score_candidates(params, self.spec, self.calibration, *arrays)
+        return score_candidates(params, calibration, self.spec, *arrays)
 
     def ad_part(self, e_ad_NxD: np.ndarray) -> np.ndarray:
         """a W_a for a block of ads (export stores it; the scorer takes it per candidate)."""
@@ -202,7 +198,7 @@ class Scorer:
     def score_padded(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH, bid_BxN, quality_BxN,
                      valid_BxN) -> dict[str, Array]:
         """The compiled call on inputs already padded to a (batch, candidate) bucket."""
-        return self._score(self.params, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH,
+        return self._score(self.params, self.calibration, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH,
                            bid_BxN, quality_BxN, valid_BxN)
 
     def score(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, bid_BxN, quality_BxN, ad_part_BxNxH=None,
@@ -234,3 +230,31 @@ def pad_to(x: Any, rows: int, cols: int | None = None) -> np.ndarray:
     if cols is not None:
         widths[1] = (0, cols - x.shape[1])
     return np.pad(x, widths) if any(w[1] for w in widths) else x
+
+
+def compute_ad_parts(scorer: Scorer, e_ad_NxD: np.ndarray, out: np.ndarray | None = None,
+                     chunk: int = 16_384) -> np.ndarray:
+    """a W_a for every ad, in fixed-size chunks (one compilation); writes into `out` if given."""
+    n = len(e_ad_NxD)
+    out = np.empty((n, scorer.spec.fusion_hidden[0]), np.float32) if out is None else out
+    for start in tqdm(range(0, n, chunk), desc=f"fusion ad part ({scorer.placement})", disable=n <= chunk):
+        rows = np.asarray(e_ad_NxD[start:start + chunk], np.float32)
+        out[start:start + len(rows)] = scorer.ad_part(pad_to(rows, min(chunk, n)))[: len(rows)]
+    return out
+
+
+def write_ad_parts(trained: Any, e_ad_NxD: np.ndarray, folder: Any) -> dict[str, str]:
+    """`multitower export`: one `fusion_ad_part_<placement>.npy` float32[N, H] per placement
+    beside the embeddings; returns {placement: file name} for the manifest."""
+    from pathlib import Path
+
+    files = {}
+    for placement in trained.config.data.placements:
+        scorer = Scorer.from_trained(trained, placement)
+        name = AD_PART_FILE.format(placement=placement)
+        out = np.lib.format.open_memmap(Path(folder) / name, mode="w+", dtype=np.float32,
+                                        shape=(len(e_ad_NxD), scorer.spec.fusion_hidden[0]))
+        compute_ad_parts(scorer, e_ad_NxD, out)
+        out.flush()
+        files[placement] = name
+    return files
