@@ -25,7 +25,7 @@ from multitower_jax.calibration.core import (
     save,
     validate_config,
 )
-from multitower_jax.calibration.fit import fit, fit_isotonic, fit_platt, fit_temperature
+from multitower_jax.calibration.fitting import fit, fit_isotonic, fit_platt, fit_temperature
 from multitower_jax.calibration.metrics import ece, equal_mass_bins, equal_width_bins, head_report
 
 __all__ = [

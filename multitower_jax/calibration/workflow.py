@@ -1,0 +1,133 @@
+"""`multitower calibrate`: fit per head on validation, report before/after on test, draw diagrams.
+
+Writes into the workdir: ``calibration.json`` (the fitted maps; `calibration.load` reads it),
+``calibration_report.json`` and ``reliability_<head>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from multitower_jax.calibration import core, fitting, metrics, plot
+
+REPORT_FILE = "calibration_report.json"
+
+
+def head_predictions(pred: Mapping[str, np.ndarray], outputs: Mapping[str, Any]) -> dict[str, tuple]:
+    """Per head: (probabilities, labels) on the rows where the head's label is defined."""
+    click = np.asarray(pred["click"], np.float64)
+    out = {"ctr": (np.asarray(outputs["pctr"]), click)}
+    if "pcvr" in outputs:
+        conversion = np.asarray(pred["conversion"], np.float64)
+        clicked = click > 0.5
+        out["cvr"] = (np.asarray(outputs["pcvr"])[clicked], conversion[clicked])
+        out["ctcvr"] = (np.asarray(outputs["pctcvr"]), click * conversion)
+    return out
+
+
+def compare(pred: Mapping[str, np.ndarray], cal: core.Calibration, num_bins: int) -> dict[str, dict[str, Any]]:
+    """Per head: metrics of the model's own probabilities ("before") and the calibrated ones ("after");
+    with a downsampling correction also "corrected" (the correction alone, no fitted map)."""
+    raw = {k: pred[k] for k in ("pctr", "pcvr", "pctcvr") if k in pred}
+    stages = {"before": raw, "after": _calibrated(cal, pred)}
+    if float(cal.negative_rate) < 1.0:
+        stages["corrected"] = _calibrated(core.Calibration.identity(cal.heads, float(cal.negative_rate),
+                                                                    cal.clip_eps), pred)
+    per_stage = {name: head_predictions(pred, outputs) for name, outputs in stages.items()}
+    return {head: {name: metrics.head_report(*per_stage[name][head], num_bins) for name in stages}
+            for head in cal.heads}
+
+
+def _calibrated(cal: core.Calibration, pred: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = jax.jit(core.Calibration.outputs)(cal, pred["pctr"], pred.get("pcvr"))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def evaluation_metrics(pred: Mapping[str, np.ndarray], cal: core.Calibration, num_bins: int) -> dict[str, float]:
+    """Flat keys for `multitower evaluate`: ``<head>_ece``, ``<head>_ece_equal_width`` and
+    ``calibrated_<head>_{auc,logloss,mean_pred,ece,ece_equal_width}``."""
+    out: dict[str, float] = {}
+    for head, stages in compare(pred, cal, num_bins).items():
+        out[f"{head}_ece"] = stages["before"]["ece"]
+        out[f"{head}_ece_equal_width"] = stages["before"]["ece_equal_width"]
+        for key in ("auc", "logloss", "mean_pred", "ece", "ece_equal_width"):
+            out[f"calibrated_{head}_{key}"] = stages["after"][key]
+    return out
+
+
+def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Fit on the validation split, report on test, save the calibration, draw the diagrams."""
+    from multitower_jax.inference import fingerprint  # noqa: PLC0415 (heavy imports)
+    from multitower_jax.train import evaluate, trainer as trainer_lib  # noqa: PLC0415
+
+    workdir = Path(workdir)
+    settings = core.validate_config(config)
+    heads = core.heads_of(config)
+    methods = {h: settings[h] for h in heads}
+    rate = core.downsample_correction_rate(config)
+
+    trainer = trainer_lib.Trainer(config, workdir)
+    manager = trainer.checkpoint_manager()
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run `multitower train` first")
+    state = trainer.restore(manager)
+    step = int(state["step"])
+
+    def predict(split: str) -> dict[str, np.ndarray]:
+        return evaluate.collect(trainer.predict, state["params"], trainer.dataset(split, train=False),
+                                trainer.mesh, desc=f"predict {split}")
+
+    validation = predict("validation")
+    cal = fitting.fit(validation, heads, methods, rate, float(settings.clip_eps))
+    test = predict("test")
+    bins = int(settings.ece_bins)
+    heads_report = compare(test, cal, bins)
+    fitted_on = {h: len(y) for h, (_, y) in head_predictions(validation, validation).items()}
+    result = {
+        "step": step, "methods": {h: cal.method(h) for h in heads}, "negative_rate_corrected": rate,
+        "fitted_on": {"split": "validation", "examples": fitted_on}, "evaluated_on": "test",
+        "ece_bins": bins, "heads": heads_report,
+    }
+    if jax.process_index() == 0:
+        diagrams = {}
+        for head, (y, before, after) in _diagram_inputs(test, cal).items():
+            path = plot.reliability_diagram(
+                workdir / f"reliability_{head}.png", head, y, before, after, bins,
+                title=f"{head} on test ({cal.method(head)}, fitted on validation; {bins} equal-mass bins)")
+            diagrams[head] = str(path)
+        result["diagrams"] = diagrams
+        tmp = workdir / f".{REPORT_FILE}.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(workdir / REPORT_FILE)
+        core.save(cal, workdir, fingerprint=fingerprint(config), step=step,
+                  fitted_on={"split": "validation", "examples": fitted_on})
+    result["calibration"] = str(workdir / core.FILE)
+    return result
+
+
+def _diagram_inputs(pred: Mapping[str, np.ndarray], cal: core.Calibration) -> dict[str, tuple]:
+    before = head_predictions(pred, {k: pred[k] for k in ("pctr", "pcvr", "pctcvr") if k in pred})
+    after = head_predictions(pred, _calibrated(cal, pred))
+    return {h: (before[h][1], before[h][0], after[h][0]) for h in cal.heads}
+
+
+def workdir_config(workdir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> ml_collections.ConfigDict:
+    """A workdir's resolved config plus overrides; the calibration section gets its defaults first,
+    so workdirs trained before it existed take ``--config.calibration.*`` overrides too."""
+    from multitower_jax import config as config_lib  # noqa: PLC0415
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a `multitower train` workdir?")
+    config = config_lib.from_json(path)
+    config.calibration = core.section(config)
+    config = config_lib.apply_overrides(config, overrides)
+    config_lib.validate(config)
+    return config
