@@ -1,0 +1,176 @@
+"""The portable scorer: the compiled scoring function (calibration included) as a serialized
+`jax.export` artifact plus a manifest. Loading and running it needs only jax and numpy: no model
+code, no config, no parameters file (they are constants inside the artifact).
+
+    multitower export-scorer --workdir runs/quickstart --out runs/scorer
+
+    scorer = PortableScorer.load("runs/scorer")              # in any process with jax + numpy
+    out = scorer(e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH, bid_BxN, quality_BxN)
+    out["top_index"], out["top_ecpm"], out["pctr"], ...
+
+Folder:
+    manifest.json               inputs/outputs, buckets, objective, calibration, model fingerprint
+    score_<placement>.jaxexport the scorer, symbolic in batch b and candidates n (n >= top_n)
+    ad_part_<placement>.jaxexport  e_ad [n, D] -> a W_a [n, H] (the export computes it per ad)
+
+Both functions are exported with symbolic shapes, so one artifact serves every bucket;
+`PortableScorer` pads to the manifest's buckets so each bucket compiles once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+MANIFEST = "manifest.json"
+KIND = "multitower-scorer"
+FORMAT = 1
+SCORE_INPUTS = ("e_user", "e_context", "e_ad", "ad_part", "bid", "quality", "valid")
+
+
+class PortableScorerError(ValueError):
+    """A portable scorer folder is missing, malformed, or was asked for something it lacks."""
+
+
+def _pad(x: Any, rows: int, cols: int | None = None) -> np.ndarray:
+    x = np.asarray(x)
+    widths = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+    if cols is not None:
+        widths[1] = (0, cols - x.shape[1])
+    return np.pad(x, widths)
+
+
+def _bucket(n: int, buckets: list[int], what: str) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise PortableScorerError(f"{n} {what} exceed the largest bucket {buckets[-1]} of this scorer")
+
+
+class PortableScorer:
+    """A loaded `export-scorer` folder: call it like `Scorer.score`, per placement."""
+
+    def __init__(self, manifest: dict, score: dict[str, Any], ad_part: dict[str, Any]):
+        self.manifest = manifest
+        self._exported = score
+        self._score = {p: jax.jit(e.call) for p, e in score.items()}
+        self._ad_part = {p: jax.jit(e.call) for p, e in ad_part.items()}
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> PortableScorer:
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {folder} a `multitower export-scorer` folder?")
+        manifest = json.loads(path.read_text())
+        if manifest.get("kind") != KIND or manifest.get("format") != FORMAT:
+            raise PortableScorerError(f"{path}: kind {manifest.get('kind')!r} format {manifest.get('format')!r}, "
+                                      f"expected {KIND!r} format {FORMAT}")
+        score, ad_part = {}, {}
+        for placement, files in manifest["placements"].items():
+            for name, into in (("score", score), ("ad_part", ad_part)):
+                file = folder / files[name]
+                if not file.is_file():
+                    raise FileNotFoundError(f"{file} (listed in {path}) not found")
+                into[placement] = jax.export.deserialize(bytearray(file.read_bytes()))
+        return cls(manifest, score, ad_part)
+
+    @property
+    def placements(self) -> tuple[str, ...]:
+        return tuple(self.manifest["placements"])
+
+    def _placement(self, placement: str | None) -> str:
+        placement = placement or self.placements[0]
+        if placement not in self._score:
+            raise PortableScorerError(f"placement {placement!r} not in this scorer; it has {self.placements}")
+        return placement
+
+    def ad_part(self, e_ad_NxD: np.ndarray, placement: str | None = None) -> np.ndarray:
+        """a W_a per ad (what `multitower export` stores as fusion_ad_part_<placement>.npy)."""
+        return np.asarray(self._ad_part[self._placement(placement)](np.asarray(e_ad_NxD, np.float32)))
+
+    def __call__(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH, bid_BxN, quality_BxN,
+                 num_valid_B=None, placement: str | None = None) -> dict[str, np.ndarray]:
+        """Score B requests x N candidates: pads to the buckets, runs, un-pads (as `Scorer.score`)."""
+        placement = self._placement(placement)
+        m = self.manifest
+        e_ad = np.asarray(e_ad_BxNxD, np.float32)
+        b, n = e_ad.shape[:2]
+        num_valid = np.full(b, n) if num_valid_B is None else np.asarray(num_valid_B)
+        valid = np.arange(n)[None, :] < num_valid[:, None]
+        bb = _bucket(b, m["batch_buckets"], "requests")
+        nb = _bucket(n, m["buckets"], "candidates")
+        f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+        out = self._score[placement](
+            _pad(f32(e_user_BxD), bb), _pad(f32(e_context_BxD), bb), _pad(e_ad, bb, nb),
+            _pad(f32(ad_part_BxNxH), bb, nb), _pad(f32(bid_BxN), bb, nb), _pad(f32(quality_BxN), bb, nb),
+            _pad(valid, bb, nb))
+        out = jax.device_get(out)
+        t = min(m["top_n"], n)
+        return {k: (v[:b, :t] if k.startswith("top_") else v[:b, :n]) for k, v in out.items()}
+
+
+def export_scorer(workdir: str | os.PathLike, out: str | os.PathLike, overrides: tuple[str, ...] = (),
+                  platforms: tuple[str, ...] | None = None) -> dict:
+    """`multitower export-scorer`: write the portable scorer of every placement of a trained workdir."""
+    from multitower_jax import calibration as calibration_lib
+    from multitower_jax import config as config_lib
+    from multitower_jax.inference import load_trained
+    from multitower_jax.retrieval.index import atomic_dir
+    from multitower_jax.serving import settings as settings_lib
+    from multitower_jax.serving.scorer import Scorer, ad_part, score_candidates
+
+    trained = load_trained(workdir)
+    if "serving" not in trained.config:
+        with trained.config.unlocked():
+            trained.config.serving = settings_lib.defaults()
+    trained.config = config_lib.apply_overrides(trained.config, overrides)
+    settings = settings_lib.ServingSettings.from_config(trained.config)
+    calibration = calibration_lib.load(workdir)
+    platforms = tuple(platforms or (jax.default_backend(),))
+    d = trained.embed_dim
+    b, n = jax.export.symbolic_shape("b, n", constraints=(f"n >= {settings.top_n}",))
+    manifest: dict[str, Any] = {
+        "kind": KIND, "format": FORMAT, "fingerprint": trained.fingerprint, "model_step": trained.step,
+        "workdir": str(trained.workdir), "jax_version": jax.__version__, "platforms": list(platforms),
+        "embed_dim": d, "head": trained.config.model.head, "fusion": trained.config.model.fusion,
+        "objective": settings.objective, "ctr_weight": settings.ctr_weight, "cvr_weight": settings.cvr_weight,
+        "top_n": settings.top_n, "buckets": list(settings.buckets), "batch_buckets": list(settings.batch_buckets),
+        "calibration": calibration.to_json(), "placements": {},
+    }
+    blobs: dict[str, bytes] = {}
+    for placement in trained.config.data.placements:
+        scorer = Scorer.from_trained(trained, placement, calibration, settings)
+        spec, params, h = scorer.spec, scorer.params, scorer.spec.fusion_hidden[0]
+        f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)  # noqa: E731
+        args = (f32(b, d), f32(b, d), f32(b, n, d), f32(b, n, h), f32(b, n), f32(b, n),
+                jax.ShapeDtypeStruct((b, n), np.bool_))
+
+        def score(*arrays, params=params, spec=spec):  # parameters and calibration become constants
+            return score_candidates(params, calibration, spec, *arrays)
+
+        exported = jax.export.export(jax.jit(score), platforms=platforms)(*args)
+        (m,) = jax.export.symbolic_shape("m")
+        exported_ad = jax.export.export(jax.jit(lambda e, params=params, spec=spec: ad_part(params["fusion"], spec, e)),
+                                        platforms=platforms)(f32(m, d))
+        files = {"score": f"score_{placement}.jaxexport", "ad_part": f"ad_part_{placement}.jaxexport"}
+        blobs[files["score"]], blobs[files["ad_part"]] = exported.serialize(), exported_ad.serialize()
+        manifest["placements"][placement] = {
+            **files, "fusion_hidden": h,
+            "inputs": {name: {"shape": str(a.shape), "dtype": str(np.dtype(a.dtype))}
+                       for name, a in zip(SCORE_INPUTS, args)},
+            "outputs": sorted(exported.out_tree.unflatten(range(len(exported.out_avals))).keys()),
+        }
+
+    def write(tmp: Path) -> None:
+        for name, blob in blobs.items():
+            (tmp / name).write_bytes(blob)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    atomic_dir(Path(out), write)
+    return manifest
