@@ -18,10 +18,12 @@ v5p capacity):
     tpu_scripts/delete.sh --fetch-logs runs/pod_v5p_logs --type v5p-128
 
 Expected runtime (an estimate, not measured: no TPU was at hand): the step is input-bound; at the
-~90k examples/s per process that `multitower bench input` measures on a 2-core CPU VM, 16
-processes feed ~1.4M examples/s, so 10,000 steps of 65,536 take about 8 minutes, plus a pass over
-the training split for the feature statistics and the evaluations. Early stopping on validation
-CTR AUC usually ends the run sooner.
+~90k examples/s per process that `multitower bench input` measures on a 2-core CPU VM, 16 processes
+feed ~1.4M examples/s, so 10,000 steps of 65,536 take about 8 minutes, plus a pass over the
+training split for the feature statistics and the evaluations; before that, data.sh generates the
+22M-impression world on every VM in parallel (up to ~50 min at the 7,600 impressions/s measured on
+a loaded 2-core VM; stage it once with `multitower generate` + `data.sh --from gs://...` to reuse
+it). Early stopping on validation CTR AUC can end the run sooner.
 """
 
 import ml_collections

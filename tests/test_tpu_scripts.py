@@ -58,6 +58,21 @@ def ssh(worker: str, command: str) -> list[str]:
     return [*GCLOUD, "tpu-vm", "ssh", "pod-1", *WHERE, f"--worker={worker}", f"--command={command}"]
 
 
+# -- quoting --------------------------------------------------------------------------------------
+
+TRICKY = ["plain", "two words", "it's", "$HOME", "a'b\"c", "--flag=has space", "--command=x && y 'z'",
+          "jax[tpu]==0.10.2", "*", "", "--x=", "tab\there", "back\\slash"]
+
+
+def test_printed_commands_read_back_as_the_same_words():
+    """quote_cmd, which prints every dry-run line, against the shell's own reading of it."""
+    script = f"source {SCRIPTS_DIR / 'common.sh'}; line=$(quote_cmd \"$@\"); echo \"$line\"; eval \"printf '%s\\0' $line\""
+    result = subprocess.run(["bash", "-c", script, "quote-test", *TRICKY], capture_output=True, text=True, check=True)
+    line, _, evaluated = result.stdout.partition("\n")
+    assert shlex.split(line) == TRICKY
+    assert evaluated.split("\0")[:-1] == TRICKY
+
+
 # -- create ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("accelerator, runtime", [
@@ -191,6 +206,11 @@ def test_launch_runs_distributed_training_on_every_worker(env):
     assert command.startswith("cd $HOME/multitower_jax && ")
     assert ">> $HOME/multitower_logs/train.log 2>&1 < /dev/null & echo $! > $HOME/multitower_logs/train.pid" in command
     subprocess.run(["bash", "-n", "-c", command], check=True)
+
+    (launch,) = dry_run(env, "launch.sh", "--config", "experiments/quickstart.py", "--workdir", "gs://b/r",
+                        "--config.data.dir=/data/logs ds", "--data-dir", "/ignored")
+    train = remote_command(launch).split("nohup ", 1)[1].split(" >> ", 1)[0]
+    assert shlex.split(train)[-2:] == ["--distributed", "--config.data.dir=/data/logs ds"]  # the override wins
 
     (launch,) = dry_run(env, "launch.sh", "--config=experiments/quickstart.py", "--workdir=/mnt/shared/run",
                         "--shared-workdir", "--data-dir", "config")

@@ -64,6 +64,9 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [[ -f $REPO_ROOT/$CONFIG ]] || die "--config $CONFIG: no such file in $REPO_ROOT (setup.sh copies this repository; give a path inside it)"
 
 train=(train --config "$CONFIG" --workdir "$WORKDIR" --distributed)
+for override in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
+  [[ $override != --config.data.dir=* ]] || DATA_DIR=config  # an explicit override wins
+done
 case "$DATA_DIR" in
   default) data_flag=" --config.data.dir=$REMOTE_DATA" ;;  # expanded on the worker
   config) data_flag="" ;;
