@@ -51,20 +51,18 @@ COMMON_HELP="common flags (the environment variable in brackets is the default):
   --dry-run          print every command, one per line, and run nothing
   -h, --help         this help"
 
-# ARGS: the script's arguments with --flag=value split into --flag value (overrides such as
-# --config.data.batch_size=4096 and everything after -- are kept whole).
+# ARGS: the script's arguments with --flag=value split into --flag value (config overrides such
+# as --config.data.batch_size=4096 stay whole).
 split_args() {
   ARGS=()
-  local passthrough=0 a
+  local a
   for a in "$@"; do
-    if ((passthrough)) || [[ $a == --config.* ]] || [[ $a != --*=* ]]; then
+    if [[ $a == --config.* || $a != --*=* ]]; then
       ARGS+=("$a")
     else
       ARGS+=("${a%%=*}" "${a#*=}")
     fi
-    [[ $a == "--" ]] && passthrough=1
   done
-  return 0
 }
 
 # value_of FLAG NEXT: the value following FLAG, or an error naming the flag.

@@ -12,7 +12,7 @@ usage: $SCRIPT_NAME --project P --zone Z --name N --type TYPE [options]
 Create a TPU VM or pod slice for multitower_jax, and wait until it is ready.
 
   --type TYPE             accelerator type: v5litepod-N (v5e), v5p-N (v5p, N TensorCores = 2 per
-                          chip) or v6e-N (v6e), e.g. v5p-128 (64 chips, 16 VMs)
+                          chip) or v6e-N (v6e), e.g. v5p-128 (64 chips, 16 VMs) [\$TPU_TYPE]
   --runtime-version V     TPU software version (default per generation: $RUNTIME_V5E,
                           $RUNTIME_V5P, $RUNTIME_V6E)
   --spot                  Spot capacity (cheaper, can be preempted; training resumes from the

@@ -10,7 +10,7 @@ usage() {
 usage: $SCRIPT_NAME --project P --zone Z --name N [--fetch-logs DIR --type TYPE] [--direct] [--skip-stop]
 
   --fetch-logs DIR    first copy every worker's log to DIR/worker-<i>.log (needs --type)
-  --type TYPE         the slice's accelerator type, for the number of workers
+  --type TYPE         the slice's accelerator type, for the number of workers [\$TPU_TYPE]
   --grace SECONDS     how long training may take to checkpoint and exit (default 300)
   --skip-stop         do not stop training first (e.g. the VMs are already gone)
   --direct            the slice was made with create.sh --direct (no queued resource)

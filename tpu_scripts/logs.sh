@@ -15,7 +15,7 @@ usage: $SCRIPT_NAME --project P --zone Z --name N [--worker W] [--lines K] [--fo
   --follow            keep printing new lines (Ctrl-C stops watching, not training)
   --status            one line per worker: training or not, and the last log line
   --fetch DIR         copy every worker's log to DIR/worker-<i>.log (needs --type)
-  --type TYPE         the slice's accelerator type, for the number of workers
+  --type TYPE         the slice's accelerator type, for the number of workers [\$TPU_TYPE]
 $COMMON_HELP
 USAGE
 }
