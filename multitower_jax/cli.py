@@ -6,14 +6,21 @@ import argparse
 import json
 import sys
 
+from multitower_jax import distributed
+
 COMMANDS = {
     "generate": "write the built-in synthetic world (TFDS ArrayRecord splits + catalogues)",
     "ingest": "turn your impression logs (Parquet / CSV / JSONL) into TFDS ArrayRecord splits",
     "train": "train the model (resumes from the workdir's latest checkpoint), then evaluate on test",
     "evaluate": "evaluate a trained workdir on a split: writes <workdir>/eval_<split>.json",
-    "bench": "benchmarks: `bench input` (input pipeline examples/s), `bench train` (step examples/s, fraction of peak)",
+    "calibrate": "fit calibrators per head on validation, report ECE / log loss / AUC before and after on "
+                 "test: writes <workdir>/calibration.json, calibration_report.json, reliability_<head>.png",
+    "bench": "benchmarks: `bench input` (input pipeline examples/s), `bench train` (step examples/s, fraction of peak), "
+             "`bench score` (scorer p50/p99 for 500 candidates, micro-batched requests/s), `bench serve` (whole "
+             "request p50/p99 over a --num-ads index, K=500, top-20), `bench ceiling` (oracle AUC without each latent term "
+             "no feature reveals: what the synthetic world lets a model reach)",
 }
-BENCHES = ("input", "train")
+BENCHES = ("input", "train", "retrieve", "score", "serve", "ceiling")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,15 +41,32 @@ def _parser() -> argparse.ArgumentParser:
     p = add("ingest")
     p.add_argument("--out", required=True, help="folder for the datasets (becomes config.data.dir)")
     p = add("train")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, eval_test.json")
+    p.add_argument("--workdir", required=True,
+                   help="checkpoints, metrics.jsonl, tensorboard/, eval_test.json (a folder or gs://bucket/path)")
+    distributed.add_flags(p)
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"], description=COMMANDS["evaluate"])
     p.add_argument("--workdir", required=True, help="a workdir written by `multitower train`")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--predictions", default=None, help="also write one row per impression to this Parquet file")
+    distributed.add_flags(p)
+    p = sub.add_parser("calibrate", help=COMMANDS["calibrate"], description=COMMANDS["calibrate"] + ". Methods "
+                       "and bins: --config.calibration.ctr=isotonic|platt|temperature|none, .cvr=..., "
+                       ".ctcvr=product|..., .ece_bins=15")
+    p.add_argument("--workdir", required=True, help="a workdir written by `multitower train` (written into)")
+    from multitower_jax.retrieval import commands as retrieval_commands  # export, index, retrieve-eval
+
+    retrieval_commands.add_parsers(sub)
+    from multitower_jax.serving import commands as serving_commands  # rank, export-scorer
+
+    serving_commands.add_parsers(sub)
     p = add("bench")
     p.add_argument("what", choices=BENCHES, help="what to benchmark")
     p.add_argument("--workdir", default="runs/bench", help="where data and statistics are kept")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--num-ads", type=int, default=1_000_000, help="bench retrieve, bench serve: catalogue size")
+    p.add_argument("--dim", type=int, default=128, help="bench retrieve: embedding dimension")
+    p.add_argument("--queries", type=int, default=2_000, help="bench retrieve: number of queries; bench score, "
+                   "bench serve: number of timed requests")
     return parser
 
 
@@ -51,8 +75,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from multitower_jax.data.logs import LogError
     from multitower_jax.data.preprocess import StatsError
     from multitower_jax.features import SpecError
+    from multitower_jax.retrieval.export import CatalogueError
+    from multitower_jax.retrieval.index import IndexMismatchError
+    from multitower_jax.retrieval.targeting import TargetingError
+    from multitower_jax.calibration import CalibrationError
+    from multitower_jax.serving.commands import user_errors as serving_errors
 
-    return (ConfigError, LogError, StatsError, SpecError, FileNotFoundError, FileExistsError)
+    return (ConfigError, LogError, StatsError, SpecError, CalibrationError, distributed.DistributedError,
+            IndexMismatchError, CatalogueError,
+            TargetingError, *serving_errors(), FileNotFoundError, FileExistsError)
 
 
 def _log_devices() -> None:
@@ -69,12 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         _parser().error(f"unrecognized arguments: {' '.join(bad)}")
 
+    if args.command in ("train", "evaluate"):  # join the other processes before any JAX work
+        try:
+            distributed.initialize(distributed.settings_from(args))
+        except distributed.DistributedError as e:
+            print(f"multitower: {e}", file=sys.stderr)
+            return 2
+
     from multitower_jax import config as config_lib  # heavy imports after --help
 
     try:
         if args.command == "evaluate":  # the workdir's resolved config, plus overrides
             config = config_lib.apply_overrides(config_lib.from_json(f"{args.workdir}/config.json"), rest)
             config_lib.validate(config)
+        elif args.command == "calibrate":  # the workdir's config with calibration defaults, plus overrides
+            from multitower_jax.calibration import workflow
+
+            config = workflow.workdir_config(args.workdir, rest)
+        elif args.command in ("export", "index", "retrieve-eval", "rank", "export-scorer"):
+            config = None  # they read the workdir's (or the export's) config themselves
         else:
             config = config_lib.load(args.config, rest)
     except (config_lib.ConfigError, FileNotFoundError) as e:
@@ -111,6 +155,30 @@ def main(argv: list[str] | None = None) -> int:
 
             result = trainer.evaluate_workdir(config, args.workdir, args.split, args.predictions)
             print(json.dumps(result, indent=2))
+        elif args.command == "calibrate":
+            result = workflow.calibrate_workdir(config, args.workdir)
+            print(json.dumps(result, indent=2))
+        elif args.command in ("export", "index", "retrieve-eval"):
+            from multitower_jax.retrieval import commands as retrieval_commands
+
+            print(json.dumps(retrieval_commands.run(args, rest), indent=2))
+        elif args.command in ("rank", "export-scorer"):
+            from multitower_jax.serving import commands as serving_commands
+
+            print(json.dumps(serving_commands.run(args, rest), indent=2))
+        elif args.command == "bench" and args.what in ("score", "serve"):
+            from multitower_jax.bench import score as bench_score
+            from multitower_jax.bench import serve as bench_serve
+
+            _log_devices()
+            if args.what == "score":
+                bench_score.run(config, args.queries, args.json)
+            else:
+                bench_serve.run(config, args.num_ads, args.queries, args.json)
+        elif args.command == "bench" and args.what == "retrieve":
+            from multitower_jax.bench import retrieve as bench_retrieve
+
+            bench_retrieve.run(config, args.num_ads, args.dim, args.queries, args.json)
         elif args.command == "bench" and args.what == "input":
             from multitower_jax.bench import input as bench_input
 
@@ -120,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
             _log_devices()
             bench_train.run(config, args.json)
+        elif args.command == "bench" and args.what == "ceiling":
+            from multitower_jax.bench import ceiling as bench_ceiling
+
+            bench_ceiling.run(config, args.json)
     except _user_errors() as e:  # bad input, not a bug: the message names the file, row or key
         print(f"multitower: {e}", file=sys.stderr)
         return 2

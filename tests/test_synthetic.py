@@ -192,3 +192,18 @@ def test_generation_speed(world):
     n = sum(len(c["click"]) for c in world.impressions("search", "train", 100_000))
     rate = n / (time.perf_counter() - start)
     assert rate >= 50_000, f"{rate:.0f} impressions/s"
+
+
+def test_ceiling_bench_removes_latent_terms_from_the_oracle():
+    from multitower_jax import config as config_lib
+    from multitower_jax.bench import ceiling
+    from tests.conftest import QUICKSTART
+
+    config = config_lib.load(QUICKSTART, [f"--config.synthetic.{k}={v}" for k, v in SIZES.items()])
+    figures = ceiling.run(config, num=N_TEST)
+    world = make_world(**SIZES)
+    test = collect(world, "search", "test", N_TEST)
+    assert figures["oracle_ctr_auc"] == pytest.approx(roc_auc_score(test["click"], test["p_click"]), abs=1e-9)
+    terms = ("ad's own quality", "user click bias", "user x ad affinity")
+    for term in terms:  # each latent term carries signal, and they add up
+        assert figures["without all three"] < figures[f"without {term}"] < figures["oracle_ctr_auc"]
