@@ -117,21 +117,29 @@ class PortableScorer:
 
 def export_scorer(workdir: str | os.PathLike, out: str | os.PathLike, overrides: tuple[str, ...] = (),
                   platforms: tuple[str, ...] | None = None) -> dict:
-    """`multitower export-scorer`: write the portable scorer of every placement of a trained workdir."""
+    """`multitower export-scorer`: the portable scorer of every placement of a trained workdir,
+    with its calibration (`multitower calibrate`) baked in when there is one."""
     from multitower_jax import calibration as calibration_lib
     from multitower_jax import config as config_lib
     from multitower_jax.inference import load_trained
-    from multitower_jax.retrieval.index import atomic_dir
     from multitower_jax.serving import settings as settings_lib
-    from multitower_jax.serving.scorer import Scorer, ad_part, score_candidates
 
     trained = load_trained(workdir)
     if "serving" not in trained.config:
         with trained.config.unlocked():
             trained.config.serving = settings_lib.defaults()
     trained.config = config_lib.apply_overrides(trained.config, overrides)
+    return write_portable(trained, calibration_lib.load(workdir), out, platforms)
+
+
+def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
+                   platforms: tuple[str, ...] | None = None) -> dict:
+    """Export the scorer of every placement of `trained` (an `inference.Trained`) into `out`."""
+    from multitower_jax.retrieval.index import atomic_dir
+    from multitower_jax.serving import settings as settings_lib
+    from multitower_jax.serving.scorer import Scorer, ad_part, score_candidates
+
     settings = settings_lib.ServingSettings.from_config(trained.config)
-    calibration = calibration_lib.load(workdir)
     platforms = tuple(platforms or (jax.default_backend(),))
     d = trained.embed_dim
     b, n = jax.export.symbolic_shape("b, n", constraints=(f"n >= {settings.top_n}",))
@@ -141,7 +149,7 @@ def export_scorer(workdir: str | os.PathLike, out: str | os.PathLike, overrides:
         "embed_dim": d, "head": trained.config.model.head, "fusion": trained.config.model.fusion,
         "objective": settings.objective, "ctr_weight": settings.ctr_weight, "cvr_weight": settings.cvr_weight,
         "top_n": settings.top_n, "buckets": list(settings.buckets), "batch_buckets": list(settings.batch_buckets),
-        "calibration": calibration.to_json(), "placements": {},
+        "calibration": calibration.to_json() if calibration is not None else None, "placements": {},
     }
     blobs: dict[str, bytes] = {}
     for placement in trained.config.data.placements:

@@ -1,0 +1,243 @@
+"""The serving path: TTL cache, micro-batcher, request parsing, the Ranker against a brute-force
+reference built from the model's unfactorized towers and numpy, and the portable scorer."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from multitower_jax import cli
+from multitower_jax.bench.serve import random_features, random_trained
+from multitower_jax.calibration import Calibration
+from multitower_jax.retrieval import targeting as targeting_lib
+from multitower_jax.retrieval.index import AdIndex, AdStore, query_rule
+from multitower_jax.retrieval.retriever import Retriever
+from multitower_jax.retrieval.settings import RetrievalSettings
+from multitower_jax.serving import requests as requests_lib
+from multitower_jax.serving.batcher import MicroBatcher
+from multitower_jax.serving.cache import TTLCache
+from multitower_jax.serving.portable import PortableScorer, write_portable
+from multitower_jax.serving.ranker import Ranker
+from multitower_jax.serving.scorer import Scorer
+from tests.conftest import REPO, synthetic_config
+
+NUM_ADS, K, TOP_N = 60, 24, 5
+RESTRICTED = 12  # ads 0..11 may only be shown in country 5
+
+
+def test_ttl_cache_expiry_lru_and_batched_misses():
+    now = [0.0]
+    cache = TTLCache(ttl_s=10, max_size=3, clock=lambda: now[0])
+    calls = []
+
+    def compute(missing):
+        calls.append(list(missing))
+        return np.array([[10.0 * keys[i]] for i in missing])
+
+    keys = [1, 2, 1, 3]
+    np.testing.assert_array_equal(cache.get_many(keys, compute)[:, 0], [10, 20, 10, 30])
+    np.testing.assert_array_equal(cache.get_many(keys, compute)[:, 0], [10, 20, 10, 30])
+    assert calls == [[0, 1, 3]]  # one batched call, "a" computed once
+    assert (cache.hits, cache.misses) == (4, 3)  # the second get_many hit everything
+    now[0] = 5.0
+    assert cache.get(2) is not None
+    now[0] = 10.5  # everything was written at 0: expired (the TTL counts from the write, not the read)
+    assert cache.get(1) is None and cache.get(2) is None
+    for i, k in enumerate("wxyz"):
+        cache.put(k, np.array([i]))
+    assert len(cache) == 3 and cache.get("w") is None and cache.get("z")[0] == 3  # LRU eviction
+
+
+def test_micro_batcher_groups_concurrent_callers_and_returns_each_its_own():
+    seen = []
+
+    def fn(items):
+        seen.append(len(items))
+        if -1 in items:
+            raise RuntimeError("bad item")
+        return [x * x for x in items]
+
+    n = 40
+    results = [None] * n
+    barrier = threading.Barrier(n)
+    with MicroBatcher(fn, max_batch_size=8, max_wait_s=0.05) as batcher:
+        def call(i):
+            barrier.wait()
+            results[i] = batcher(i)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with pytest.raises(RuntimeError, match="bad item"):
+            batcher(-1)
+    assert results == [i * i for i in range(n)]
+    assert max(seen) == 8 and sum(seen) == n + 1 and len(seen) < n  # grouped, never above the max
+
+
+def test_request_validation_names_the_field():
+    ok = {"placement": "search", "user_id": 3, "context": {}}
+    assert requests_lib.parse(ok, ("search",), 20).user_id == 3
+    for bad, match in [({**ok, "placement": "cart"}, r"request.placement: expected one of \['search'\]"),
+                       ({"placement": "search", "context": {}}, "needs a user_id or user features"),
+                       ({**ok, "top_n": 50}, r"request.top_n: expected 1..20"),
+                       ({**ok, "user_id": "x"}, "request.user_id: expected an integer"),
+                       ({**ok, "extra": 1}, "unknown keys"),
+                       ([1], "expected a JSON object")]:
+        with pytest.raises(requests_lib.RequestError, match=match):
+            requests_lib.parse(bad, ("search",), 20)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A random-weight tiny model, 60 ads (12 targeted to country 5) in an exact index, and a Ranker."""
+    tmp = tmp_path_factory.mktemp("serving")
+    config = synthetic_config(tmp, "--config.serving.buckets=(16,32)", f"--config.serving.num_candidates={K}",
+                              f"--config.serving.top_n={TOP_N}", "--config.serving.max_batch_size=4",
+                              "--config.serving.max_wait_ms=30")
+    trained = random_trained(config, tmp)
+    rng = np.random.default_rng(0)
+    e_ad = rng.normal(size=(NUM_ADS, trained.embed_dim)).astype(np.float32)
+    targeting = targeting_lib.encode({"countries": [[5]] * RESTRICTED + [None] * (NUM_ADS - RESTRICTED)}, NUM_ADS)
+    store = AdStore(np.arange(1000, 1000 + NUM_ADS, dtype=np.int64), e_ad, rng.uniform(0.5, 3, NUM_ADS).astype(np.float32),
+                    rng.uniform(0.5, 1.5, NUM_ADS).astype(np.float32), targeting)
+    manifest = {"fingerprint": trained.fingerprint, "embed_dim": trained.embed_dim, "query_rule": query_rule(True)}
+    index = AdIndex.build(store, manifest, RetrievalSettings.from_config(config))
+    ranker = Ranker(trained, Retriever(index))
+    ranker.warmup()
+    yield ranker, store
+    ranker.close()
+
+
+def make_request(ranker, seed, country=3):
+    rng = np.random.default_rng(seed)
+    user = random_features(ranker.trained.spec.user, rng)
+    user["country"] = country
+    return {"placement": "search", "user_id": seed, "user": user,
+            "context": random_features(ranker.trained.spec.context("search"), rng)}
+
+
+def reference_answer(ranker, store, request):
+    """Unfactorized towers + numpy brute force over the eligible ads + model.score_embeddings."""
+    trained = ranker.trained
+    model, variables = trained.model, {"params": trained.params}
+    pre = trained.preprocessor("search").transforms
+
+    def feats(tower, spec, row):
+        return {f.name: pre[tower][f.name](requests_lib.raw_column(f, [row[f.name]], "t")) for f in spec.features}
+
+    u = np.asarray(model.apply(variables, feats("user", trained.spec.user, request["user"]), method=model.embed_user))
+    c = np.asarray(model.apply(variables, feats("context", trained.spec.context("search"), request["context"]),
+                               "search", method=model.embed_context))
+    q = (u + c) / np.linalg.norm(u + c)
+    sim = (store.embeddings / np.linalg.norm(store.embeddings, axis=1, keepdims=True)) @ q[0]
+    eligible = np.arange(NUM_ADS) >= RESTRICTED if request["user"]["country"] != 5 else np.ones(NUM_ADS, bool)
+    cands = np.argsort(-np.where(eligible, sim, -np.inf))[:K]
+    out = model.apply(variables, np.repeat(u, K, 0), np.repeat(c, K, 0), store.embeddings[cands], "search",
+                      method=model.score_embeddings)
+    ecpm = store.bid[cands] * np.asarray(out["pctr"]) * store.quality[cands] * 1000
+    top = np.argsort(-ecpm)[:TOP_N]
+    return store.ad_ids[cands[top]], ecpm[top], np.asarray(out["pctcvr"])[top]
+
+
+def test_ranker_matches_brute_force_reference_and_caches_users(served):
+    ranker, store = served
+    req = make_request(ranker, 1)
+    answer = ranker.rank_batch([req])[0]
+    ids, ecpm, pctcvr = reference_answer(ranker, store, req)
+    assert [a["ad_id"] for a in answer["ads"]] == ids.tolist()
+    np.testing.assert_allclose([a["ecpm"] for a in answer["ads"]], ecpm, rtol=1e-4)
+    np.testing.assert_allclose([a["pctcvr"] for a in answer["ads"]], pctcvr, rtol=1e-4)
+    assert answer["num_candidates"] == K and all(a["ad_id"] >= 1000 + RESTRICTED for a in answer["ads"])
+    # The same user again: served from the cache even without features; the answer is unchanged.
+    hits = ranker.cache.hits
+    again = ranker.rank_batch([{**{k: v for k, v in req.items() if k != "user"}, "country": 3}])[0]
+    assert ranker.cache.hits == hits + 1 and again["ads"] == answer["ads"]
+    with pytest.raises(requests_lib.RequestError, match="user_id 999 is not cached"):
+        ranker.rank_batch([{"user_id": 999, "context": req["context"]}])
+    bad = make_request(ranker, 2)
+    del bad["context"]["query"]
+    with pytest.raises(requests_lib.RequestError, match=r"request.context.query: missing"):
+        ranker.rank_batch([bad])
+
+
+def test_concurrent_requests_are_micro_batched_without_recompiling(served):
+    ranker, store = served
+    reqs = [make_request(ranker, 100 + i, country=5 if i % 3 == 0 else 3) for i in range(8)]
+    alone = [ranker.rank_batch([r])[0] for r in reqs]
+    traces = ranker.scorers["search"].trace_count
+    results = [None] * len(reqs)
+    barrier = threading.Barrier(len(reqs))
+
+    def call(i):
+        barrier.wait()
+        results[i] = ranker.rank(reqs[i])
+
+    before = len(ranker.batcher.batch_sizes)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sizes = ranker.batcher.batch_sizes[before:]
+    assert max(sizes) > 1 and max(sizes) <= 4
+    for got, want in zip(results, alone):
+        assert [a["ad_id"] for a in got["ads"]] == [a["ad_id"] for a in want["ads"]]
+        np.testing.assert_allclose([a["ecpm"] for a in got["ads"]], [a["ecpm"] for a in want["ads"]], rtol=1e-5)
+    assert ranker.scorers["search"].trace_count == traces  # warmup compiled every batch bucket
+    country5 = results[0]["ads"]  # a country-5 user may see the restricted ads; others never do
+    assert all(a["ad_id"] >= 1000 + RESTRICTED for r in results[1:3] for a in r["ads"])
+    assert results[0]["num_candidates"] == K and len(country5) == TOP_N
+
+
+def test_portable_scorer_runs_without_model_code_and_matches(served, tmp_path):
+    ranker, _ = served
+    grid = np.linspace(0, 1, 6)
+    cal = Calibration.create({"ctr": {"x": grid, "y": grid ** 1.5}, "cvr": {"a": 0.8, "b": -0.2}},
+                             (("ctr", "isotonic"), ("cvr", "platt"), ("ctcvr", "product")), 1.0, 1e-6)
+    write_portable(ranker.trained, cal, tmp_path / "scorer")
+    scorer = Scorer.from_trained(ranker.trained, "search", cal, ranker.settings)
+    rng = np.random.default_rng(5)
+    d = ranker.trained.embed_dim
+    inputs = {"e_user": rng.normal(size=(3, d)), "e_context": rng.normal(size=(3, d)),
+              "e_ad": rng.normal(size=(3, 20, d)), "bid": rng.uniform(0.5, 2, (3, 20)),
+              "quality": rng.uniform(0.5, 1.5, (3, 20)), "num_valid": np.array([20, 17, 9])}
+    inputs = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in inputs.items()}
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    want = scorer.score(inputs["e_user"], inputs["e_context"], inputs["e_ad"], inputs["bid"], inputs["quality"],
+                        num_valid_B=inputs["num_valid"])
+    program = f"""
+import sys, numpy as np
+from multitower_jax.serving.portable import PortableScorer
+s = PortableScorer.load({str(tmp_path / 'scorer')!r})
+x = np.load({str(tmp_path / 'inputs.npz')!r})
+part = s.ad_part(x["e_ad"].reshape(-1, x["e_ad"].shape[-1])).reshape(*x["e_ad"].shape[:2], -1)
+out = s(x["e_user"], x["e_context"], x["e_ad"], part, x["bid"], x["quality"], x["num_valid"])
+small = s(x["e_user"][:1], x["e_context"][:1], x["e_ad"][:1, :6], part[:1, :6], x["bid"][:1, :6], x["quality"][:1, :6])
+np.savez({str(tmp_path / 'out.npz')!r}, **out, small_top=small["top_index"])
+banned = [m for m in sys.modules if m.startswith(("flax", "multitower_jax.models", "multitower_jax.config",
+                                                   "ml_collections", "multitower_jax.serving.scorer"))]
+assert not banned, banned
+"""
+    subprocess.run([sys.executable, "-c", program], check=True, cwd=REPO)
+    got = np.load(tmp_path / "out.npz")
+    for key in ("pctr", "pcvr", "pctcvr", "ecpm", "top_ecpm"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    np.testing.assert_array_equal(got["top_index"], want["top_index"])
+    assert got["small_top"].shape == (1, TOP_N)  # 6 candidates: a smaller bucket of the same artifact
+    manifest = json.loads((tmp_path / "scorer" / "manifest.json").read_text())
+    assert manifest["calibration"]["heads"]["ctr"]["method"] == "isotonic"
+    with pytest.raises(FileNotFoundError, match="export-scorer"):
+        PortableScorer.load(tmp_path / "nowhere")
+
+
+def test_cli_rank_bad_input_exits_2(tmp_path, capsys):
+    assert cli.main(["rank", "--workdir", str(tmp_path), "--index", str(tmp_path), "--request", "r.json"]) == 2
+    assert "config.json not found" in capsys.readouterr().err
+    assert cli.main(["export-scorer", "--workdir", str(tmp_path), "--out", str(tmp_path / "s"),
+                     "--config.model.head=ctr"]) == 2
+    assert "only --config.serving" in capsys.readouterr().err
