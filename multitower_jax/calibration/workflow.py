@@ -50,11 +50,12 @@ def _calibrated(cal: core.Calibration, pred: Mapping[str, np.ndarray]) -> dict[s
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def evaluation_metrics(pred: Mapping[str, np.ndarray], cal: core.Calibration, num_bins: int) -> dict[str, float]:
+def evaluation_metrics(pred: Mapping[str, np.ndarray], cal: core.Calibration,
+                       config: ml_collections.ConfigDict) -> dict[str, float]:
     """Flat keys for `multitower evaluate`: ``<head>_ece``, ``<head>_ece_equal_width`` and
     ``calibrated_<head>_{auc,logloss,mean_pred,ece,ece_equal_width}``."""
     out: dict[str, float] = {}
-    for head, stages in compare(pred, cal, num_bins).items():
+    for head, stages in compare(pred, cal, int(core.section(config).ece_bins)).items():
         out[f"{head}_ece"] = stages["before"]["ece"]
         out[f"{head}_ece_equal_width"] = stages["before"]["ece_equal_width"]
         for key in ("auc", "logloss", "mean_pred", "ece", "ece_equal_width"):
