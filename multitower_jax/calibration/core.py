@@ -33,7 +33,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
+from etils import epath
 from typing import Any
 
 import flax.struct
@@ -245,9 +245,9 @@ class Calibration:
             raise CalibrationError(f"{source}: malformed calibration file ({type(e).__name__}: {e})") from None
 
 
-def save(calibration: Calibration, workdir: str | os.PathLike, **extra: Any) -> Path:
+def save(calibration: Calibration, workdir: str | os.PathLike, **extra: Any) -> epath.Path:
     """Write ``<workdir>/calibration.json`` atomically (temp file, then rename)."""
-    path = Path(workdir) / FILE
+    path = epath.Path(workdir) / FILE
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(calibration.to_json(**extra), indent=1))
     tmp.replace(path)
@@ -255,7 +255,7 @@ def save(calibration: Calibration, workdir: str | os.PathLike, **extra: Any) -> 
 
 
 def exists(workdir: str | os.PathLike) -> bool:
-    return (Path(workdir) / FILE).is_file()
+    return (epath.Path(workdir) / FILE).is_file()
 
 
 def load(workdir: str | os.PathLike) -> Calibration:
@@ -263,7 +263,7 @@ def load(workdir: str | os.PathLike) -> Calibration:
     `multitower calibrate` has not been run. Refuses a file fitted for another model."""
     from multitower_jax.inference import fingerprint  # noqa: PLC0415 (imports the trainer lazily)
 
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: is {workdir} a `multitower train` workdir?")
@@ -293,6 +293,6 @@ def load(workdir: str | os.PathLike) -> Calibration:
     return cal
 
 
-def _latest_checkpoint_step(workdir: Path) -> int | None:
+def _latest_checkpoint_step(workdir: epath.Path) -> int | None:
     steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
     return max(steps) if steps else None

@@ -3,8 +3,9 @@ calibration on one plot, with the distribution of the predictions underneath."""
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
+from etils import epath
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from multitower_jax.calibration import metrics
 
 
 def reliability_diagram(path: str | os.PathLike, head: str, y: np.ndarray, before: np.ndarray,
-                        after: np.ndarray, num_bins: int, title: str = "") -> Path:
+                        after: np.ndarray, num_bins: int, title: str = "") -> epath.Path:
     """Write a PNG (atomically) comparing the two prediction sets against the labels ``y``."""
     import matplotlib  # noqa: PLC0415 (only this command draws)
 
@@ -36,9 +37,11 @@ def reliability_diagram(path: str | os.PathLike, head: str, y: np.ndarray, befor
     for (name, p), color in zip(curves.items(), ("tab:red", "tab:blue"), strict=True):
         hist.hist(np.clip(p, 0, edges[-1]), bins=edges, histtype="step", color=color, label=name)
     hist.set(yscale="log", xlabel="predicted probability", ylabel="count")
-    path = Path(path)
+    path = epath.Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    buffer = io.BytesIO()  # matplotlib writes local files only; the workdir may be gs://
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    tmp.write_bytes(buffer.getvalue())
     tmp.replace(path)
     return path

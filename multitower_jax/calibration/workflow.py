@@ -7,8 +7,9 @@ Writes into the workdir: ``calibration.json`` (the fitted maps; `calibration.loa
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
-from pathlib import Path
+from etils import epath
 from typing import Any
 
 import jax
@@ -63,12 +64,12 @@ def evaluation_metrics(pred: Mapping[str, np.ndarray], cal: core.Calibration,
     return out
 
 
-def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Fit on the validation split, report on test, save the calibration, draw the diagrams."""
     from multitower_jax.inference import fingerprint  # noqa: PLC0415 (heavy imports)
     from multitower_jax.train import evaluate, trainer as trainer_lib  # noqa: PLC0415
 
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     settings = core.validate_config(config)
     heads = core.heads_of(config)
     methods = {h: settings[h] for h in heads}
@@ -119,12 +120,12 @@ def _diagram_inputs(pred: Mapping[str, np.ndarray], cal: core.Calibration) -> di
     return {h: (before[h][1], before[h][0], after[h][0]) for h in cal.heads}
 
 
-def workdir_config(workdir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> ml_collections.ConfigDict:
+def workdir_config(workdir: str | os.PathLike, overrides: tuple[str, ...] | list[str] = ()) -> ml_collections.ConfigDict:
     """A workdir's resolved config plus overrides; the calibration section gets its defaults first,
     so workdirs trained before it existed take ``--config.calibration.*`` overrides too."""
     from multitower_jax import config as config_lib  # noqa: PLC0415
 
-    path = Path(workdir) / "config.json"
+    path = epath.Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a `multitower train` workdir?")
     config = config_lib.from_json(path)
