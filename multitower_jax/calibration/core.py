@@ -245,6 +245,22 @@ class Calibration:
             raise CalibrationError(f"{source}: malformed calibration file ({type(e).__name__}: {e})") from None
 
 
+def _serialize_static(aux: tuple) -> bytes:
+    methods, clip_eps = aux
+    return json.dumps({"methods": [list(m) for m in methods], "clip_eps": clip_eps}).encode()
+
+
+def _deserialize_static(data: bytes) -> tuple:
+    aux = json.loads(data)
+    return tuple(tuple(m) for m in aux["methods"]), float(aux["clip_eps"])
+
+
+# So a `jax.export`ed function may also take a Calibration as an argument (not only close over it).
+jax.export.register_pytree_node_serialization(
+    Calibration, serialized_name="multitower_jax.calibration.Calibration",
+    serialize_auxdata=_serialize_static, deserialize_auxdata=_deserialize_static)
+
+
 def save(calibration: Calibration, workdir: str | os.PathLike, **extra: Any) -> epath.Path:
     """Write ``<workdir>/calibration.json`` atomically (temp file, then rename)."""
     path = epath.Path(workdir) / FILE
