@@ -252,7 +252,9 @@ def test_calibrate_workdir_end_to_end(synthetic_dir, tmp_path, capsys):
     from multitower_jax.train import trainer as trainer_lib
 
     workdir = tmp_path / "run"
-    untrained_workdir(synthetic_config(synthetic_dir), workdir)
+    # as if trained with negatives kept at rate 0.5 and no importance weights: calibrate undoes it first
+    untrained_workdir(synthetic_config(synthetic_dir, "--config.data.negative_downsample_rate=0.5",
+                                       "--config.data.importance_weights=false"), workdir)
     # an old workdir: its config.json has no calibration section, and takes overrides anyway
     saved = json.loads((workdir / "config.json").read_text())
     del saved["calibration"]
@@ -263,16 +265,19 @@ def test_calibrate_workdir_end_to_end(synthetic_dir, tmp_path, capsys):
                      "--config.calibration.cvr=isotonic"]) == 0
     report = json.loads((workdir / workflow.REPORT_FILE).read_text())
     assert report["methods"] == {"ctr": "platt", "cvr": "isotonic", "ctcvr": "product"}
+    assert report["negative_rate_corrected"] == 0.5
+    ctr = report["heads"]["ctr"]
+    assert ctr["corrected"]["mean_pred"] < ctr["before"]["mean_pred"]  # p r / (p r + 1 - p) < p
     for head in C.HEADS:
         assert (workdir / f"reliability_{head}.png").read_bytes()[:4] == b"\x89PNG"
-    ctr = report["heads"]["ctr"]  # a strictly monotone map: the same AUC (float32 ties aside)
+    # a strictly monotone map (and the correction): the same AUC (float32 ties aside)
     assert ctr["after"]["auc"] == pytest.approx(ctr["before"]["auc"], abs=1e-4)
     # the initial model predicts pCTR ~ 0.5 where ~3% click: calibration brings it to the observed rate
     assert ctr["before"]["ece"] > 0.3 and ctr["after"]["ece"] < 0.1 * ctr["before"]["ece"]
     assert ctr["after"]["mean_pred"] == pytest.approx(ctr["after"]["observed_rate"], rel=0.5)
     # the saved calibration is what the scorer loads, and `evaluate` now reports calibrated metrics
     cal = C.load(workdir)
-    assert cal.method("ctr") == "platt"
+    assert cal.method("ctr") == "platt" and float(cal.negative_rate) == 0.5
     result = trainer_lib.evaluate_workdir(workflow.workdir_config(workdir), workdir, "test")
     assert result["calibrated_ctr_auc"] == pytest.approx(report["heads"]["ctr"]["after"]["auc"], abs=1e-9)
     assert result["calibrated_cvr_ece"] == pytest.approx(report["heads"]["cvr"]["after"]["ece"], abs=1e-9)

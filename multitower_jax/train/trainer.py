@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import grain
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -38,7 +39,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, devices: list | None = None):
         self.config = config
-        self.workdir = Path(workdir)
+        self.workdir = epath.Path(workdir)  # a local folder or gs://bucket/...
         self.spec = F.parse_spec(config.features)
         self.placement = config.data.placements[0]
         self.model = model_lib.build_model(config, self.spec)
@@ -100,19 +101,27 @@ class Trainer:
         return pipeline.make_dataset(self.config, self.spec, self.stats, placement=self.placement,
                                      split=split, train=train)
 
-    def evaluate(self, params: Any, split: str, predictions_path: str | None = None) -> dict[str, Any]:
+    def evaluate(self, params: Any, split: str, predictions_path: str | None = None,
+                 calibration: Any = None) -> dict[str, Any]:
+        """Metrics per head; with a `calibration.Calibration`, also ECE and the calibrated metrics."""
         pred = evaluate.collect(self.predict, params, self.dataset(split, train=False), self.mesh,
                                 desc=f"evaluate {split}")
         if predictions_path:
             evaluate.write_predictions(pred, predictions_path)
-        return evaluate.report(pred)
+        result = evaluate.report(pred)
+        if calibration is not None:
+            from multitower_jax.calibration import workflow as calibration_workflow  # noqa: PLC0415
+
+            result.update(calibration_workflow.evaluation_metrics(pred, calibration, self.config))
+        return result
 
     # -- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_manager(self) -> ocp.CheckpointManager:
         t = self.config.train
+        directory = self.workdir / "checkpoints"
         return ocp.CheckpointManager(
-            (self.workdir / "checkpoints").absolute(),
+            directory if _is_remote(directory) else directory.absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=int(t.keep_checkpoints), create=True),
         )
 
@@ -154,7 +163,51 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def ensure_data(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def _is_remote(path: epath.Path) -> bool:
+    return "://" in str(path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line cut short by a kill (so it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+class _JsonLines:
+    """metrics.jsonl, written by process 0: appended to locally; object stores (gs://) cannot
+    append, so there the whole file is rewritten on each write (a few KB per log line).
+
+    Lines past ``resume_step`` were logged by a run killed after its last checkpoint; the
+    resumed run logs those steps again, so they are dropped first.
+    """
+
+    def __init__(self, path: epath.Path, resume_step: int):
+        self.path = path
+        old = path.read_text().splitlines(keepends=True) if path.exists() else []
+        self.lines = [line for line in old if _logged_step(line) <= resume_step]
+        if len(self.lines) != len(old):
+            tmp = path.parent / (path.name + ".tmp")
+            tmp.write_text("".join(self.lines))
+            tmp.replace(path)
+        self.file = None if _is_remote(path) else path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        if self.file is None:
+            self.lines.append(line)
+            self.path.write_text("".join(self.lines))
+        else:
+            self.file.write(line)
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def ensure_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     """With no ``config.data.dir``, use ``<workdir>/data``, generating the synthetic world there once."""
     if config.data.dir:
         return
@@ -170,10 +223,15 @@ def ensure_data(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Train (resuming from the workdir's latest checkpoint), evaluate, write eval_test.json."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Train (resuming from the workdir's latest checkpoint), evaluate, write eval_test.json.
+
+    Every process runs this (multi-host: after `distributed.initialize`); all of them save and
+    restore checkpoints, only process 0 writes config, metrics, summaries and reports.
+    """
+    workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
     ensure_data(config, workdir)
     if is_main:
         config_lib.write_resolved(config, workdir)
@@ -195,13 +253,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(str(workdir / "tensorboard"))
-    metrics_file = (workdir / "metrics.jsonl").open("a") if is_main else None
+    metrics_file = _JsonLines(workdir / "metrics.jsonl", int(state["step"])) if is_main else None
 
     def log(step: int, values: dict[str, float]) -> None:
         if not is_main:
             return
-        metrics_file.write(json.dumps({"step": step, **values}) + "\n")
-        metrics_file.flush()
+        metrics_file.write({"step": step, **values})
         for k, v in values.items():
             writer.add_scalar(k, v, step)
 
@@ -210,9 +267,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     pending = None  # (step, metrics on device): read one step late
     bar = tqdm(total=int(t.num_steps), initial=step, desc="train", unit="step", disable=not is_main)
     start, start_step = time.perf_counter(), step
-    stopped_early = False
+    stopped_early = stopping = False
     with _StopFlag() as stop:
-        while step < int(t.num_steps) and not stop.raised:
+        while step < int(t.num_steps) and not stopping:
             batch = sharding.shard_batch(next(iterator), trainer.mesh)
             state, metrics = trainer.train_step(state, batch)
             step += 1
@@ -227,6 +284,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 log(pending[0], dict(values, examples_per_sec=rate))
             pending = (step, metrics)
             bar.update(1)
+            if jax.process_count() == 1:
+                stopping = stop.raised
+            elif step % int(t.log_every) == 0:  # all processes must stop at the same step
+                stopping = bool(multihost_utils.process_allgather(np.int32(stop.raised)).any())
             if step % int(t.eval_every) == 0 or step == int(t.num_steps):
                 result = trainer.evaluate(state["params"], "validation")
                 log(step, {f"validation/{k}": v for k, v in result.items() if isinstance(v, float)})
@@ -235,8 +296,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                     best_params = jax.tree.map(jnp.copy, state["params"])
                 else:
                     bad_evals += 1
-                if is_main:
-                    (workdir / "progress.json").write_text(json.dumps({"best_auc": best_auc, "bad_evals": bad_evals}))
+                if is_main:  # atomically: a run killed here must still resume
+                    tmp = workdir / "progress.json.tmp"
+                    tmp.write_text(json.dumps({"best_auc": best_auc, "bad_evals": bad_evals}))
+                    tmp.replace(workdir / "progress.json")
                 if bad_evals >= int(t.patience):
                     stopped_early = True
                     break
@@ -246,7 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             trainer.save(manager, state, iterator, force=True)
         manager.wait_until_finished()
     bar.close()
-    if stop.raised:
+    if stopping:
         print(f"stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
         return {"step": step, "interrupted": True}
     params = best_params if best_params is not None else state["params"]
@@ -262,13 +325,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path, split: str,
                      predictions_path: str | None = None) -> dict[str, Any]:
     """Restore the latest checkpoint of a workdir and write ``<workdir>/eval_<split>.json``."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     trainer = Trainer(config, workdir)
     manager = trainer.checkpoint_manager()
     if manager.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run `multitower train` first")
     state = trainer.restore(manager)
-    result = trainer.evaluate(state["params"], split, predictions_path)
+    from multitower_jax import calibration  # noqa: PLC0415
+
+    # Written by `multitower calibrate`; then the report also has ECE and the calibrated metrics.
+    fitted = calibration.load(str(workdir)) if calibration.exists(str(workdir)) else None
+    result = trainer.evaluate(state["params"], split, predictions_path, calibration=fitted)
     result["step"] = int(state["step"])
     if jax.process_index() == 0:
         (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
