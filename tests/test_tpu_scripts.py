@@ -170,7 +170,7 @@ def test_setup_copies_the_commit_installs_everywhere_and_checks_devices(env):
     assert "tar -xzf $HOME/multitower_jax.tar.gz -C $HOME/multitower_jax" in steps
     assert "$HOME/.local/bin/uv venv --quiet --python 3.11 --allow-existing $HOME/multitower-venv" in steps
     assert ("$HOME/.local/bin/uv pip install --quiet --python $HOME/multitower-venv/bin/python "
-            "-e $HOME/multitower_jax 'jax[tpu]==0.10.2'") in steps
+            "-e \"$HOME/multitower_jax[gcs]\" 'jax[tpu]==0.10.2'") in steps
     assert check == ssh("all", remote_command(check))
     assert "jax.device_count()" in remote_command(check)
 
@@ -179,7 +179,7 @@ def test_setup_copies_the_commit_installs_everywhere_and_checks_devices(env):
     assert len(commands) == 1
     steps = remote_command(commands[0]).split(" && ")
     assert steps[1] == "git clone --depth 1 --branch v1 https://example.com/mt.git $HOME/multitower_jax"
-    assert steps[-3].endswith("-e $HOME/multitower_jax 'jax[tpu]>=0.10'")
+    assert steps[-3].endswith("-e \"$HOME/multitower_jax[gcs]\" 'jax[tpu]>=0.10'")
 
 
 def test_data_generates_on_every_worker_or_copies_from_gcs(env):

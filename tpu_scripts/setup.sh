@@ -10,7 +10,8 @@ usage() {
   cat <<USAGE
 usage: $SCRIPT_NAME --project P --zone Z --name N [options]
 
-Install multitower_jax and $JAX_TPU_SPEC on every worker (rerun it after a code change).
+Install multitower_jax (with its [gcs] extra, for gs:// workdirs) and $JAX_TPU_SPEC on every
+worker (rerun it after a code change).
 The source goes to ~/multitower_jax on each worker, the virtualenv to ~/multitower-venv.
 
   --ref REF           copy this commit of the local checkout (git archive; default HEAD).
@@ -67,7 +68,8 @@ uv="\$HOME/.local/bin/uv"
 install="set -e; $fetch_source"
 install+=" && python3 -m pip install --user --quiet $(quote_cmd "$UV_SPEC")"
 install+=" && $uv venv --quiet --python $PYTHON_VERSION --allow-existing $REMOTE_VENV"
-install+=" && $uv pip install --quiet --python $REMOTE_VENV/bin/python -e $REMOTE_REPO $(quote_cmd "$JAX_TPU_SPEC")"
+# [gcs]: gcsfs and google-cloud-storage, for the gs:// workdir.
+install+=" && $uv pip install --quiet --python $REMOTE_VENV/bin/python -e \"${REMOTE_REPO}[gcs]\" $(quote_cmd "$JAX_TPU_SPEC")"
 install+=" && $REMOTE_VENV/bin/multitower --help >/dev/null && echo \"\$(hostname): multitower_jax installed\""
 on_workers all "$install"
 
