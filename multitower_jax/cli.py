@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                        "and bins: --config.calibration.ctr=isotonic|platt|temperature|none, .cvr=..., "
                        ".ctcvr=product|..., .ece_bins=15")
     p.add_argument("--workdir", required=True, help="a workdir written by `multitower train` (written into)")
+    distributed.add_flags(p)
     from multitower_jax.retrieval import commands as retrieval_commands  # export, index, retrieve-eval
 
     retrieval_commands.add_parsers(sub)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         _parser().error(f"unrecognized arguments: {' '.join(bad)}")
 
-    if args.command in ("train", "evaluate"):  # join the other processes before any JAX work
+    if args.command in ("train", "evaluate", "calibrate"):  # join the other processes before any JAX work
         try:
             distributed.initialize(distributed.settings_from(args))
         except distributed.DistributedError as e:

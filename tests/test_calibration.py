@@ -278,7 +278,13 @@ def test_calibrate_workdir_end_to_end(synthetic_dir, tmp_path, capsys):
     # the saved calibration is what the scorer loads, and `evaluate` now reports calibrated metrics
     cal = C.load(workdir)
     assert cal.method("ctr") == "platt" and float(cal.negative_rate) == 0.5
-    result = trainer_lib.evaluate_workdir(workflow.workdir_config(workdir), workdir, "test")
+    result = trainer_lib.evaluate_workdir(workflow.workdir_config(workdir), workdir, "test",
+                                          str(tmp_path / "pred.parquet"))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "pred.parquet").to_pydict()
+    np.testing.assert_allclose(table["pctr_calibrated"], np.asarray(cal.apply("ctr", np.float32(table["pctr"]))),
+                               rtol=1e-6)
     assert result["calibrated_ctr_auc"] == pytest.approx(report["heads"]["ctr"]["after"]["auc"], abs=1e-9)
     assert result["calibrated_cvr_ece"] == pytest.approx(report["heads"]["cvr"]["after"]["ece"], abs=1e-9)
     assert result["ctr_ece"] == pytest.approx(report["heads"]["ctr"]["before"]["ece"], abs=1e-9)

@@ -51,6 +51,11 @@ def _calibrated(cal: core.Calibration, pred: Mapping[str, np.ndarray]) -> dict[s
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def calibrated_columns(pred: Mapping[str, np.ndarray], cal: core.Calibration) -> dict[str, np.ndarray]:
+    """``pctr_calibrated`` (and ``pcvr_calibrated``, ``pctcvr_calibrated``) for the predictions file."""
+    return {f"{k}_calibrated": v for k, v in _calibrated(cal, pred).items()}
+
+
 def evaluation_metrics(pred: Mapping[str, np.ndarray], cal: core.Calibration,
                        config: ml_collections.ConfigDict) -> dict[str, float]:
     """Flat keys for `multitower evaluate`: ``<head>_ece``, ``<head>_ece_equal_width`` and

@@ -106,14 +106,15 @@ class Trainer:
         """Metrics per head; with a `calibration.Calibration`, also ECE and the calibrated metrics."""
         pred = evaluate.collect(self.predict, params, self.dataset(split, train=False), self.mesh,
                                 desc=f"evaluate {split}")
-        if predictions_path:
-            evaluate.write_predictions(pred, predictions_path)
-        result = evaluate.report(pred)
+        calibrated = {}
         if calibration is not None:
             from multitower_jax.calibration import workflow as calibration_workflow  # noqa: PLC0415
 
-            result.update(calibration_workflow.evaluation_metrics(pred, calibration, self.config))
-        return result
+            calibrated = calibration_workflow.evaluation_metrics(pred, calibration, self.config)
+            pred = {**pred, **calibration_workflow.calibrated_columns(pred, calibration)}
+        if predictions_path:
+            evaluate.write_predictions(pred, predictions_path)
+        return {**evaluate.report(pred), **calibrated}
 
     # -- checkpoints --------------------------------------------------------------------------
 
