@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from etils import epath
 from typing import Any
 
@@ -125,7 +125,7 @@ def _diagram_inputs(pred: Mapping[str, np.ndarray], cal: core.Calibration) -> di
     return {h: (before[h][1], before[h][0], after[h][0]) for h in cal.heads}
 
 
-def workdir_config(workdir: str | os.PathLike, overrides: tuple[str, ...] | list[str] = ()) -> ml_collections.ConfigDict:
+def workdir_config(workdir: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """A workdir's resolved config plus overrides; the calibration section gets its defaults first,
     so workdirs trained before it existed take ``--config.calibration.*`` overrides too."""
     from multitower_jax import config as config_lib  # noqa: PLC0415
