@@ -1,9 +1,15 @@
 """The grain input pipeline: TFDS ArrayRecord blocks -> shuffled, per-process, preprocessed,
 negatively downsampled, fixed-shape batches, with an iterator state that can be saved and restored.
 
-    source (blocks) -> [process_index::process_count] -> shuffle + repeat (train: a new order
+    source (blocks) -> shard s: blocks [s::num_shards] -> shuffle + repeat (train: a new order
     every epoch) -> per block: keep clicks and a `rate` fraction of non-clicks (weight 1/rate),
-    preprocess -> rebatch to exactly `batch_size` rows
+    preprocess -> rebatch to exactly `batch_size / num_shards` rows
+    -> each process concatenates the batches of its consecutive shards (its rows of the global batch)
+
+The global batch is the concatenation of every shard's batch in shard order, whichever process
+reads which shard, so with a fixed ``data.num_shards`` the same run sees the same global batches
+on 1 process or on many. Evaluation shards are padded to one batch count (rows ``valid == 0``)
+so every process runs the same number of collective steps.
 
 Every random choice is a function of (seed, position in the stream), so restoring the grain
 iterator state resumes with exactly the batches that would have come next.
@@ -24,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from multitower_jax import features as F
+from multitower_jax.config import ConfigError
 from multitower_jax.data import builders
 from multitower_jax.data.preprocess import STATS_FILE, FeatureStats, Preprocessor, StatsError, compute_stats
 
@@ -43,15 +50,28 @@ def raw_blocks(source, progress: str | None = None) -> Iterator[dict[str, np.nda
 
 
 def load_or_compute_stats(config: ml_collections.ConfigDict, spec: F.FeatureSpec, workdir: str | os.PathLike) -> FeatureStats:
-    """Statistics of the train split of the first placement, cached in the workdir."""
+    """Statistics of the train split of the first placement, cached in the workdir.
+
+    With several processes, each computes the same statistics in memory and only process 0
+    writes them; a barrier after every process has looked for the file keeps a slow process
+    from reading it while process 0 is still writing.
+    """
     try:
-        return FeatureStats.load(workdir)
+        stats = FeatureStats.load(workdir)
     except StatsError:
         if Path(workdir, STATS_FILE).exists():  # present but unreadable: do not overwrite it
             raise
+        stats = None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("feature statistics looked up")
+    if stats is not None:
+        return stats
     placement = config.data.placements[0]
     source = data_source(config, placement, "train")
-    stats = compute_stats(raw_blocks(source, progress="feature statistics"), spec, placement)
+    progress = "feature statistics" if jax.process_index() == 0 else None
+    stats = compute_stats(raw_blocks(source, progress=progress), spec, placement)
     if jax.process_index() == 0:
         stats.save(workdir)
     return stats
@@ -65,22 +85,24 @@ class _BlockProcessor:
     downsample_rate: float
     importance_weights: bool
     seed: int
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # shared by a process's shards
 
-    def __post_init__(self):
-        self._lock = threading.Lock()
+    def for_shard(self, shard: int):
+        """map_with_index function for one shard: its draws differ from every other shard's."""
+        return lambda index, example: self(index, example, shard)
 
-    def __call__(self, index: int, example: Mapping) -> dict:
+    def __call__(self, index: int, example: Mapping, shard: int = 0) -> dict:
         block = builders.flatten_block(example)
         n = len(block["click"])
         if self.downsample_rate < 1.0:
             # `index` counts blocks across epochs, so each epoch keeps a different subset.
-            rng = np.random.default_rng((self.seed, index))
+            rng = np.random.default_rng((self.seed, shard, index))
             is_click = block["click"] == 1
             keep = is_click | (rng.random(n) < self.downsample_rate)
             weight = np.where(is_click, 1.0, 1.0 / self.downsample_rate) if self.importance_weights else np.ones(n)
             block = {k: v[keep] for k, v in block.items()}
             block["weight"] = weight[keep].astype(np.float32)
-        with self._lock:  # the tokenizer caches and counters are shared between reader threads
+        with self.lock:  # the tokenizer caches and counters are shared between reader threads
             out = self.preprocessor(block)
         out["valid"] = np.ones(len(out["click"]), np.float32)
         return out
@@ -103,36 +125,110 @@ class Pipeline:
         return iter(self.dataset)
 
 
+def num_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
+    """``config.data.num_shards`` (0: one per process), checked against the process count."""
+    shards = int(config.data.get("num_shards", 0)) or process_count
+    if shards < 1 or shards % process_count:
+        raise ConfigError(f"config.data.num_shards: expected a positive multiple of the {process_count} "
+                          f"processes (or 0 for one shard per process), got {config.data.num_shards}")
+    return shards
+
+
+def eval_batches_per_shard(source, shards: int, shard_batch: int) -> int:
+    """Batches in the largest evaluation shard, the same on every process without communication.
+
+    Every stored block is full except the last, so shard sizes follow from the block count,
+    the block size and the last block's row count (two reads, not a pass over the split).
+    """
+    n = len(source)
+    if n < shards:
+        raise ConfigError(f"config.data.num_shards: an evaluation split has {n} blocks, fewer than the {shards} "
+                          f"data shards (one per process by default); lower config.data.block_size")
+    block_rows = len(source[0]["click"])  # stored blocks are padded to the block size
+    rows = [len(range(s, n, shards)) * block_rows for s in range(shards)]
+    rows[(n - 1) % shards] -= block_rows - int(source[n - 1]["num_rows"])
+    return max(-(-r // shard_batch) for r in rows)
+
+
+class _PadBatches(grain.IterDataset):
+    """Exactly ``num_batches`` batches: the parent's, then all-padding copies (``valid`` 0)."""
+
+    def __init__(self, parent: grain.IterDataset, num_batches: int):
+        super().__init__(parent)
+        self._num_batches = num_batches
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PadBatchesIterator(self._parent.__iter__(), self._num_batches)
+
+
+class _PadBatchesIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, num_batches: int):
+        super().__init__(parent)
+        self._num_batches, self._count, self._padding = num_batches, 0, None
+
+    def __next__(self) -> dict:
+        if self._count >= self._num_batches:
+            raise StopIteration
+        try:
+            batch = next(self._parent)
+            if self._padding is None:
+                self._padding = jax.tree.map(np.zeros_like, batch)
+        except StopIteration:
+            batch = self._padding  # never None: every shard holds at least one block
+        self._count += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "count": self._count}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._count = state["count"]
+
+
+def _concat_rows(batches: tuple[dict, ...]) -> dict:
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *batches)
+
+
 def make_dataset(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats: FeatureStats, *,
                  placement: str, split: str, train: bool, batch_size: int | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> Pipeline:
     """The per-process dataset of fixed-shape batches for one placement and split.
 
     ``batch_size`` is the global batch (default from the config); each process yields
-    ``batch_size // process_count`` rows per batch. Training batches repeat forever; evaluation
-    goes through the split once, the last batch padded (rows with ``valid == 0``).
+    ``batch_size // process_count`` rows per batch, the batches of its ``num_shards /
+    process_count`` consecutive shards side by side. Training batches repeat forever; evaluation
+    goes through the split once, shards padded to a common batch count (rows with ``valid == 0``).
     """
     data = config.data
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    shards = num_shards(config, process_count)
     global_batch = batch_size or (data.batch_size if train else data.eval_batch_size)
-    if global_batch % process_count:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
-    local_batch = global_batch // process_count
+    if global_batch % shards:
+        raise ConfigError(f"batch size {global_batch} is not divisible by the {shards} data shards "
+                          f"(config.data.num_shards, or the {process_count} processes)")
+    shard_batch = global_batch // shards
 
-    ds = grain.MapDataset.source(data_source(config, placement, split))
-    ds = ds[process_index::process_count]
-    if train:
-        ds = ds.shuffle(seed=data.shuffle_seed).repeat(None)
+    source = data_source(config, placement, split)
     processor = _BlockProcessor(
         Preprocessor(spec, placement, stats),
         downsample_rate=float(data.negative_downsample_rate) if train else 1.0,
         importance_weights=bool(data.importance_weights),
         seed=int(data.shuffle_seed),
     )
-    ds = ds.map_with_index(processor)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.reader_threads, prefetch_buffer_size=8))
-    it = grain.experimental.RebatchIterDataset(it, batch_size=local_batch, drop_remainder=train)
-    if not train:
-        it = it.map(lambda b: _pad_batch(b, local_batch))
+    eval_batches = None if train else eval_batches_per_shard(source, shards, shard_batch)
+    per_process = shards // process_count
+    parts = []
+    for shard in range(process_index * per_process, (process_index + 1) * per_process):
+        ds = grain.MapDataset.source(source)[shard::shards]
+        if train:
+            ds = ds.shuffle(seed=data.shuffle_seed).repeat(None)
+        ds = ds.map_with_index(processor.for_shard(shard))
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.reader_threads, prefetch_buffer_size=8))
+        it = grain.experimental.RebatchIterDataset(it, batch_size=shard_batch, drop_remainder=train)
+        if not train:
+            it = _PadBatches(it.map(lambda b: _pad_batch(b, shard_batch)), eval_batches)
+        parts.append(it)
+    it = parts[0] if len(parts) == 1 else grain.experimental.ZipIterDataset(parts).map(_concat_rows)
     return Pipeline(it, processor.preprocessor)
