@@ -36,7 +36,12 @@ def write_catalogues(world: World, out: Path) -> None:
     ads["bid"] = world.ad_bids
     for name, table in (("ads", ads), ("users", world.users_table())):
         tmp = folder / f".{name}.parquet.tmp"
-        pq.write_table(_to_arrow(table), tmp)
+        arrow = _to_arrow(table)
+        if name == "ads":  # targeting: variable-length lists of allowed values
+            for column, lists in world.ad_targeting().items():
+                arrow = arrow.append_column(column, pa.array(lists, type=pa.list_(
+                    pa.string() if column == "target.placements" else pa.int64())))
+        pq.write_table(arrow, tmp)
         tmp.replace(folder / f"{name}.parquet")
 
 

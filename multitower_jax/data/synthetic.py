@@ -295,6 +295,22 @@ class World:
         """The catalogue: ``ad_id`` and every ``ad.<feature>`` raw column, one row per ad."""
         return {"ad_id": np.arange(self.num_ads, dtype=np.int64), **self._ad_cols}
 
+    def ad_targeting(self) -> dict[str, list[list]]:
+        """Targeting rules per ad, as catalogue columns of allowed values (empty list = anywhere):
+        ``target.countries`` (user.country ids), ``target.devices`` (user.device_type ids) and
+        ``target.placements``. Most ads are untargeted. Drawn from their own RNG stream, so the
+        rest of the world and its impressions do not change."""
+        rng, A = self._rng(8), self.num_ads
+        countries = _zipf(rng, 200, 1.1, (A, 3))  # popular countries are targeted more often
+        n_countries = np.where(rng.random(A) < 0.15, rng.integers(1, 4, A), 0)
+        devices = ([], [0, 1, 3], [2], [0, 1])  # anywhere, handheld, desktop, phones
+        device = np.where(rng.random(A) < 0.1, rng.integers(1, len(devices), A), 0)
+        places = np.argsort(rng.random((A, len(F.PLACEMENTS))), 1)[:, :2]
+        n_places = np.where(rng.random(A) < 0.1, rng.integers(1, 3, A), 0)
+        return {"target.countries": [sorted(set(c[:k].tolist())) for c, k in zip(countries, n_countries)],
+                "target.devices": [devices[d] for d in device],
+                "target.placements": [[F.PLACEMENTS[j] for j in sorted(p[:k])] for p, k in zip(places, n_places)]}
+
     def users_table(self) -> dict[str, np.ndarray]:
         """``user_id`` and every ``user.<feature>`` raw column, one row per user."""
         return {"user_id": np.arange(self.num_users, dtype=np.int64), **self._user_cols}
@@ -343,7 +359,8 @@ class World:
         cdf, grid = self._times[split]
         return EPOCH + (np.interp((i + rng.random(len(i))) / num, cdf, grid) * 3600).astype(np.int64)
 
-    def _block(self, placement: str, split: str, start: int, n: int, num: int) -> dict[str, np.ndarray]:
+    def _block(self, placement: str, split: str, start: int, n: int, num: int,
+               latent: dict | None = None) -> dict[str, np.ndarray]:
         p_idx, s_idx = F.PLACEMENTS.index(placement), SPLITS.index(split)
         rng = self._rng(100 + p_idx, s_idx, start // _BLOCK)
         i = np.arange(start, start + n)
@@ -373,12 +390,38 @@ class World:
         p_conv = _sigmoid(logit_conv).astype(np.float32)
         click = rng.random(n) < p_click
         conversion = click & (rng.random(n) < p_conv)  # conversions only happen after a click
+        if latent is not None:  # for the oracle's ranking of every ad (`oracle_click_logits`)
+            latent.update(user=user, intent=intent, hour=hour, cats=ctx.get("cats"), m=(m_topic, m_cat),
+                          base=ctx["click"] + self._u_bias[user])
         spec = self.spec.context(placement)
         rows = {"impression_id": ((p_idx * len(SPLITS) + s_idx) << 40) + i, "user_id": user.astype(np.int64),
                 "ad_id": ad.astype(np.int64), "timestamp": ts, "click": click.astype(np.int64),
                 "conversion": conversion.astype(np.int64), "p_click": p_click, "p_convert_given_click": p_conv}
         rows.update({f"context.{f.name}": _emit(f, ctx["cols"][f.name]) for f in spec.features})
         return rows
+
+    def oracle_click_logits(self, placement: str, split: str, num: int, impression_ids: np.ndarray) -> np.ndarray:
+        """float[n, num_ads]: each impression's true click logit had any ad been shown instead
+        (same user, intent, context and time). Row i at the impression's own ad reproduces its
+        ``p_click``. ``num`` is the split's size as generated. Replays the impressions' blocks."""
+        i = np.asarray(impression_ids, np.int64) & ((1 << 40) - 1)
+        out = np.empty((len(i), self.num_ads), np.float64)
+        for start in np.unique(i // _BLOCK * _BLOCK):
+            lat: dict = {}
+            self._block(placement, split, int(start), min(_BLOCK, num - int(start)), num, latent=lat)
+            sel = np.flatnonzero(i // _BLOCK * _BLOCK == start)
+            r = i[sel] - start
+            user, intent, hour = lat["user"][r], lat["intent"][r], lat["hour"][r]
+            m_topic, m_cat = lat["m"]
+            match = np.where(self._ad_topic[None, :] == intent[:, None], m_topic,
+                             np.where(self._ad_cat[None, :] == self.topic_cat[intent][:, None], m_cat, 0.0))
+            if lat["cats"] is not None:
+                match = match + 0.3 * (lat["cats"][r][:, :, None] == self._ad_cat[None, None, :]).any(1)
+            aff = ((self._u_taste[user] @ self._ad_taste.T) - self._aff_mu) / self._aff_sd
+            out[sel] = (lat["base"][r][:, None] + self._ad_quality[None, :] + 0.3 * aff + match
+                        + self.dev_camp[self._u_device[user]][:, self._ad_camp]
+                        + 0.25 * np.cos(2 * np.pi * (hour[:, None] - self.cat_phase[self._ad_cat][None, :]) / 24))
+        return out
 
     def _context(self, placement: str, rng: np.random.Generator, user: np.ndarray, intent: np.ndarray,
                  hour: np.ndarray, dow: np.ndarray) -> dict:

@@ -12,7 +12,7 @@ The logQ correction is a training-time fix for in-batch sampling bias and is not
 
 Targeting: for each distinct (country, device, placement) in a batch the eligible set is one
 bitset test over the catalogue. Large eligible sets are searched with ScaNN, over-fetching
-k * N / eligible * overfetch candidates and filtering; small sets, and any query that comes back
+k * N / eligible * overfetch candidates from N / eligible times more leaves, and filtering; small sets, and any query that comes back
 with fewer than min(k, eligible) ads, are searched exactly over the eligible rows. So K eligible
 ads come back whenever K exist, and the common, unrestricted case pays only the over-fetch.
 """
@@ -108,8 +108,13 @@ class Retriever:
         if index.searcher is None or eligible <= self.settings.exact_eligible_below:
             self.counts["exact_small_eligible"] += len(q_BxD)
             return index.exact(q_BxD, k, eligible_rows)
-        fetch = min(n, math.ceil(k * n / eligible * self.settings.overfetch))
-        got_rows, got_scores = index.search(q_BxD, fetch)
+        # Filtering thins every leaf by eligible / n, so the eligible top-k spreads over that many
+        # times more leaves: search proportionally more of them, and over-fetch candidates.
+        sparsity = n / eligible
+        fetch = min(n, math.ceil(k * sparsity * self.settings.overfetch))
+        num_leaves = index.manifest["num_leaves"]
+        leaves = min(num_leaves, math.ceil(self.settings.search_leaves(num_leaves) * sparsity))
+        got_rows, got_scores = index.search(q_BxD, fetch, leaves_to_search=leaves)
         keep = (got_rows >= 0) & mask[np.maximum(got_rows, 0)]
         # Stable order of kept entries first (ScaNN returns best first), then take k.
         order = np.argsort(~keep, axis=1, kind="stable")[:, :k]

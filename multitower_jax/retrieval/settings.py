@@ -11,6 +11,8 @@ import math
 
 import ml_collections
 
+from multitower_jax.config import ConfigError
+
 
 def default_config() -> ml_collections.ConfigDict:
     r = ml_collections.ConfigDict()
@@ -53,13 +55,13 @@ class RetrievalSettings:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | None) -> RetrievalSettings:
-        """From ``config.retrieval`` (missing keys take their defaults); ValueError names a bad key."""
+        """From ``config.retrieval`` (missing keys take their defaults); ConfigError names a bad key."""
         section = config.get("retrieval") if config is not None else None
         values = dict(default_config())
         if section is not None:
             unknown = sorted(set(section) - set(values))
             if unknown:
-                raise ValueError(f"config.retrieval: unknown keys {unknown}; known: {sorted(values)}")
+                raise ConfigError(f"config.retrieval: unknown keys {unknown}; known: {sorted(values)}")
             values.update(dict(section))
         out = cls(**{f.name: type(f.default)(values[f.name]) for f in dataclasses.fields(cls)})
         out.validate()
@@ -68,7 +70,7 @@ class RetrievalSettings:
     def validate(self) -> None:
         def need(ok: bool, key: str, expected: str) -> None:
             if not ok:
-                raise ValueError(f"config.retrieval.{key}: expected {expected}, got {getattr(self, key)!r}")
+                raise ConfigError(f"config.retrieval.{key}: expected {expected}, got {getattr(self, key)!r}")
 
         for key in ("export_batch_size", "dims_per_block", "reorder_multiplier", "training_sample_size"):
             need(getattr(self, key) > 0, key, "a positive integer")

@@ -1,0 +1,302 @@
+"""Retrieval: export, index, query rule, targeting guarantee, live updates, mismatch errors, eval."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from multitower_jax import cli
+from multitower_jax.data import pipeline
+from multitower_jax.data.synthetic import World
+from multitower_jax.inference import load_trained
+from multitower_jax.retrieval import export as export_lib
+from multitower_jax.retrieval import targeting as T
+from multitower_jax.retrieval.index import AdIndex, AdStore, IndexMismatchError, build_from_export, query_rule
+from multitower_jax.retrieval.retriever import Eligibility, Retriever
+from multitower_jax.retrieval.settings import RetrievalSettings
+from tests.conftest import synthetic_config
+
+SCANN = RetrievalSettings(exact_below=0, leaves_fraction=0.3, exact_eligible_below=0)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_dir, tmp_path_factory):
+    """A workdir with one checkpoint of freshly initialized parameters: retrieval needs a model,
+    not a good one (every figure below is checked against a reference), and this skips compiling
+    and running train steps."""
+    from multitower_jax import config as config_lib
+    from multitower_jax.train.trainer import Trainer
+
+    workdir = tmp_path_factory.mktemp("retrieval_workdir")
+    config = synthetic_config(synthetic_dir)
+    config_lib.write_resolved(config, workdir)
+    trainer = Trainer(config, workdir)
+    manager = trainer.checkpoint_manager()
+    trainer.save(manager, trainer.init_state(), iter(trainer.dataset("train", train=True)), force=True)
+    manager.wait_until_finished()
+    return load_trained(workdir)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "E"
+    export_lib.export(trained, out, batch_size=128)  # 400 ads: 3 full batches and a padded one
+    return out
+
+
+@pytest.fixture(scope="module")
+def forward(trained):
+    """Reference path: every test impression through the training pipeline and the full model."""
+    parts = {}
+    for batch in pipeline.make_dataset(trained.config, trained.spec, trained.stats, placement="search",
+                                       split="test", train=False, batch_size=512):
+        out = trained.model.apply({"params": trained.params}, batch, "search")
+        keep = batch["valid"] > 0
+        for key, value in (("e_user", out["e_user"]), ("e_context", out["e_context"]), ("e_ad", out["e_ad"]),
+                           ("ad_id", batch["ad_id"]), ("user_id", batch["user_id"]), ("click", batch["click"])):
+            parts.setdefault(key, []).append(np.asarray(value)[keep])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _brute_top(q, e, k, mask=None):
+    """numpy reference: exact cosine top-k row indices (ties broken by index)."""
+    s = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (e / np.linalg.norm(e, axis=1, keepdims=True)).T
+    if mask is not None:
+        s = np.where(mask[None], s, -np.inf)
+    return np.argsort(-s, axis=1, kind="stable")[:, :k], s
+
+
+def test_export_matches_the_model_on_pipeline_batches(trained, exported, forward):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["num_ads"] == 400 and manifest["num_users"] == 2000 and manifest["model_step"] == 0
+    assert manifest["fingerprint"] == trained.fingerprint and manifest["query_rule"] == query_rule(True)
+    store = AdStore.load(exported)
+    user_ids, user_emb = np.load(exported / "user_ids.npy"), np.load(exported / "user_embeddings.npy")
+    # Independent path: the TFDS test split through the training pipeline and the full forward pass.
+    row = {a: i for i, a in enumerate(store.ad_ids)}
+    np.testing.assert_allclose(store.embeddings[[row[a] for a in forward["ad_id"]]], forward["e_ad"], atol=2e-5)
+    urow = {u: i for i, u in enumerate(user_ids)}
+    np.testing.assert_allclose(user_emb[[urow[u] for u in forward["user_id"]]], forward["e_user"], atol=2e-5)
+    # Bids and targeting come through from the world.
+    world = World(trained.config.synthetic, trained.spec)
+    np.testing.assert_array_equal(store.bid[np.argsort(store.ad_ids)], world.ad_bids)
+    np.testing.assert_array_equal(store.quality, 1.0)
+    rules = world.ad_targeting()
+    for i in range(0, 400, 7):
+        got = T.decode(store.targeting[i])
+        a = int(store.ad_ids[i])
+        assert got == {"countries": rules["target.countries"][a], "devices": rules["target.devices"][a],
+                       "placements": rules["target.placements"][a]}
+
+
+def test_export_rejects_bad_catalogues(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        export_lib.export(trained, tmp_path / "E", tmp_path / "nope.parquet", "")
+    table = pq.read_table(export_lib.default_catalogue(trained.config))
+    pq.write_table(table.drop(["ad.brand_id"]), tmp_path / "a.parquet")
+    with pytest.raises(export_lib.CatalogueError, match=r"missing column\(s\) \['ad.brand_id'\]"):
+        export_lib.export(trained, tmp_path / "E", tmp_path / "a.parquet", "")
+    bids = table.column("bid").to_pylist()
+    bids[5] = None
+    pq.write_table(table.set_column(table.schema.get_field_index("bid"), "bid", pa.array(bids)), tmp_path / "b.parquet")
+    with pytest.raises(export_lib.CatalogueError, match="row 5, column 'bid' is null"):
+        export_lib.export(trained, tmp_path / "E", tmp_path / "b.parquet", "")
+    places = table.column("target.placements").to_pylist()
+    places[9] = ["moon"]
+    pq.write_table(table.set_column(table.schema.get_field_index("target.placements"), "target.placements",
+                                    pa.array(places)), tmp_path / "c.parquet")
+    with pytest.raises(T.TargetingError, match="row 9.*unknown placement 'moon'"):
+        export_lib.export(trained, tmp_path / "E", tmp_path / "c.parquet", "")
+    assert not (tmp_path / "E").exists()  # nothing half-written
+
+
+def test_query_rule_is_the_training_rule(trained, exported, tmp_path):
+    from multitower_jax.train.losses import retrieval_logits
+
+    index = build_from_export(exported, tmp_path / "I", RetrievalSettings())
+    retriever = Retriever.load(tmp_path / "I", trained)
+    rng = np.random.default_rng(0)
+    e_u, e_c = rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=(8, 16)).astype(np.float32)
+    q = retriever.query_embeddings(e_u, e_c)
+    rows = np.arange(8) * 50
+    ads = index.store.embeddings[rows]
+    want = np.asarray(retrieval_logits(e_u, e_c, ads, np.arange(8), None, temperature=1.0,
+                                       logq_correction=False, l2_normalize=True))
+    got = retriever.search(q, 400)  # exact mode (400 ads < exact_below): every ad, scored
+    score = {(b, r): s for b in range(8) for r, s in zip(got.rows[b], got.scores[b])}
+    np.testing.assert_allclose([[score[(b, r)] for r in rows] for b in range(8)], want, atol=1e-5)
+    top, _ = _brute_top(e_u + e_c, index.store.embeddings, 10)
+    np.testing.assert_array_equal(got.rows[:, :10], top)
+
+
+def test_index_refuses_another_model(trained, exported, tmp_path, capsys):
+    build_from_export(exported, tmp_path / "I", RetrievalSettings())
+    config = trained.config.copy_and_resolve_references()
+    config.loss.l2_normalize = False
+    with pytest.raises(IndexMismatchError, match="query_rule"):
+        Retriever.load(tmp_path / "I", dataclasses.replace(trained, config=config))
+    config = trained.config.copy_and_resolve_references()
+    config.model.fusion_hidden = (8,)
+    with pytest.raises(IndexMismatchError, match="fingerprint"):
+        Retriever.load(tmp_path / "I", dataclasses.replace(trained, config=config))
+    manifest = json.loads((tmp_path / "I" / "manifest.json").read_text())
+    (tmp_path / "I" / "manifest.json").write_text(json.dumps({**manifest, "embed_dim": 32}))
+    code = cli.main(["retrieve-eval", "--workdir", str(trained.workdir), "--index", str(tmp_path / "I")])
+    assert code == 2 and "embed_dim is 32 but the model has 16" in capsys.readouterr().err
+
+
+def _structured(n, d, q, seed=0):
+    from multitower_jax.bench.retrieve import structured_embeddings
+
+    return structured_embeddings(n, q, d, seed=seed, num_topics=200)
+
+
+def _index(e, bits=None, settings=SCANN):
+    n = len(e)
+    store = AdStore(np.arange(n, dtype=np.int64) * 3 + 1, e, np.linspace(0.5, 2, n).astype(np.float32),
+                    np.ones(n, np.float32), T.untargeted(n) if bits is None else bits)
+    return AdIndex.build(store, {"fingerprint": "f", "embed_dim": e.shape[1], "query_rule": query_rule(True)},
+                         settings)
+
+
+def test_scann_recall_against_brute_force_and_round_trip(tmp_path):
+    e, q = _structured(6000, 32, 200)
+    index = _index(e, settings=RetrievalSettings(exact_below=0, leaves_fraction=0.15))
+    assert index.mode == "scann" and index.manifest["num_leaves"] == 77  # round(sqrt(6000))
+    rows, scores = index.search(q, 10)
+    top, s = _brute_top(q, e, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, top)])
+    assert recall >= 0.9, recall
+    np.testing.assert_allclose(scores, np.take_along_axis(s, rows, 1), atol=1e-4)  # reordered exactly
+    index.save(tmp_path / "I")
+    again = AdIndex.load(tmp_path / "I")
+    np.testing.assert_array_equal(again.search(q, 10)[0], rows)
+    exact_rows, _ = index.exact(q, 10)
+    np.testing.assert_array_equal(exact_rows, top)
+
+
+def test_targeting_returns_k_eligible_ads_whenever_k_exist():
+    e, q = _structured(4000, 16, 60, seed=1)
+    rng = np.random.default_rng(0)
+    n = len(e)
+    countries = [[3] if i < 4 else sorted(set(rng.integers(0, 6, 2).tolist())) if rng.random() < 0.5 else []
+                 for i in range(n)]
+    countries[:4] = [[7]] * 4  # country 7: the unrestricted ads and these 4
+    devices = [[2] if rng.random() < 0.3 else [] for _ in range(n)]
+    places = [["cart"] if rng.random() < 0.2 else [] for _ in range(n)]
+    bits = T.encode({"countries": countries, "devices": devices, "placements": places}, n)
+    retriever = Retriever(_index(e, bits))
+    country = rng.integers(0, 8, len(q))
+    country[:5] = 7
+    device = rng.integers(0, 4, len(q))
+    device[5] = -1  # unknown device: only device-unrestricted ads
+    got = retriever.search(q, 50, Eligibility(country=country, device=device, placement="search"))
+    for b in range(len(q)):  # brute-force reference over the eligible set, straight from the lists
+        ok = np.array([(not countries[i] or country[b] in countries[i]) and
+                       (not devices[i] or device[b] in devices[i]) and "cart" not in places[i] for i in range(n)])
+        want, _ = _brute_top(q[b:b + 1], e, min(50, ok.sum()), ok)
+        assert got.valid[b].sum() == min(50, ok.sum())
+        assert ok[got.rows[b][got.valid[b]]].all()
+        overlap = len(set(got.rows[b][got.valid[b]]) & set(want[0])) / len(want[0])
+        assert overlap >= 0.9, (b, overlap)
+    # An audience with fewer than k eligible ads gets all of them, then padding.
+    only = T.encode({"countries": [[9] if i % 500 == 0 else [5] for i in range(n)]}, n)
+    few = Retriever(_index(e, only)).search(q[:3], 20, Eligibility(country=np.full(3, 9)))
+    assert few.valid.sum(1).tolist() == [8, 8, 8] and set(few.rows[0][:8]) == set(range(0, n, 500))
+    assert (few.ad_ids[:, 8:] == -1).all() and np.isneginf(few.scores[:, 8:]).all()
+    np.testing.assert_array_equal(got.bid[got.valid], retriever.index.store.bid[got.rows[got.valid]])
+    np.testing.assert_array_equal(got.embeddings[got.valid], e[got.rows[got.valid]])
+
+
+def test_live_upsert_delete_and_rebuild(tmp_path):
+    e, q = _structured(3000, 16, 40, seed=2)
+    index = _index(e, settings=RetrievalSettings(exact_below=0, leaves_fraction=0.3, rebuild_fraction=0.002))
+    retriever = Retriever(index)
+
+    def consistent():  # ScaNN datapoint i is store row i: its score is q . normalized(store row i)
+        rows, scores = index.search(q, 20)
+        e_n = index.store.embeddings / np.linalg.norm(index.store.embeddings, axis=1, keepdims=True)
+        np.testing.assert_allclose(scores, np.einsum("bd,bkd->bk", q / np.linalg.norm(q, axis=1, keepdims=True),
+                                                     e_n[rows]), atol=1e-4)
+        return rows
+
+    consistent()
+    new_ids = np.array([100_000, 100_001])
+    new = AdStore(new_ids, (q[:2] * 5).astype(np.float32), np.array([9, 9], np.float32), np.ones(2, np.float32),
+                  T.untargeted(2))
+    retriever.upsert(new)
+    assert len(index) == 3002
+    got = retriever.search(q[:2], 5)
+    assert got.ad_ids[:, 0].tolist() == new_ids.tolist() and (got.bid[:, 0] == 9).all()
+    updated_id = int(index.store.ad_ids[10])  # move ad 10 onto query 5
+    retriever.upsert(AdStore(np.array([updated_id]), q[5:6].copy(), np.ones(1, np.float32), np.ones(1, np.float32),
+                             T.untargeted(1)))
+    assert retriever.search(q[5:6], 1).ad_ids[0, 0] == updated_id and len(index) == 3002
+    assert not index.needs_rebuild()  # 3 mutations: 0.1% of the 3000 it was built on
+    gone = np.concatenate([new_ids[:1], index.store.ad_ids[[0, 7, 2999]]])
+    retriever.delete(gone)
+    assert len(index) == 2998
+    rows = consistent()
+    assert not np.isin(index.store.ad_ids[rows], gone).any()
+    assert retriever.search(q[:1], 5).ad_ids[0, 0] != new_ids[0]
+    with pytest.raises(KeyError):
+        retriever.delete([123_456_789])
+    assert index.needs_rebuild()  # 7 mutations > 0.2%
+    index.save(tmp_path / "I")
+    loaded = AdIndex.load(tmp_path / "I")
+    np.testing.assert_array_equal(loaded.search(q, 20)[0], index.search(q, 20)[0])
+    index.rebuild()
+    assert index.manifest["mutations_since_build"] == 0 and not index.needs_rebuild()
+    consistent()
+
+
+def test_oracle_replay_reproduces_p_click(synthetic_dir):
+    config = synthetic_config(synthetic_dir)
+    from multitower_jax import features as F
+
+    world = World(config.synthetic, F.parse_spec(config.features))
+    rows = next(world.impressions("search", "test", 2000, chunk_size=2000))
+    pick = np.arange(0, 2000, 13)
+    logits = world.oracle_click_logits("search", "test", 2000, rows["impression_id"][pick])
+    p = 1 / (1 + np.exp(-logits[np.arange(len(pick)), rows["ad_id"][pick]]))
+    np.testing.assert_allclose(p, rows["p_click"][pick], rtol=1e-5)
+
+
+def test_cli_export_index_retrieve_eval(trained, forward, tmp_path):
+    W, E, I = str(trained.workdir), str(tmp_path / "E"), str(tmp_path / "I")
+    assert cli.main(["export", "--workdir", W, "--out", E, "--users", ""]) == 0
+    assert cli.main(["index", "--embeddings", E, "--out", I, "--config.retrieval.exact_below=0",
+                     "--config.retrieval.leaves_fraction=1.0"]) == 0  # all leaves: plumbing, not ANN quality
+    assert json.loads((tmp_path / "I" / "manifest.json").read_text())["mode"] == "scann"
+    assert cli.main(["retrieve-eval", "--workdir", W, "--index", I]) == 0
+    report = json.loads((tmp_path / "I" / "retrieval_eval.json").read_text())
+    # Reference: every clicked test impression through the training pipeline and the full model,
+    # exact cosine top-K over the exported ads in numpy.
+    store = AdStore.load(tmp_path / "E")
+    clicked = forward["click"] > 0
+    clicked_ad = forward["ad_id"][clicked]
+    top, _ = _brute_top(forward["e_user"][clicked] + forward["e_context"][clicked], store.embeddings, 400)
+    assert report["num_clicked_impressions"] == len(clicked_ad)
+    for k in (10, 100, 500):
+        want = (store.ad_ids[top[:, :k]] == clicked_ad[:, None]).any(1).mean()
+        assert abs(report["model_hit_rate_at_k"][str(k)] - want) <= 2 / len(clicked_ad)
+        assert report["recall_at_k_vs_exact"][str(k)] >= 0.99
+    assert report["model_hit_rate_at_k"]["500"] == 1.0 and report["oracle_hit_rate_at_k"]["500"] == 1.0
+    assert report["oracle_hit_rate_at_k"]["10"] > 2 * report["random_hit_rate_at_k"]["10"]
+    # Targeting can only drop ineligible clicked ads; with K >= #ads every eligible one comes back.
+    assert report["model_hit_rate_at_k_targeted"]["100"] <= report["clicked_ad_eligible_fraction"]
+    assert report["model_hit_rate_at_k_targeted"]["500"] == report["clicked_ad_eligible_fraction"] < 1.0
+
+
+def test_bench_retrieve_tiny(tmp_path):
+    from multitower_jax.bench import retrieve
+
+    figures = retrieve.run(None, num_ads=3000, dim=16, num_queries=100, json_path=tmp_path / "b.json",
+                           single_queries=20)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    for key in ("build_seconds", "recall_at_100", "scann_qps_batched", "scann_qps_single", "brute_force_qps"):
+        assert saved[key] == figures[key] and saved[key] > 0
+    assert figures["recall_at_100"] >= 0.95 and figures["num_leaves"] == 55
