@@ -241,3 +241,23 @@ def test_cli_rank_bad_input_exits_2(tmp_path, capsys):
     assert cli.main(["export-scorer", "--workdir", str(tmp_path), "--out", str(tmp_path / "s"),
                      "--config.model.head=ctr"]) == 2
     assert "only --config.serving" in capsys.readouterr().err
+
+
+def test_export_ad_parts_are_used_when_they_match_the_index(served, tmp_path):
+    from multitower_jax.serving.scorer import compute_ad_parts, write_ad_parts
+
+    ranker, store = served
+    files = write_ad_parts(ranker.trained, store.embeddings, tmp_path)
+    np.save(tmp_path / "ad_ids.npy", store.ad_ids)
+    other = Ranker(ranker.trained, ranker.retriever, export_dir=tmp_path)
+    try:
+        got = other.ad_parts("search")
+        assert isinstance(got, np.memmap) and files == {"search": "fusion_ad_part_search.npy"}
+        np.testing.assert_allclose(got, np.asarray(store.embeddings) @ np.asarray(
+            ranker.trained.params["fusions_search"]["mlp"]["block_0"]["dense"]["kernel"])[32:48], rtol=1e-5, atol=1e-5)
+        np.save(tmp_path / "ad_ids.npy", store.ad_ids[::-1])  # the index no longer matches: recomputed
+        other._ad_parts_store = None
+        np.testing.assert_array_equal(other.ad_parts("search"), compute_ad_parts(other.scorers["search"],
+                                                                                 store.embeddings))
+    finally:
+        other.close()

@@ -137,7 +137,7 @@ def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
     """Export the scorer of every placement of `trained` (an `inference.Trained`) into `out`."""
     from multitower_jax.retrieval.index import atomic_dir
     from multitower_jax.serving import settings as settings_lib
-    from multitower_jax.serving.scorer import Scorer, ad_part, score_candidates
+    from multitower_jax.serving.scorer import Scorer, ad_part, score_batch
 
     settings = settings_lib.ServingSettings.from_config(trained.config)
     platforms = tuple(platforms or (jax.default_backend(),))
@@ -160,7 +160,7 @@ def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
                 jax.ShapeDtypeStruct((b, n), np.bool_))
 
         def score(*arrays, params=params, spec=spec):  # parameters and calibration become constants
-            return score_candidates(params, calibration, spec, *arrays)
+            return score_batch(params, calibration, spec, *arrays)
 
         exported = jax.export.export(jax.jit(score), platforms=platforms)(*args)
         (m,) = jax.export.symbolic_shape("m")
