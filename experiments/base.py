@@ -131,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
     # objective, user-embedding cache and micro-batching; see multitower_jax/serving/settings.py.
     config.serving = serving_settings.defaults()
 
-    # Calibration (multitower calibrate), per head: "isotonic" | "platt" | "temperature" | "none"
+    # Calibration (multitower calibrate), per head: "isotonic" | "platt" | "temperature" | "identity"
     # (ctcvr also "product" = calibrated pCTR x pCVR), ECE bins, output clipping;
     # see multitower_jax/calibration/core.py.
     config.calibration = calibration.default_config()

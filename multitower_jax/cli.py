@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", default=None, help="also write one row per impression to this Parquet file")
     distributed.add_flags(p)
     p = sub.add_parser("calibrate", help=COMMANDS["calibrate"], description=COMMANDS["calibrate"] + ". Methods "
-                       "and bins: --config.calibration.ctr=isotonic|platt|temperature|none, .cvr=..., "
+                       "and bins: --config.calibration.ctr=isotonic|platt|temperature|identity, .cvr=..., "
                        ".ctcvr=product|..., .ece_bins=15")
     p.add_argument("--workdir", required=True, help="a workdir written by `multitower train` (written into)")
     distributed.add_flags(p)

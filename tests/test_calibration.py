@@ -166,11 +166,11 @@ def test_fit_heads_and_ctcvr_product_or_own_map():
     assert float(product.params["cvr"]["a"]) == pytest.approx(float(ref["a"]), rel=1e-6)
     with pytest.raises(ValueError, match="outputs"):
         product.apply("ctcvr", p)
-    own = C.fit(pred, C.HEADS, {"ctr": "none", "cvr": "none", "ctcvr": "temperature"})
+    own = C.fit(pred, C.HEADS, {"ctr": "identity", "cvr": "identity", "ctcvr": "temperature"})
     ref_t = C.fit_temperature((np.clip(p, 1e-6, 1) * np.clip(pcvr, 1e-6, 1)).astype(np.float32), y * conversion)
     assert float(own.params["ctcvr"]["temperature"]) == pytest.approx(float(ref_t["temperature"]), rel=1e-4)
     with pytest.raises(C.CalibrationError, match="cvr.*positive"):
-        C.fit({**pred, "conversion": np.zeros_like(conversion)}, C.HEADS, {"ctr": "none", "cvr": "platt",
+        C.fit({**pred, "conversion": np.zeros_like(conversion)}, C.HEADS, {"ctr": "identity", "cvr": "platt",
                                                                           "ctcvr": "product"})
 
 
@@ -216,7 +216,7 @@ def test_load_identity_notice_fingerprint_and_bad_files(tmp_path, caplog):
     from multitower_jax.inference import fingerprint
 
     C.save(cal, tmp_path, fingerprint=fingerprint(config))
-    assert C.load(tmp_path).method("ctr") == "none"
+    assert C.load(tmp_path).method("ctr") == "identity"
     C.save(cal, tmp_path, fingerprint="another-model")
     with pytest.raises(C.CalibrationError, match="another-model"):
         C.load(tmp_path)
@@ -230,6 +230,9 @@ def test_config_validation_names_the_key(tmp_path):
         tiny_config(tmp_path, "--config.calibration.ctr=magic")
     with pytest.raises(config_lib.ConfigError, match="calibration.ctr"):
         tiny_config(tmp_path, "--config.calibration.ctr=product")  # only for ctcvr
+    with pytest.raises(config_lib.ConfigError, match="calibration.cvr.*identity"):
+        tiny_config(tmp_path, "--config.calibration.cvr=none")
+    assert tiny_config(tmp_path, "--config.calibration.cvr=identity").calibration.cvr == "identity"
     with pytest.raises(config_lib.ConfigError, match="calibration.ece_bins"):
         tiny_config(tmp_path, "--config.calibration.ece_bins=1")
 

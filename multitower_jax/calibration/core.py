@@ -18,7 +18,8 @@ map. Methods:
 - platt: sigmoid(a * logit(p) + b), fitted by maximum likelihood.
 - temperature: sigmoid(logit(p) / T); one parameter, so it can fix over- or under-confidence
   but not a shifted base rate (hence the downsampling correction before it).
-- none: the (corrected) model probability.
+- identity: the (corrected) model probability.
+  ("none" would not do: `--config.x=none` sets None.)
 
 pCTCVR is, by default ("product"), calibrated pCTR x calibrated pCVR: ESMM defines
 pCTCVR = pCTR x pCVR and the multi-objective ranking mixes the two, so keeping the identity
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 FILE = "calibration.json"
 FORMAT_VERSION = 1
-METHODS = ("isotonic", "platt", "temperature", "none")
+METHODS = ("isotonic", "platt", "temperature", "identity")
 PRODUCT = "product"  # calibration.ctcvr only
 HEADS = ("ctr", "cvr", "ctcvr")
 DEFAULT_EPS = 1e-6
@@ -61,7 +62,7 @@ class CalibrationError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
     """The ``config.calibration`` section (experiments/base.py uses it; old workdirs fall back to it)."""
     c = ml_collections.ConfigDict()
-    c.ctr = "isotonic"  # "isotonic" | "platt" | "temperature" | "none"
+    c.ctr = "isotonic"  # "isotonic" | "platt" | "temperature" | "identity"
     c.cvr = "temperature"  # fitted on clicked impressions only, like the CVR loss
     # "product": calibrated pCTR x calibrated pCVR (keeps ESMM's identity); or a method of its own.
     c.ctcvr = PRODUCT
@@ -94,7 +95,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
     def require(ok: bool, key: str, expected: str) -> None:
         if not ok:
-            raise config_lib.ConfigError(f"config.calibration.{key}: expected {expected}, got {c[key]!r}")
+            hint = " (an override `=none` reads as None: write `=identity`)" if c[key] is None else ""
+            raise config_lib.ConfigError(f"config.calibration.{key}: expected {expected}, got {c[key]!r}{hint}")
 
     require(c.ctr in METHODS, "ctr", f"one of {METHODS}")
     require(c.cvr in METHODS, "cvr", f"one of {METHODS}")
@@ -141,8 +143,8 @@ def _apply_temperature(params: Mapping[str, jax.Array], p_B: jax.Array) -> jax.A
 
 
 _APPLY = {"isotonic": _apply_isotonic, "platt": _apply_platt, "temperature": _apply_temperature,
-          "none": lambda params, p_B: p_B}
-_PARAM_NAMES = {"isotonic": ("x", "y"), "platt": ("a", "b"), "temperature": ("temperature",), "none": ()}
+          "identity": lambda params, p_B: p_B}
+_PARAM_NAMES = {"isotonic": ("x", "y"), "platt": ("a", "b"), "temperature": ("temperature",), "identity": ()}
 
 
 @flax.struct.dataclass
@@ -166,7 +168,7 @@ class Calibration:
 
     @property
     def is_identity(self) -> bool:
-        return all(m in ("none", PRODUCT) for _, m in self.methods) and float(self.negative_rate) == 1.0
+        return all(m in ("identity", PRODUCT) for _, m in self.methods) and float(self.negative_rate) == 1.0
 
     def apply(self, head: str, p_B: jax.Array) -> jax.Array:
         """Calibrated probabilities of one head; pure jnp (jit-, vmap- and export-safe).
@@ -209,7 +211,7 @@ class Calibration:
     def identity(cls, heads: tuple[str, ...] = HEADS, negative_rate: float = 1.0,
                  clip_eps: float = DEFAULT_EPS) -> Calibration:
         """No fitted map (only the downsampling correction, if any); pCTCVR stays pCTR x pCVR."""
-        methods = tuple((h, PRODUCT if h == "ctcvr" else "none") for h in heads)
+        methods = tuple((h, PRODUCT if h == "ctcvr" else "identity") for h in heads)
         return cls.create({h: {} for h in heads}, methods, negative_rate, clip_eps)
 
     @classmethod

@@ -87,7 +87,7 @@ def fit_temperature(p: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, e
 
 
 FITTERS = {"isotonic": fit_isotonic, "platt": fit_platt, "temperature": fit_temperature,
-           "none": lambda p, y, w=None, eps=1e-6, head="": {}}
+           "identity": lambda p, y, w=None, eps=1e-6, head="": {}}
 
 
 def fit(pred: Mapping[str, np.ndarray], heads: tuple[str, ...], methods: Mapping[str, str],
