@@ -166,10 +166,6 @@ class Calibration:
                 return m
         raise KeyError(f"no calibrator for head {head!r}; this model has {self.heads}")
 
-    @property
-    def is_identity(self) -> bool:
-        return all(m in ("identity", PRODUCT) for _, m in self.methods) and float(self.negative_rate) == 1.0
-
     def apply(self, head: str, p_B: jax.Array) -> jax.Array:
         """Calibrated probabilities of one head; pure jnp (jit-, vmap- and export-safe).
 
