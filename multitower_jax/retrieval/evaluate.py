@@ -122,11 +122,12 @@ def evaluate(trained, index_dir: str | os.PathLike, split: str = "test", ks=KS,
     Q = retriever.query_embeddings(q["e_user"], q["e_context"])
     kmax = max(ks)
     ids = index.store.ad_ids
-    approx_rows, _ = index.search(Q, kmax)
     exact_rows, _ = index.exact(Q, kmax)
     to_ids = lambda rows: np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+    # One search per K, as serving would ask (the number of leaves visited depends on K).
+    approx = {k: index.search(Q, k)[0] for k in ks}
     eligibility = Eligibility(country=q.get("user.country"), device=q.get("user.device_type"), placement=placement)
-    targeted = retriever.search(Q, kmax, eligibility)
+    targeted = {k: retriever.search(Q, k, eligibility).ad_ids for k in ks}
     keys, clicked_rows = eligibility.keys(len(Q)), index.rows_of(q["ad_id"])
     uniq, group = np.unique(keys, axis=0, return_inverse=True)
     allowed = np.zeros(len(Q), bool)
@@ -137,12 +138,13 @@ def evaluate(trained, index_dir: str | os.PathLike, split: str = "test", ks=KS,
     report: dict[str, Any] = {
         "split": split, "placement": placement, "num_clicked_impressions": int(len(Q)),
         "num_ads": len(index), "index_mode": index.mode, "num_leaves": index.manifest["num_leaves"],
-        "leaves_to_search": index.settings.search_leaves(index.manifest["num_leaves"]) if index.mode == "scann" else 0,
+        "leaves_to_search_at_k": {str(k): index.settings.search_leaves(index.manifest["num_leaves"], k, len(index))
+                                  if index.mode == "scann" else 0 for k in ks},
         "model_step": trained.step,
-        "recall_at_k_vs_exact": recall_vs_exact(approx_rows, exact_rows, ks),
+        "recall_at_k_vs_exact": {str(k): recall_vs_exact(approx[k], exact_rows, [k])[str(k)] for k in ks},
         "model_hit_rate_at_k": hit_rates(to_ids(exact_rows), q["ad_id"], ks),
-        "model_hit_rate_at_k_index": hit_rates(to_ids(approx_rows), q["ad_id"], ks),
-        "model_hit_rate_at_k_targeted": hit_rates(targeted.ad_ids, q["ad_id"], ks),
+        "model_hit_rate_at_k_index": {str(k): hit_rates(to_ids(approx[k]), q["ad_id"], [k])[str(k)] for k in ks},
+        "model_hit_rate_at_k_targeted": {str(k): hit_rates(targeted[k], q["ad_id"], [k])[str(k)] for k in ks},
         "clicked_ad_eligible_fraction": float(allowed.mean()),
         "random_hit_rate_at_k": {str(k): min(1.0, k / max(len(index), 1)) for k in ks},
         "targeting_applied_to_headline": False,

@@ -239,7 +239,7 @@ class AdIndex:
         if self.searcher is None:
             return self.exact(q_BxD, k)
         B, kk = len(q_BxD), min(k, len(self.store))
-        leaves = leaves_to_search or self.settings.search_leaves(self.manifest["num_leaves"])
+        leaves = leaves_to_search or self.settings.search_leaves(self.manifest["num_leaves"], kk, len(self.store))
         pre = max(kk, reorder or self.settings.reorder(kk))
         if B == 1:
             idx, dist = self.searcher.search(q_BxD[0], kk, pre, leaves)

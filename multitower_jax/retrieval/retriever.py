@@ -113,7 +113,7 @@ class Retriever:
         sparsity = n / eligible
         fetch = min(n, math.ceil(k * sparsity * self.settings.overfetch))
         num_leaves = index.manifest["num_leaves"]
-        leaves = min(num_leaves, math.ceil(self.settings.search_leaves(num_leaves) * sparsity))
+        leaves = min(num_leaves, math.ceil(self.settings.search_leaves(num_leaves, k, n) * sparsity))
         got_rows, got_scores = index.search(q_BxD, fetch, leaves_to_search=leaves)
         keep = (got_rows >= 0) & mask[np.maximum(got_rows, 0)]
         # Stable order of kept entries first (ScaNN returns best first), then take k.

@@ -85,8 +85,13 @@ class RetrievalSettings:
         n = self.num_leaves or round(math.sqrt(num_ads))
         return max(1, min(n, num_ads))
 
-    def search_leaves(self, num_leaves: int) -> int:
+    def search_leaves(self, num_leaves: int, k: int | None = None, num_ads: int | None = None) -> int:
+        """Leaves to visit per query: `leaves_to_search`, or `leaves_fraction` of them; given k and
+        the catalogue size, at least enough leaves to hold twice the candidates re-scored exactly
+        (visiting fewer points than we re-score would waste the reordering)."""
         n = self.leaves_to_search or math.ceil(self.leaves_fraction * num_leaves)
+        if k and num_ads:
+            n = max(n, math.ceil(2 * self.reorder(k) * num_leaves / num_ads))
         return max(1, min(n, num_leaves))
 
     def reorder(self, k: int) -> int:
