@@ -97,7 +97,7 @@ def served(tmp_path_factory):
     """A random-weight tiny model, 60 ads (12 targeted to country 5) in an exact index, and a Ranker."""
     tmp = tmp_path_factory.mktemp("serving")
     config = synthetic_config(tmp, "--config.serving.buckets=(16,32)", f"--config.serving.num_candidates={K}",
-                              f"--config.serving.top_n={TOP_N}", "--config.serving.max_batch_size=4",
+                              f"--config.serving.top_n={TOP_N}", "--config.serving.max_batch_size=2",
                               "--config.serving.max_wait_ms=30")
     trained = random_trained(config, tmp)
     rng = np.random.default_rng(0)
@@ -167,7 +167,7 @@ def test_ranker_matches_brute_force_reference_and_caches_users(served):
 
 def test_concurrent_requests_are_micro_batched_without_recompiling(served):
     ranker, store = served
-    reqs = [make_request(ranker, 100 + i, country=5 if i % 3 == 0 else 3) for i in range(8)]
+    reqs = [make_request(ranker, 100 + i, country=5 if i % 3 == 0 else 3) for i in range(6)]
     alone = [ranker.rank_batch([r])[0] for r in reqs]
     traces = ranker.scorers["search"].trace_count
     results = [None] * len(reqs)
@@ -184,7 +184,7 @@ def test_concurrent_requests_are_micro_batched_without_recompiling(served):
     for t in threads:
         t.join()
     sizes = ranker.batcher.batch_sizes[before:]
-    assert max(sizes) > 1 and max(sizes) <= 4
+    assert max(sizes) == 2  # grouped, never above max_batch_size
     for got, want in zip(results, alone):
         assert [a["ad_id"] for a in got["ads"]] == [a["ad_id"] for a in want["ads"]]
         np.testing.assert_allclose([a["ecpm"] for a in got["ads"]], [a["ecpm"] for a in want["ads"]], rtol=1e-5)
@@ -203,9 +203,9 @@ def test_portable_scorer_runs_without_model_code_and_matches(served, tmp_path):
     scorer = Scorer.from_trained(ranker.trained, "search", cal, ranker.settings)
     rng = np.random.default_rng(5)
     d = ranker.trained.embed_dim
-    inputs = {"e_user": rng.normal(size=(3, d)), "e_context": rng.normal(size=(3, d)),
-              "e_ad": rng.normal(size=(3, 20, d)), "bid": rng.uniform(0.5, 2, (3, 20)),
-              "quality": rng.uniform(0.5, 1.5, (3, 20)), "num_valid": np.array([20, 17, 9])}
+    inputs = {"e_user": rng.normal(size=(2, d)), "e_context": rng.normal(size=(2, d)),
+              "e_ad": rng.normal(size=(2, 20, d)), "bid": rng.uniform(0.5, 2, (2, 20)),
+              "quality": rng.uniform(0.5, 1.5, (2, 20)), "num_valid": np.array([20, 9])}
     inputs = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in inputs.items()}
     np.savez(tmp_path / "inputs.npz", **inputs)
     want = scorer.score(inputs["e_user"], inputs["e_context"], inputs["e_ad"], inputs["bid"], inputs["quality"],

@@ -90,6 +90,7 @@ class Ranker:
         self._export_dir = Path(export_dir) if export_dir else None
         self._ad_parts: dict[str, np.ndarray] = {}
         self._ad_parts_store = None
+        self._targeted = True  # does any ad carry a targeting rule? (refreshed with the ad parts)
         self.batcher = MicroBatcher(self.rank_batch, self.settings.max_batch_size,
                                     self.settings.max_wait_ms / 1000.0, name="ranker")
 
@@ -123,6 +124,7 @@ class Ranker:
         store = self.retriever.index.store
         if self._ad_parts_store is not store:  # first call, or the index was upserted / deleted
             self._ad_parts, self._ad_parts_store = {}, store
+            self._targeted = bool((store.targeting != np.uint64(0xFFFFFFFFFFFFFFFF)).any())
         if placement not in self._ad_parts:
             self._ad_parts[placement] = self._load_or_compute_ad_parts(placement, store)
         return self._ad_parts[placement]
@@ -204,13 +206,15 @@ class Ranker:
         e_ctx = np.asarray(self._context_towers[placement](self._tower_batch("context", placement, columns, n)))[:n]
         t2 = time.perf_counter()
         q = self.retriever.query_embeddings(e_user, e_ctx)
-        unfiltered = -2  # Eligibility's "do not filter on this attribute"
-        eligibility = Eligibility(
-            country=np.array([unfiltered if r.country is None else r.country for r in reqs]),
-            device=np.array([unfiltered if r.device_type is None else r.device_type for r in reqs]),
-            placement=placement)
-        cands = self.retriever.search(q, s.num_candidates, eligibility)
         ad_parts = self.ad_parts(placement)
+        eligibility = None  # an untargeted catalogue skips the per-request pass over every ad's bitset
+        if self._targeted:
+            unfiltered = -2  # Eligibility's "do not filter on this attribute"
+            eligibility = Eligibility(
+                country=np.array([unfiltered if r.country is None else r.country for r in reqs]),
+                device=np.array([unfiltered if r.device_type is None else r.device_type for r in reqs]),
+                placement=placement)
+        cands = self.retriever.search(q, s.num_candidates, eligibility)
         rows = np.maximum(cands.rows, 0)
         part = np.where(cands.valid[..., None], ad_parts[rows.reshape(-1)].reshape(*rows.shape, -1), 0.0)
         t3 = time.perf_counter()

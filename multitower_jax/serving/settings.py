@@ -108,4 +108,5 @@ def bucket_for(n: int, buckets: tuple[int, ...], what: str = "candidates") -> in
     for b in buckets:
         if n <= b:
             return b
-    raise ValueError(f"{n} {what} exceed the largest bucket {buckets[-1]} (config.serving.buckets)")
+    key = "max_batch_size" if what == "requests" else "buckets"
+    raise ValueError(f"{n} {what} exceed the largest bucket {buckets[-1]} (config.serving.{key})")
