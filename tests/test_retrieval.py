@@ -207,6 +207,11 @@ def test_targeting_returns_k_eligible_ads_whenever_k_exist():
     few = Retriever(_index(e, only)).search(q[:3], 20, Eligibility(country=np.full(3, 9)))
     assert few.valid.sum(1).tolist() == [8, 8, 8] and set(few.rows[0][:8]) == set(range(0, n, 500))
     assert (few.ad_ids[:, 8:] == -1).all() and np.isneginf(few.scores[:, 8:]).all()
+    # The per-candidate test agrees with the per-catalogue one.
+    keys = Eligibility(country=country, device=device, placement="search").keys(len(q))
+    cand = rng.integers(0, n, (len(q), 30))
+    full = np.stack([T.eligible_mask(bits, key)[c] for key, c in zip(keys, cand)])
+    np.testing.assert_array_equal(T.allowed(bits[cand], keys), full)
     np.testing.assert_array_equal(got.bid[got.valid], retriever.index.store.bid[got.rows[got.valid]])
     np.testing.assert_array_equal(got.embeddings[got.valid], e[got.rows[got.valid]])
 

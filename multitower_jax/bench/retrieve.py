@@ -8,11 +8,14 @@ the trained ad tower over 1M ads on a 2-core CPU would take longer than the benc
 
 Exact brute force is one float32 matmul + top-k per query chunk (jitted JAX), in the same run.
 The sweep over leaves_to_search picks the fastest setting with recall@100 >= 0.95; single-query
-QPS is measured at that setting with one `search` call per query.
+QPS is measured at that setting with one `search` call per query. The ads carry targeting drawn
+like the synthetic world's, and 500 targeted queries (a country and device each) measure the
+filtered path's recall and QPS at the chosen setting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -23,6 +26,7 @@ from tqdm import tqdm
 from multitower_jax.bench import report
 from multitower_jax.retrieval import targeting as targeting_lib
 from multitower_jax.retrieval.index import AdIndex, AdStore, query_rule
+from multitower_jax.retrieval.retriever import Eligibility, Retriever
 from multitower_jax.retrieval.settings import RetrievalSettings
 
 K = 100
@@ -74,6 +78,25 @@ def brute_force(db: np.ndarray, queries: np.ndarray, k: int, chunk: int = 128) -
     return rows.astype(np.int64), time.perf_counter() - start
 
 
+def synthetic_targeting(num_ads: int, seed: int = 1) -> np.ndarray:
+    """Targeting bitsets drawn like the synthetic world's (`World.ad_targeting`): 15 % of ads
+    restricted to 1-3 (popular) countries, 10 % to a device group, 10 % to 1-2 placements."""
+    from multitower_jax import features as F
+
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(1.0 / np.arange(1, 201) ** 1.1)
+    countries = np.searchsorted(cdf, rng.random((num_ads, 3)) * cdf[-1])
+    n_countries = np.where(rng.random(num_ads) < 0.15, rng.integers(1, 4, num_ads), 0)
+    groups = ([], [0, 1, 3], [2], [0, 1])
+    device = np.where(rng.random(num_ads) < 0.1, rng.integers(1, 4, num_ads), 0)
+    places = np.argsort(rng.random((num_ads, len(F.PLACEMENTS))), 1)[:, :2]
+    n_places = np.where(rng.random(num_ads) < 0.1, rng.integers(1, 3, num_ads), 0)
+    return targeting_lib.encode({
+        "countries": [c[:k].tolist() for c, k in zip(countries, n_countries)],
+        "devices": [groups[d] for d in device],
+        "placements": [[F.PLACEMENTS[j] for j in p[:k]] for p, k in zip(places, n_places)]}, num_ads)
+
+
 def recall(approx: np.ndarray, exact: np.ndarray) -> float:
     k = exact.shape[1]
     return float(np.mean([len(np.intersect1d(a, e)) / k for a, e in zip(approx, exact)]))
@@ -88,7 +111,7 @@ def run(config: ml_collections.ConfigDict | None, num_ads: int = 1_000_000, dim:
     ads, queries = structured_embeddings(num_ads, num_queries, dim)
     exact, bf_seconds = brute_force(ads, queries, k)
     store = AdStore(np.arange(num_ads, dtype=np.int64), ads, np.ones(num_ads, np.float32),
-                    np.ones(num_ads, np.float32), targeting_lib.untargeted(num_ads))
+                    np.ones(num_ads, np.float32), synthetic_targeting(num_ads))
     manifest = {"fingerprint": "bench", "embed_dim": dim, "query_rule": query_rule(True)}
     start = time.perf_counter()
     index = AdIndex.build(store, manifest, settings)
@@ -111,6 +134,24 @@ def run(config: ml_collections.ConfigDict | None, num_ads: int = 1_000_000, dim:
     t0 = time.perf_counter()
     single_rows = [index.search(queries[i:i + 1], k, leaves_to_search=best[0])[0][0] for i in range(n_single)]
     single_qps = n_single / (time.perf_counter() - t0)
+    # Targeted queries (country and device drawn like the world's users, search placement), at the
+    # chosen leaves_to_search (scaled per audience by the retriever); the reference is exact top-k over each query's eligible ads.
+    rng = np.random.default_rng(2)
+    cdf = np.cumsum(1.0 / np.arange(1, 201) ** 1.1)
+    n_t = min(500, num_queries)
+    eligibility = Eligibility(country=np.searchsorted(cdf, rng.random(n_t) * cdf[-1]),
+                              device=rng.choice(5, n_t, p=[0.38, 0.3, 0.22, 0.07, 0.03]), placement="search")
+    retriever = Retriever(index, dataclasses.replace(index.settings, leaves_to_search=best[0]))
+    t0 = time.perf_counter()
+    got = retriever.search(queries[:n_t], k, eligibility)
+    targeted_qps = n_t / (time.perf_counter() - t0)
+    keys = eligibility.keys(n_t)
+    want = np.full((n_t, k), -1, np.int64)
+    for key in np.unique(keys, axis=0):
+        members = np.flatnonzero((keys == key).all(1))
+        rows = np.flatnonzero(targeting_lib.eligible_mask(store.targeting, key))
+        want[members] = index.exact(queries[members], k, rows)[0]
+    assert (got.valid.sum(1) == (want >= 0).sum(1)).all(), "targeting: fewer than K eligible ads came back"
     bf_qps = num_queries / bf_seconds
     figures = {
         "num_ads": num_ads, "dim": dim, "num_queries": num_queries, "num_leaves": leaves,
@@ -121,6 +162,9 @@ def run(config: ml_collections.ConfigDict | None, num_ads: int = 1_000_000, dim:
         "scann_qps_batched": round(best[2], 1),
         "scann_qps_single": round(single_qps, 1),
         "brute_force_qps": round(bf_qps, 1),
+        "recall_at_100_targeted": round(recall(got.rows, want), 4),
+        "scann_qps_targeted": round(targeted_qps, 1),
+        "targeted_exact_fallback_queries": retriever.counts["exact_fallback"] + retriever.counts["exact_small_eligible"],
         "speedup_batched": round(best[2] / bf_qps, 2),
         "speedup_single": round(single_qps / bf_qps, 2),
     }

@@ -10,10 +10,12 @@ Q follows the rule the retrieval loss was trained with (`train/losses.py: retrie
 Q = E_user + E_context, and with `loss.l2_normalize` both Q and E_ad are L2-normalized (cosine).
 The logQ correction is a training-time fix for in-batch sampling bias and is not applied here.
 
-Targeting: for each distinct (country, device, placement) in a batch the eligible set is one
-bitset test over the catalogue. Large eligible sets are searched with ScaNN, over-fetching
-k * N / eligible * overfetch candidates from N / eligible times more leaves, and filtering; small sets, and any query that comes back
-with fewer than min(k, eligible) ads, are searched exactly over the eligible rows. So K eligible
+Targeting: each distinct (country, device, placement) of a batch gets its eligible fraction
+estimated on a fixed sample of ads. Large audiences are searched with ScaNN, over-fetching
+k / fraction * overfetch candidates from 1 / fraction times more leaves (one call per
+power-of-two sparsity), and filtered by a bitset test on the candidates only; small audiences,
+and any query that comes back with fewer than k ads, are searched exactly over the eligible
+rows (one bitset test over the catalogue). So K eligible
 ads come back whenever K exist, and the common, unrestricted case pays only the over-fetch.
 """
 
@@ -32,6 +34,8 @@ from multitower_jax.retrieval.settings import RetrievalSettings
 from multitower_jax.retrieval.targeting import Eligibility
 
 __all__ = ["Candidates", "Eligibility", "Retriever"]
+
+_SAMPLE = 8192  # ads sampled to estimate an audience's eligible fraction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,46 +93,53 @@ class Retriever:
         if eligibility is None or B == 0:
             rows, scores = self.index.search(q_BxD, k)
             return self._gather(rows, scores)
-        rows = np.full((B, k), -1, np.int64)
-        scores = np.full((B, k), -np.inf, np.float32)
-        keys = eligibility.keys(B)
-        uniq, group = np.unique(keys, axis=0, return_inverse=True)
-        for g, key in enumerate(uniq):
-            members = np.flatnonzero(group.reshape(-1) == g)
-            rows[members], scores[members] = self._search_eligible(q_BxD[members], k, key)
+        rows, scores = self._search_targeted(q_BxD, k, eligibility.keys(B))
         return self._gather(rows, scores)
 
-    def _search_eligible(self, q_BxD: np.ndarray, k: int, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        index, n = self.index, len(self.index)
-        mask = targeting_lib.eligible_mask(index.store.targeting, key)
-        eligible = int(mask.sum())
-        if eligible == n:  # nothing filtered out for this audience
-            return index.search(q_BxD, k)
-        eligible_rows = np.flatnonzero(mask)
-        if index.searcher is None or eligible <= self.settings.exact_eligible_below:
-            self.counts["exact_small_eligible"] += len(q_BxD)
-            return index.exact(q_BxD, k, eligible_rows)
-        # Filtering thins every leaf by eligible / n, so the eligible top-k spreads over that many
-        # times more leaves: search proportionally more of them, and over-fetch candidates.
-        sparsity = n / eligible
-        fetch = min(n, math.ceil(k * sparsity * self.settings.overfetch))
-        num_leaves = index.manifest["num_leaves"]
-        leaves = min(num_leaves, math.ceil(self.settings.search_leaves(num_leaves, k, n) * sparsity))
-        got_rows, got_scores = index.search(q_BxD, fetch, leaves_to_search=leaves)
-        keep = (got_rows >= 0) & mask[np.maximum(got_rows, 0)]
-        # Stable order of kept entries first (ScaNN returns best first), then take k.
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-        rows = np.take_along_axis(got_rows, order, 1)
-        scores = np.take_along_axis(got_scores, order, 1)
-        kept = np.take_along_axis(keep, order, 1)
-        rows, scores = np.where(kept, rows, -1), np.where(kept, scores, -np.inf).astype(np.float32)
-        if rows.shape[1] < k:
-            rows = np.pad(rows, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
-            scores = np.pad(scores, ((0, 0), (0, k - scores.shape[1])), constant_values=-np.inf)
-        short = np.flatnonzero(kept.sum(1) < min(k, eligible))
-        if len(short):  # rare: the over-fetch missed; exact over the eligible set keeps the guarantee
-            self.counts["exact_fallback"] += len(short)
-            rows[short], scores[short] = index.exact(q_BxD[short], k, eligible_rows)
+    def _exact_eligible(self, q_BxD: np.ndarray, k: int, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mask = targeting_lib.eligible_mask(self.index.store.targeting, key)
+        return self.index.exact(q_BxD, k, np.flatnonzero(mask))
+
+    def _search_targeted(self, q_BxD: np.ndarray, k: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index, n, s = self.index, len(self.index), self.settings
+        B = len(q_BxD)
+        rows, scores = np.full((B, k), -1, np.int64), np.full((B, k), -np.inf, np.float32)
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        # Each audience's eligible fraction, estimated on a fixed sample of ads (a scan of all N ads
+        # per distinct audience would cost more than the search).
+        sample = index.store.targeting[np.linspace(0, n - 1, min(n, _SAMPLE)).astype(np.int64)]
+        frac = np.array([targeting_lib.eligible_mask(sample, key).mean() for key in uniq])
+        small = (frac * n <= s.exact_eligible_below) | (index.searcher is None)
+        for g in np.flatnonzero(small):  # small audiences: exact search over their ads
+            members = np.flatnonzero(inverse == g)
+            self.counts["exact_small_eligible"] += len(members)
+            rows[members], scores[members] = self._exact_eligible(q_BxD[members], k, uniq[g])
+        # Filtering thins every leaf by the eligible fraction, so the eligible top-k spreads over
+        # 1 / fraction times more leaves: search that many more, over-fetch that many more
+        # candidates. Audiences share one ScaNN call per power-of-two sparsity.
+        bucket = np.where(small, -1, np.ceil(np.log2(1.0 / np.maximum(frac, 1.0 / len(sample)))).astype(np.int64))
+        num_leaves = index.manifest.get("num_leaves", 0)
+        for b in np.unique(bucket[bucket >= 0]):
+            members = np.flatnonzero(bucket[inverse] == b)
+            sparsity = 2.0 ** b
+            fetch = min(n, math.ceil(k * sparsity * s.overfetch))
+            leaves = min(num_leaves, math.ceil(s.search_leaves(num_leaves, k, n) * sparsity))
+            got_rows, got_scores = index.search(q_BxD[members], fetch, leaves_to_search=leaves)
+            keep = (got_rows >= 0) & targeting_lib.allowed(index.store.targeting[np.maximum(got_rows, 0)],
+                                                           keys[members])
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # eligible first, best first
+            kept = np.take_along_axis(keep, order, 1)
+            got = min(k, fetch)
+            rows[members, :got] = np.where(kept, np.take_along_axis(got_rows, order, 1), -1)
+            scores[members, :got] = np.where(kept, np.take_along_axis(got_scores, order, 1), -np.inf)
+            short = members[kept.sum(1) < k]
+            # Fewer than k came back: the audience is smaller than k, or the over-fetch missed.
+            # Exact search over the eligible ads settles both, which keeps the guarantee.
+            for key in np.unique(keys[short], axis=0):
+                redo = short[(keys[short] == key).all(1)]
+                self.counts["exact_fallback"] += len(redo)
+                rows[redo], scores[redo] = self._exact_eligible(q_BxD[redo], k, key)
         return rows, scores
 
     def _gather(self, rows: np.ndarray, scores: np.ndarray) -> Candidates:

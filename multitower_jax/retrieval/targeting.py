@@ -141,6 +141,24 @@ def eligible_mask(bits: np.ndarray, key: Sequence[int]) -> np.ndarray:
     return mask
 
 
+def allowed(bits_BxFxW: np.ndarray, keys_Bx3: np.ndarray) -> np.ndarray:
+    """bool[B, F]: may candidate f of query b be shown to that query's (country, device, placement)?
+    The per-candidate form of `eligible_mask`, for filtering what the ANN search returned."""
+    ok = np.ones(bits_BxFxW.shape[:2], bool)
+    for j, (attr, (_, size)) in enumerate(ATTRIBUTES.items()):
+        v = keys_Bx3[:, j]
+        if (v == -2).all():
+            continue
+        off, words = _OFFSET[attr], _WORDS[attr]
+        known = (v >= 0) & (v < size)
+        safe = np.where(known, v, 0)
+        word = np.take_along_axis(bits_BxFxW, (off + safe // 64)[:, None, None], 2)[..., 0]
+        bit = ((word >> (safe % 64).astype(np.uint64)[:, None]) & np.uint64(1)).astype(bool)
+        unrestricted = (bits_BxFxW[..., off:off + words] == _ALL).all(-1)
+        ok &= np.where((v == -2)[:, None], True, np.where(known[:, None], bit, unrestricted))
+    return ok
+
+
 def decode(bits_row: np.ndarray) -> dict[str, list]:
     """One ad's bitset -> {attribute: allowed values} (empty list = unrestricted); for reports and tests."""
     out = {}
