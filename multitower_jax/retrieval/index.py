@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from multitower_jax.retrieval import targeting as targeting_lib
 from multitower_jax.retrieval.settings import RetrievalSettings
 
 MANIFEST = "manifest.json"
