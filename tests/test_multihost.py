@@ -195,3 +195,28 @@ def test_resume_a_four_device_checkpoint_on_two_devices(synthetic_dir, tmp_path)
     assert kernel.sharding.mesh.devices.size == 2 and int(restored["step"]) == 6
     resumed = run(two, restored, iterator, 6)
     _assert_same_params(_named(resumed["params"]), _named(straight["params"]), tol=1e-5)
+
+
+def test_settings_from_flags_and_environment(tmp_path, capsys):
+    from argparse import Namespace
+
+    from multitower_jax import cli
+
+    env = {distributed.ENV_COORDINATOR: "10.0.0.2:8476", distributed.ENV_NUM_PROCESSES: "4",
+           distributed.ENV_PROCESS_ID: "3"}
+    assert distributed.settings_from(None, env) == distributed.Settings(False, "10.0.0.2:8476", 4, 3)
+    flags = Namespace(distributed=False, coordinator_address=None, num_processes=None, process_id=1)
+    assert distributed.settings_from(flags, env).process_id == 1  # flags win over the environment
+    assert not distributed.settings_from(None, {}).enabled
+    assert distributed.settings_from(Namespace(distributed=True), {}) == distributed.Settings(auto=True)
+    bad = [({distributed.ENV_NUM_PROCESSES: "2"}, "--coordinator-address, --process-id missing"),
+           (dict(env, **{distributed.ENV_COORDINATOR: "10.0.0.2"}), "expected HOST:PORT"),
+           (dict(env, **{distributed.ENV_PROCESS_ID: "4"}), "expected 0 <= id < number of processes"),
+           (dict(env, **{distributed.ENV_NUM_PROCESSES: "four"}), "MULTITOWER_NUM_PROCESSES='four'")]
+    for bad_env, message in bad:
+        with pytest.raises(distributed.DistributedError, match=message):
+            distributed.settings_from(None, bad_env)
+    # The CLI stops before touching JAX, with the message and exit code 2.
+    code = cli.main(["train", "--config", str(REPO / "experiments" / "quickstart.py"), "--workdir", str(tmp_path),
+                     "--num-processes", "2", "--process-id", "0"])
+    assert code == 2 and "--coordinator-address missing" in capsys.readouterr().err
