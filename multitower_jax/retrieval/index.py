@@ -54,7 +54,8 @@ def check_compatible(manifest: dict, *, fingerprint: str, embed_dim: int, rule: 
 def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {folder} a `multitower {kind}` folder?")
+        raise FileNotFoundError(f"{path} not found: is {folder} a `multitower {kind.removeprefix('multitower-')}` "
+                                "folder?")
     manifest = json.loads(path.read_text())
     if manifest.get("kind") != kind:
         raise IndexMismatchError(f"{path}: kind is {manifest.get('kind')!r}, expected {kind!r}")
