@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -121,8 +122,9 @@ def make_request(ranker, seed, country=3):
             "context": random_features(ranker.trained.spec.context("search"), rng)}
 
 
-def reference_answer(ranker, store, request):
-    """Unfactorized towers + numpy brute force over the eligible ads + model.score_embeddings."""
+def reference_answer(ranker, store, request, filtered=True):
+    """Unfactorized towers + numpy brute force over the eligible ads + model.score_embeddings
+    (`filtered=False`: over every ad, as if the request's country were not checked)."""
     trained = ranker.trained
     model, variables = trained.model, {"params": trained.params}
     pre = trained.preprocessor("search").transforms
@@ -135,7 +137,8 @@ def reference_answer(ranker, store, request):
                                "search", method=model.embed_context))
     q = (u + c) / np.linalg.norm(u + c)
     sim = (store.embeddings / np.linalg.norm(store.embeddings, axis=1, keepdims=True)) @ q[0]
-    eligible = np.arange(NUM_ADS) >= RESTRICTED if request["user"]["country"] != 5 else np.ones(NUM_ADS, bool)
+    eligible = (np.arange(NUM_ADS) >= RESTRICTED if filtered and request["user"]["country"] != 5
+                else np.ones(NUM_ADS, bool))
     cands = np.argsort(-np.where(eligible, sim, -np.inf))[:K]
     out = model.apply(variables, np.repeat(u, K, 0), np.repeat(c, K, 0), store.embeddings[cands], "search",
                       method=model.score_embeddings)
@@ -161,7 +164,7 @@ def test_ranker_matches_brute_force_reference_and_caches_users(served):
         ranker.rank_batch([{"user_id": 999, "context": req["context"]}])
     bad = make_request(ranker, 2)
     del bad["context"]["query"]
-    with pytest.raises(requests_lib.RequestError, match=r"request.context.query: missing"):
+    with pytest.raises(requests_lib.RequestError, match=r"request 0\.context\.query: missing"):
         ranker.rank_batch([bad])
 
 
@@ -261,3 +264,167 @@ def test_export_ad_parts_are_used_when_they_match_the_index(served, tmp_path):
                                                                                  store.embeddings))
     finally:
         other.close()
+
+
+def test_micro_batcher_per_item_errors_lone_request_wait_and_close():
+    def fn(items):
+        return [ValueError(f"item {x} is bad") if x < 0 else x * 10 for x in items]
+
+    with MicroBatcher(fn, max_batch_size=4, max_wait_s=0.2) as batcher:
+        good, bad = batcher.submit(3), batcher.submit(-1)  # queued together: one batch
+        assert good.result(timeout=30) == 30
+        with pytest.raises(ValueError, match="item -1 is bad"):
+            bad.result(timeout=30)
+        assert batcher.batch_sizes == [2]
+        # A lone request waits for company at most max_wait_s (generous margin for a busy CPU).
+        start = time.perf_counter()
+        assert batcher(7) == 70
+        assert time.perf_counter() - start < 0.2 + 2.0
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(1)
+
+    # close() while callers are queued: each is served or fails, none waits forever.
+    release = threading.Event()
+
+    def slow(items):
+        release.wait(10)
+        return list(items)
+
+    batcher = MicroBatcher(slow, max_batch_size=1, max_wait_s=0.0)
+    futures = [batcher.submit(i) for i in range(3)]
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    futures[2].cancel()  # a caller that gave up is skipped, not a crash of the worker
+    release.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    assert [f.result(timeout=1) for f in futures[:2]] == [0, 1] and futures[2].cancelled()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher(5)
+
+
+def test_cache_counts_get_lookups():
+    cache = TTLCache(ttl_s=10, max_size=4)
+    assert cache.get("a") is None
+    cache.put("a", ("any", "value"))
+    assert cache.get("a") == ("any", "value") and (cache.hits, cache.misses) == (1, 1)
+
+
+def test_anonymous_requests_are_never_served_another_users_embedding(served):
+    ranker, store = served
+    size = len(ranker.cache)
+    answers = []
+    for seed in (301, 302):  # one after the other: each alone, at batch position 0
+        req = make_request(ranker, seed)
+        del req["user_id"]
+        answer = ranker.rank(req)
+        ids, ecpm, _ = reference_answer(ranker, store, req)
+        assert [a["ad_id"] for a in answer["ads"]] == ids.tolist()
+        np.testing.assert_allclose([a["ecpm"] for a in answer["ads"]], ecpm, rtol=1e-4)
+        answers.append(answer)
+    assert answers[0]["ads"] != answers[1]["ads"] and len(ranker.cache) == size  # nothing cached
+
+
+def _bad_requests(ranker):
+    missing = make_request(ranker, 402)
+    del missing["context"]["query"]
+    wrong_type = make_request(ranker, 403)
+    wrong_type["context"]["hour_of_day"] = "noon"
+    unknown = {"placement": "search", "user_id": 123456, "context": make_request(ranker, 404)["context"]}
+    return [(missing, r"request\.context\.query: missing"),
+            (wrong_type, r"request\.context\.hour_of_day: expected an integer"),
+            (unknown, r"request\.user_id: user_id 123456 is not cached")]
+
+
+def test_a_bad_request_fails_alone_and_names_its_field(served):
+    ranker, _ = served
+    good = make_request(ranker, 401)
+    want = ranker.rank_batch([good])[0]
+    for bad, match in _bad_requests(ranker):
+        results, errors = {}, {}
+        barrier = threading.Barrier(2)
+
+        def call(name, req):
+            barrier.wait()
+            try:
+                results[name] = ranker.rank(req)
+            except requests_lib.RequestError as e:
+                errors[name] = e
+
+        threads = [threading.Thread(target=call, args=a) for a in (("good", good), ("bad", bad))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results["good"]["ads"] == want["ads"] and "good" not in errors
+        assert "bad" not in results
+        with pytest.raises(requests_lib.RequestError, match=match):
+            raise errors["bad"]
+    # Inside one batch call too: the bad request's slot holds its error, the good one its answer.
+    before = len(ranker.batcher.batch_sizes)
+    futures = [ranker.batcher.submit(good), *(ranker.batcher.submit(bad) for bad, _ in _bad_requests(ranker)[:1])]
+    assert futures[0].result(timeout=60)["ads"] == want["ads"]
+    with pytest.raises(requests_lib.RequestError, match=r"context\.query: missing"):
+        futures[1].result(timeout=60)
+    assert ranker.batcher.batch_sizes[before:] == [2]  # they did share a batch (max_wait_ms=30)
+
+
+def test_request_file_errors_name_the_file(served, tmp_path):
+    ranker, _ = served
+    req = make_request(ranker, 405)
+    del req["context"]["query"]
+    path = tmp_path / "req.json"
+    path.write_text(json.dumps(req))
+    request = requests_lib.load(path, ranker.placements, TOP_N)
+    with pytest.raises(requests_lib.RequestError, match=rf"{path}\.context\.query: missing"):
+        ranker.rank(request)
+
+
+def _unfiltered_would_show_restricted(ranker, store, seeds):
+    """A user (country 3) whose unfiltered answer contains ads only country 5 may see."""
+    for seed in seeds:
+        req = make_request(ranker, seed, country=3)
+        ids, _, _ = reference_answer(ranker, store, req, filtered=False)
+        if (ids < 1000 + RESTRICTED).any():
+            return req
+    raise AssertionError("no seed whose unfiltered answer holds a restricted ad")
+
+
+def test_user_id_only_requests_keep_the_users_targeting(served, tmp_path):
+    """Country-5-only ads never reach a country-3 user who sends only a user_id: the country comes
+    from the cache entry (computed from the request's features) or from the users catalogue."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from multitower_jax.serving.ranker import UserCatalogue
+
+    ranker, store = served
+    # Cached from an earlier request that carried the features.
+    req = _unfiltered_would_show_restricted(ranker, store, range(500, 560))
+    want_ids, want_ecpm, _ = reference_answer(ranker, store, req)
+    full = ranker.rank(req)
+    assert [a["ad_id"] for a in full["ads"]] == want_ids.tolist()
+    by_id = ranker.rank({"placement": "search", "user_id": req["user_id"], "context": req["context"]})
+    assert by_id["ads"] == full["ads"] and all(a["ad_id"] >= 1000 + RESTRICTED for a in by_id["ads"])
+    # An explicit country in the request still wins (country 5 may see everything).
+    as5 = ranker.rank({"placement": "search", "user_id": req["user_id"], "context": req["context"], "country": 5})
+    assert any(a["ad_id"] < 1000 + RESTRICTED for a in as5["ads"])
+
+    # Not cached: the embedding and the country come from the users catalogue.
+    req = _unfiltered_would_show_restricted(ranker, store, range(600, 660))
+    columns = {"user_id": pa.array([req["user_id"]], pa.int64())}
+    for f in ranker.trained.spec.user.features:
+        col = requests_lib.raw_column(f, [req["user"][f.name]], "t")
+        columns[f"user.{f.name}"] = pa.array(col.astype(np.float32).tolist() if col.dtype == np.float16
+                                             else col.tolist())
+    pq.write_table(pa.table(columns), tmp_path / "users.parquet")
+    saved_users = ranker.users
+    ranker.users = UserCatalogue(tmp_path / "users.parquet", ranker.trained.spec.user)
+    try:
+        answer = ranker.rank({"placement": "search", "user_id": req["user_id"], "context": req["context"]})
+    finally:
+        ranker.users = saved_users
+    want_ids, want_ecpm, _ = reference_answer(ranker, store, req)
+    assert [a["ad_id"] for a in answer["ads"]] == want_ids.tolist()
+    np.testing.assert_allclose([a["ecpm"] for a in answer["ads"]], want_ecpm, rtol=1e-4)
+    assert ranker.cache.get(req["user_id"]).country == 3  # cached with its targeting keys

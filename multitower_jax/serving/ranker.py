@@ -5,10 +5,20 @@ rank -> top-N.
     answer = ranker.rank({"user_id": 17, "placement": "search", "context": {...}})
     answer["ads"][0]  # {"ad_id", "ecpm", "pctr", "pcvr", "pctcvr", "bid", "quality", "retrieval_score"}
 
-`rank` goes through a `MicroBatcher`: concurrent requests are answered by one batched call of
-`rank_batch`, so the context tower, the ANN search and the scorer each run once per group.
-Batches are padded to `ServingSettings.batch_buckets` and candidates to `buckets`, and
+`rank` first validates its request on the caller's thread (`prepare`: parse, raw features ->
+columns, user embedding from the cache or the features to compute it from), so a bad request
+fails alone, with an error naming its field, and never joins a batch. Then it goes through a
+`MicroBatcher`: concurrent requests are answered by one batched call of `rank_batch`, so the user
+tower (for the cache misses), the context tower, the ANN search and the scorer each run once per
+group. Batches are padded to `ServingSettings.batch_buckets` and candidates to `buckets`, and
 `warmup()` compiles every shape up front, so nothing compiles while serving.
+
+User embeddings are cached by `user_id`, together with the user's targeting keys (`country`,
+`device_type` from the features the embedding was computed from: the request's `user` or the
+users catalogue row), so a request with only a `user_id` is still filtered by the user's
+targeting. Requests without a `user_id` are never cached. A request's own `country` /
+`device_type` win; a key that is known from nowhere counts as unknown (only ads unrestricted on
+that attribute qualify), never as "do not filter".
 
 The ad side of the factorized first fusion layer (a W_a per ad) comes from the export
 (`fusion_ad_part_<placement>.npy`) when the index still holds the exported ads, and is computed
@@ -22,7 +32,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -59,6 +69,45 @@ class UserCatalogue:
         return np.where(sorted_ids[pos] == ids, self._order[pos], -1) if len(sorted_ids) else np.full(ids.shape, -1)
 
 
+TARGETING_FEATURES = (("country", "country"), ("device_type", "device"))  # user feature -> Eligibility field
+UNKNOWN = -1  # Eligibility's "unknown": only ads unrestricted on the attribute qualify
+
+
+class CachedUser(NamedTuple):
+    """A user-cache entry: the embedding and the targeting keys of the features it came from."""
+
+    embedding: np.ndarray  # float32[D]
+    country: int | None
+    device: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A validated request with its raw features converted, ready to join a batch (`Ranker.prepare`)."""
+
+    request: requests_lib.Request
+    context: dict[str, np.ndarray]  # raw storage columns of the context features, one row
+    cached: CachedUser | None  # the cache entry, when the user was cached at prepare time
+    user: dict[str, np.ndarray] | None  # otherwise: raw user columns (one row) to compute it from
+    user_keys: tuple[int | None, int | None]  # the user's own (country, device), cached with the embedding
+    country: int  # the request's targeting keys (UNKNOWN when known from nowhere)
+    device: int
+
+
+def _targeting_keys(spec, columns: Mapping[str, np.ndarray]) -> tuple[int | None, int | None]:
+    """(country, device) from one row of raw user columns: the raw ids of `user.country` and
+    `user.device_type` (what ads' targeting lists hold), when the spec has them as id features."""
+    from multitower_jax import features as F
+
+    by_name = {f.name: f for f in spec.features}
+    out = []
+    for name, _ in TARGETING_FEATURES:
+        f = by_name.get(name)
+        ok = isinstance(f, F.Categorical) and f.encoding == "ids" and name in columns
+        out.append(int(np.asarray(columns[name]).reshape(-1)[0]) if ok else None)
+    return out[0], out[1]
+
+
 @dataclasses.dataclass
 class StageTimes:
     """Seconds spent per stage over all batches (for `bench serve`)."""
@@ -91,8 +140,9 @@ class Ranker:
         self._ad_parts: dict[str, np.ndarray] = {}
         self._ad_parts_store = None
         self._targeted = True  # does any ad carry a targeting rule? (refreshed with the ad parts)
-        self.batcher = MicroBatcher(self.rank_batch, self.settings.max_batch_size,
-                                    self.settings.max_wait_ms / 1000.0, name="ranker")
+        self.batcher = MicroBatcher(lambda items: self.rank_batch(items, return_exceptions=True),
+                                    self.settings.max_batch_size, self.settings.max_wait_ms / 1000.0,
+                                    name="ranker")
 
     @classmethod
     def load(cls, workdir: str | Path, index_dir: str | Path, overrides: Sequence[str] = (),
@@ -145,22 +195,64 @@ class Ranker:
             return request
         return requests_lib.parse(request, self.placements, self.settings.top_n, where)
 
-    def rank(self, request: Mapping[str, Any] | requests_lib.Request) -> dict[str, Any]:
-        """Answer one request (thread-safe; concurrent calls are micro-batched)."""
-        return self.batcher(self.parse(request))
+    def prepare(self, request: Mapping[str, Any] | requests_lib.Request | Prepared,
+                where: str = "request") -> Prepared:
+        """Validate one request and convert its raw features; RequestError names the bad field
+        (and the request file, for requests read by `requests.load`)."""
+        if isinstance(request, Prepared):
+            return request
+        r = self.parse(request, where)
+        context = requests_lib.tower_columns(self.trained.spec.context(r.placement), [r.context],
+                                             [f"{r.where}.context"])
+        spec = self.trained.spec.user
+        cached = self.cache.get(r.user_id) if r.user_id is not None else None
+        user = None
+        if cached is not None:
+            user_keys = (cached.country, cached.device)
+        elif r.user is not None:  # (the features of a cached user are not read)
+            user = requests_lib.tower_columns(spec, [r.user], [f"{r.where}.user"])
+            user_keys = _targeting_keys(spec, user)
+        else:
+            row = int(self.users.rows([r.user_id])[0]) if self.users is not None else -1
+            if row < 0:
+                raise requests_lib.RequestError(
+                    f"{r.where}.user_id: user_id {r.user_id} is not cached and not in the users catalogue; "
+                    "send its raw features as \"user\"")
+            user = {name: col[row:row + 1] for name, col in self.users.columns.items()}
+            user_keys = _targeting_keys(spec, user)
+        country = r.country if r.country is not None else user_keys[0]
+        device = r.device_type if r.device_type is not None else user_keys[1]
+        return Prepared(r, context, cached, user, user_keys, UNKNOWN if country is None else country,
+                        UNKNOWN if device is None else device)
 
-    def rank_batch(self, requests: Sequence[Mapping[str, Any] | requests_lib.Request]) -> list[dict[str, Any]]:
-        """Answer a group of requests with one call per stage (per placement)."""
-        parsed = [self.parse(r, f"request {i}") for i, r in enumerate(requests)]
-        answers: list[dict[str, Any] | None] = [None] * len(parsed)
-        for placement in dict.fromkeys(r.placement for r in parsed):
-            members = [i for i, r in enumerate(parsed) if r.placement == placement]
+    def rank(self, request: Mapping[str, Any] | requests_lib.Request) -> dict[str, Any]:
+        """Answer one request (thread-safe; concurrent calls are micro-batched). A bad request
+        raises RequestError here, before it joins a batch, so it cannot fail anyone else's."""
+        return self.batcher(self.prepare(request))
+
+    def rank_batch(self, requests: Sequence[Mapping[str, Any] | requests_lib.Request | Prepared],
+                   return_exceptions: bool = False) -> list[Any]:
+        """Answer a group of requests with one call per stage (per placement).
+
+        A bad request raises its RequestError; with `return_exceptions` its slot holds the error
+        instead and the others are answered (what the micro-batcher hands each caller)."""
+        answers: list[Any] = [None] * len(requests)
+        prepared: dict[int, Prepared] = {}
+        for i, r in enumerate(requests):
+            try:
+                prepared[i] = self.prepare(r, f"request {i}")
+            except requests_lib.RequestError as e:
+                if not return_exceptions:
+                    raise
+                answers[i] = e
+        for placement in dict.fromkeys(p.request.placement for p in prepared.values()):
+            members = [i for i, p in prepared.items() if p.request.placement == placement]
             for start in range(0, len(members), self.settings.max_batch_size):
                 group = members[start:start + self.settings.max_batch_size]
-                for i, answer in zip(group, self._rank_group([parsed[i] for i in group], placement)):
+                for i, answer in zip(group, self._rank_group([prepared[i] for i in group], placement)):
                     answers[i] = answer
         self.times.batches += 1
-        return answers  # type: ignore[return-value]
+        return answers
 
     def _tower_batch(self, tower: str, placement: str, columns: Mapping[str, np.ndarray], n: int) -> dict:
         """Raw columns of n rows -> model inputs padded to the batch bucket."""
@@ -168,52 +260,53 @@ class Ranker:
         transforms = self._transforms[placement][tower]
         return {name: pad_to(transforms[name](col), rows) for name, col in columns.items()}
 
-    def _user_embeddings(self, reqs: Sequence[requests_lib.Request], placement: str) -> np.ndarray:
-        spec = self.trained.spec.user
-        keys = [r.user_id if r.user_id is not None else ("anonymous", i) for i, r in enumerate(reqs)]
+    @staticmethod
+    def _concat(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
-        def compute(missing: list[int]) -> np.ndarray:
-            rows, wheres = [], []
-            catalogue_rows = (self.users.rows([reqs[i].user_id if reqs[i].user_id is not None else -1
-                                               for i in missing]) if self.users is not None else None)
-            for j, i in enumerate(missing):
-                r = reqs[i]
-                if r.user is not None:
-                    rows.append(r.user)
-                elif catalogue_rows is not None and catalogue_rows[j] >= 0:
-                    row = int(catalogue_rows[j])
-                    rows.append({name: col[row] for name, col in self.users.columns.items()})
-                else:
-                    raise requests_lib.RequestError(
-                        f"request: user_id {r.user_id} is not cached and not in the users catalogue; "
-                        "send its raw features as \"user\"")
-                wheres.append("request.user")
-            columns = requests_lib.tower_columns(spec, rows, wheres)
-            feats = self._tower_batch("user", placement, columns, len(rows))
-            return np.asarray(self._user_tower(feats))[: len(rows)]
+    def _user_embeddings(self, preps: Sequence[Prepared], placement: str) -> np.ndarray:
+        """Cached rows as they were at prepare time; the rest through one user-tower call (a user
+        twice in the group is computed once), then cached. Requests without a user_id are not."""
+        out = np.empty((len(preps), self.trained.embed_dim), np.float32)
+        owner: dict[Any, int] = {}  # cache key (or ("anonymous", i)) -> row of the tower batch
+        todo: list[int] = []
+        for i, p in enumerate(preps):
+            if p.cached is not None:
+                out[i] = p.cached.embedding
+                continue
+            key = p.request.user_id if p.request.user_id is not None else ("anonymous", i)
+            if key not in owner:
+                owner[key] = len(todo)
+                todo.append(i)
+        if todo:
+            feats = self._tower_batch("user", placement, self._concat([preps[i].user for i in todo]), len(todo))
+            computed = np.asarray(self._user_tower(feats))[: len(todo)]
+            for i, p in enumerate(preps):
+                if p.cached is None:
+                    key = p.request.user_id if p.request.user_id is not None else ("anonymous", i)
+                    out[i] = computed[owner[key]]
+            for key, row in owner.items():
+                if not isinstance(key, tuple):  # a user_id: cache it with its targeting keys
+                    self.cache.put(key, CachedUser(computed[row].copy(), *preps[todo[row]].user_keys))
+        return out
 
-        return self.cache.get_many(keys, compute)
-
-    def _rank_group(self, reqs: Sequence[requests_lib.Request], placement: str) -> list[dict[str, Any]]:
+    def _rank_group(self, preps: Sequence[Prepared], placement: str) -> list[dict[str, Any]]:
         from multitower_jax.retrieval.targeting import Eligibility
 
         t0 = time.perf_counter()
-        n, s = len(reqs), self.settings
-        e_user = self._user_embeddings(reqs, placement)
+        n, s = len(preps), self.settings
+        reqs = [p.request for p in preps]
+        e_user = self._user_embeddings(preps, placement)
         t1 = time.perf_counter()
-        columns = requests_lib.tower_columns(self.trained.spec.context(placement), [r.context for r in reqs],
-                                             ["request.context"] * n)
+        columns = self._concat([p.context for p in preps])
         e_ctx = np.asarray(self._context_towers[placement](self._tower_batch("context", placement, columns, n)))[:n]
         t2 = time.perf_counter()
         q = self.retriever.query_embeddings(e_user, e_ctx)
         ad_parts = self.ad_parts(placement)
         eligibility = None  # an untargeted catalogue skips the per-request pass over every ad's bitset
         if self._targeted:
-            unfiltered = -2  # Eligibility's "do not filter on this attribute"
-            eligibility = Eligibility(
-                country=np.array([unfiltered if r.country is None else r.country for r in reqs]),
-                device=np.array([unfiltered if r.device_type is None else r.device_type for r in reqs]),
-                placement=placement)
+            eligibility = Eligibility(country=np.array([p.country for p in preps]),
+                                      device=np.array([p.device for p in preps]), placement=placement)
         cands = self.retriever.search(q, s.num_candidates, eligibility)
         rows = np.maximum(cands.rows, 0)
         part = np.where(cands.valid[..., None], ad_parts[rows.reshape(-1)].reshape(*rows.shape, -1), 0.0)

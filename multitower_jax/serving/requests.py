@@ -9,7 +9,8 @@ A request (see experiments/requests/search.json):
                                           # (cached, or in the users catalogue)
       "context": {"query": "trail running shoes", "hour_of_day": 14, ...},
       "top_n": 10,                        # optional, at most config.serving.top_n
-      "country": 3, "device_type": 1      # optional targeting keys (default: from "user")
+      "country": 3, "device_type": 1      # optional targeting keys (default: from "user", else from
+                                          # the cached user or the users catalogue, else unknown)
     }
 
 Feature values are raw, as in the logs: categorical ids (or strings for `hash` / `vocab`
@@ -46,6 +47,7 @@ class Request:
     top_n: int | None = None
     country: int | None = None
     device_type: int | None = None
+    where: str = dataclasses.field(default="request", compare=False)  # names the request in errors
 
 
 def _int(value: Any, where: str) -> int:
@@ -80,7 +82,8 @@ def parse(obj: Any, placements: Sequence[str], max_top_n: int, where: str = "req
     for key, user_key in (("country", "country"), ("device_type", "device_type")):
         value = obj.get(key, (user or {}).get(user_key))
         keys[key] = None if value is None else _int(value, f"{where}.{key}")
-    return Request(placement=placement, context=context, user_id=user_id, user=user, top_n=top_n, **keys)
+    return Request(placement=placement, context=context, user_id=user_id, user=user, top_n=top_n, **keys,
+                   where=where)
 
 
 def load(path: str | Path, placements: Sequence[str], max_top_n: int) -> Request:
