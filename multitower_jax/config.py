@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from multitower_jax import features as features_lib
 
@@ -237,9 +238,9 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-def write_resolved(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
-    """Write the resolved config as ``<workdir>/config.json`` (atomically)."""
-    workdir = Path(workdir)
+def write_resolved(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Path:
+    """Write the resolved config as ``<workdir>/config.json`` (atomically; a local folder or gs://...)."""
+    workdir = epath.Path(workdir)  # pathlib.Path would turn gs://bucket/run into the local gs:/bucket/run
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
     tmp = path.with_suffix(".json.tmp")
@@ -258,4 +259,4 @@ def from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in x)
         return x
 
-    return ml_collections.ConfigDict(tuples(json.loads(Path(path).read_text())))
+    return ml_collections.ConfigDict(tuples(json.loads(epath.Path(path).read_text())))

@@ -1,5 +1,7 @@
 """The TFDS block builder and the grain pipeline, on random impressions (not the synthetic world)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -54,6 +56,50 @@ def test_stats_are_saved_and_reloaded(random_dataset, tmp_path):
     assert (tmp_path / preprocess.STATS_FILE).exists()
     again = preprocess.FeatureStats.load(tmp_path)
     assert again.numeric == first.numeric and again.num_rows == first.num_rows
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch, tmp_path):
+    """gs:// served from memory: etils.epath's fsspec backend gets an in-memory file system for
+    "gs" (no network, no gcsfs). The test runs in an empty folder, to show nothing lands locally."""
+    from etils.epath import backend, gpath
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store: dict = {}
+        pseudo_dirs = [""]
+
+    fs = FakeGCS(skip_instance_cache=True)
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else epath would use tf.io.gfile
+    monkeypatch.setattr(backend._FileSystemSpecBackend, "_get_filesystem",
+                        lambda self, name: fs if name in ("gs", "gcs") else MemoryFileSystem())
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield fs
+    # pathlib.Path("gs://bucket/run") is the relative gs:/bucket/run, or /gs/bucket/run once absolute
+    assert not list(cwd.iterdir()) and not Path("/gs").exists(), "a gs:// path was written as a local path"
+
+
+def test_gs_workdir_files_go_through_epath(random_dataset, fake_gcs):
+    from etils import epath
+
+    from multitower_jax import config as config_lib
+
+    config, spec, _ = random_dataset
+    workdir = "gs://bucket/run"
+    path = config_lib.write_resolved(config, epath.Path(workdir))
+    assert str(path) == "gs://bucket/run/config.json" and fake_gcs.exists(str(path))
+    assert config_lib.from_json(f"{workdir}/config.json").to_dict() == config.to_dict()
+
+    first = pipeline.load_or_compute_stats(config, spec, epath.Path(workdir))  # computes and saves
+    assert fake_gcs.exists(f"{workdir}/{preprocess.STATS_FILE}") and fake_gcs.exists(f"{workdir}/{preprocess.AD_FREQ_FILE}")
+    again = pipeline.load_or_compute_stats(config, spec, workdir)  # reads them back from "gs://"
+    assert again.numeric == first.numeric and again.num_rows == first.num_rows
+    np.testing.assert_array_equal(again.ad_counts, first.ad_counts)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fake_gcs.store) == sorted(
+        ["config.json", preprocess.STATS_FILE, preprocess.AD_FREQ_FILE])  # no temporary files left
 
 
 def test_preprocessed_values(random_dataset, stats):

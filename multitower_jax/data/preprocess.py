@@ -7,12 +7,12 @@ the workdir, so training, evaluation and serving normalize identically.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-
 import numpy as np
+from etils import epath
 
 from multitower_jax import features as F
 from multitower_jax.data import schema
@@ -54,26 +54,29 @@ class FeatureStats:
         return (np.log(counts) - np.log(max(self.num_rows, 1))).astype(np.float32)
 
     def save(self, workdir: str | os.PathLike) -> None:
-        workdir = Path(workdir)
+        """Write the statistics into ``workdir``: a local folder or gs://... (through etils.epath)."""
+        workdir = epath.Path(workdir)  # never pathlib.Path: it turns gs://bucket/run into gs:/bucket/run
         workdir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(workdir / STATS_FILE, lambda p: p.write_text(
-            json.dumps({"num_rows": self.num_rows, "numeric": self.numeric}, indent=2, sort_keys=True)))
-        _atomic_write(workdir / AD_FREQ_FILE, lambda p: np.savez(p, ad_ids=self.ad_ids, ad_counts=self.ad_counts))
+        _atomic_write(workdir / STATS_FILE, json.dumps(
+            {"num_rows": self.num_rows, "numeric": self.numeric}, indent=2, sort_keys=True).encode())
+        buffer = io.BytesIO()  # np.savez(path) would open the path with the local file system
+        np.savez(buffer, ad_ids=self.ad_ids, ad_counts=self.ad_counts)
+        _atomic_write(workdir / AD_FREQ_FILE, buffer.getvalue())
 
     @classmethod
     def load(cls, workdir: str | os.PathLike) -> FeatureStats:
-        workdir = Path(workdir)
+        workdir = epath.Path(workdir)
         try:
             meta = json.loads((workdir / STATS_FILE).read_text())
-            with np.load(workdir / AD_FREQ_FILE) as z:
+            with np.load(io.BytesIO((workdir / AD_FREQ_FILE).read_bytes())) as z:
                 return cls(meta["numeric"], z["ad_ids"], z["ad_counts"], meta["num_rows"])
         except (OSError, KeyError, ValueError) as e:
             raise StatsError(f"cannot read feature statistics in {workdir}: {e}") from None
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp" + (path.suffix if path.suffix == ".npz" else ""))
-    write(tmp)
+def _atomic_write(path: epath.Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     tmp.replace(path)
 
 
