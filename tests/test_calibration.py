@@ -251,7 +251,7 @@ def untrained_workdir(config, workdir):
     manager.wait_until_finished()
 
 
-def test_calibrate_workdir_end_to_end(synthetic_dir, tmp_path, capsys):
+def test_calibrate_workdir_end_to_end(synthetic_dir, tmp_path, capsys, monkeypatch):
     from multitower_jax.train import trainer as trainer_lib
 
     workdir = tmp_path / "run"
@@ -263,7 +263,7 @@ def test_calibrate_workdir_end_to_end(synthetic_dir, tmp_path, capsys):
     del saved["calibration"]
     (workdir / "config.json").write_text(json.dumps(saved))
     # (the initial model's pCVR happens to rank conversions the wrong way round: temperature
-    # scaling refuses that, isotonic flattens it)
+    # scaling would fall back to identity, isotonic flattens it)
     assert cli.main(["calibrate", "--workdir", str(workdir), "--config.calibration.ctr=platt",
                      "--config.calibration.cvr=isotonic"]) == 0
     report = json.loads((workdir / workflow.REPORT_FILE).read_text())
@@ -297,3 +297,62 @@ def test_calibrate_workdir_end_to_end(synthetic_dir, tmp_path, capsys):
     assert "calibration.cvr" in capsys.readouterr().err
     assert cli.main(["calibrate", "--workdir", str(tmp_path / "missing")]) == 2
     assert "config.json not found" in capsys.readouterr().err
+    # the same workdir with the default methods and a pCVR that cannot be temperature-scaled
+    check_default_calibrate_survives_an_unfittable_cvr(workdir, monkeypatch, capsys)
+
+
+def test_default_methods_are_isotonic_for_ctr_and_temperature_for_cvr(tmp_path):
+    defaults = C.default_config()
+    assert (defaults.ctr, defaults.cvr, defaults.ctcvr) == ("isotonic", "temperature", "product")
+    config = tiny_config(tmp_path)  # experiments/quickstart.py (via base.py)
+    assert (config.calibration.ctr, config.calibration.cvr, config.calibration.ctcvr) == \
+        ("isotonic", "temperature", "product")
+    del config.calibration  # old workdirs without the section get the same defaults
+    assert C.validate_config(config).to_dict() == defaults.to_dict()
+
+
+def _reversed_cvr(n: int, seed: int):
+    """CTR predictions that fit, and pCVR that ranks conversions the wrong way round (1/T < 0)."""
+    p, y = miscalibrated(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    pcvr = rng.uniform(0.05, 0.95, n).astype(np.float32)
+    conversion = y * (rng.random(n) < 1.0 - pcvr)  # converts with probability 1 - pCVR: 1/T = -1
+    return {"pctr": p, "pcvr": pcvr, "pctcvr": p * pcvr, "click": y, "conversion": conversion}
+
+
+def test_a_head_that_cannot_be_fitted_falls_back_to_identity():
+    pred = _reversed_cvr(20_000, 20)
+    methods = {"ctr": "isotonic", "cvr": "temperature", "ctcvr": "product"}
+    with pytest.raises(C.CalibrationError, match="1/T = .* is not positive"):
+        C.fit(pred, C.HEADS, methods)
+    reasons = {}
+    cal = C.fit(pred, C.HEADS, methods, fallbacks=reasons)
+    assert list(reasons) == ["cvr"] and "is not positive" in reasons["cvr"]
+    assert (cal.method("ctr"), cal.method("cvr")) == ("isotonic", "identity")
+    np.testing.assert_allclose(np.asarray(cal.apply("cvr", pred["pcvr"])), np.clip(pred["pcvr"], 1e-6, 1 - 1e-6))
+    assert cal.params["ctr"]["x"].shape[0] > 10  # the other heads are still fitted
+
+
+def check_default_calibrate_survives_an_unfittable_cvr(workdir, monkeypatch, capsys):
+    """`multitower calibrate` with the default methods where CVR's temperature cannot be fitted
+    (1/T <= 0): CVR falls back to identity with a warning (printed, and in the report) and the
+    command succeeds. The predictions are synthetic (the splits' rows are never read), so the
+    outcome does not depend on what the model happens to predict: what is tested is the command."""
+    from multitower_jax.train import evaluate
+
+    splits = {"predict validation": _reversed_cvr(20_000, 30), "predict test": _reversed_cvr(20_000, 31)}
+    monkeypatch.setattr(evaluate, "collect", lambda *args, desc="", **kw: splits[desc])
+    capsys.readouterr()
+    assert cli.main(["calibrate", "--workdir", str(workdir)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: calibration.cvr=temperature could not be fitted" in err and "uses identity" in err
+    report = json.loads((workdir / workflow.REPORT_FILE).read_text())
+    assert report["methods"] == {"ctr": "isotonic", "cvr": "identity", "ctcvr": "product"}
+    assert report["requested_methods"]["cvr"] == "temperature"
+    assert report["fallbacks"]["cvr"]["used"] == "identity" and "not positive" in report["fallbacks"]["cvr"]["reason"]
+    assert len(report["warnings"]) == 1 and "cvr" in report["warnings"][0]
+    assert report["heads"]["cvr"]["after"]["ece"] == pytest.approx(report["heads"]["cvr"]["before"]["ece"], abs=1e-6)
+    assert report["heads"]["ctr"]["after"]["ece"] < 0.5 * report["heads"]["ctr"]["before"]["ece"]
+    cal = C.load(workdir)
+    assert cal.method("cvr") == "identity" and cal.method("ctr") == "isotonic"
+    assert json.loads((workdir / C.FILE).read_text())["fallbacks"]["cvr"]["requested"] == "temperature"

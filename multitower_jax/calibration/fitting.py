@@ -91,12 +91,17 @@ FITTERS = {"isotonic": fit_isotonic, "platt": fit_platt, "temperature": fit_temp
 
 
 def fit(pred: Mapping[str, np.ndarray], heads: tuple[str, ...], methods: Mapping[str, str],
-        negative_rate: float = 1.0, clip_eps: float = 1e-6) -> Calibration:
+        negative_rate: float = 1.0, clip_eps: float = 1e-6,
+        fallbacks: dict[str, str] | None = None) -> Calibration:
     """Fit every head on one split's predictions (``pctr``, ``pcvr``, ``click``, ``conversion``).
 
     CTR on all impressions; CVR on the clicked ones only (the CVR label is only defined there);
     CTCVR, when it has a method of its own, on all impressions with label click x conversion.
     The inputs are exactly what `Calibration.apply` feeds each map (clipped, downsampling-corrected).
+
+    A head that cannot be fitted (e.g. temperature scaling with 1/T <= 0, or no positive labels)
+    raises CalibrationError; when a `fallbacks` dict is given, that head uses identity instead
+    and ``fallbacks[head]`` records why.
     """
     methods = {h: methods[h] for h in heads}
     base = Calibration.identity(heads, negative_rate, clip_eps)
@@ -114,5 +119,11 @@ def fit(pred: Mapping[str, np.ndarray], heads: tuple[str, ...], methods: Mapping
             params[head] = {}
             continue
         p, y, w = inputs[head]
-        params[head] = FITTERS[methods[head]](np.asarray(p, np.float64), y, w, eps=clip_eps, head=head)
+        try:
+            params[head] = FITTERS[methods[head]](np.asarray(p, np.float64), y, w, eps=clip_eps, head=head)
+        except CalibrationError as e:
+            if fallbacks is None:
+                raise
+            fallbacks[head] = str(e)
+            methods[head], params[head] = "identity", {}
     return Calibration.create(params, tuple(methods.items()), negative_rate, clip_eps)

@@ -1,13 +1,17 @@
 """`multitower calibrate`: fit per head on validation, report before/after on test, draw diagrams.
 
 Writes into the workdir: ``calibration.json`` (the fitted maps; `calibration.load` reads it),
-``calibration_report.json`` and ``reliability_<head>.png``.
+``calibration_report.json`` and ``reliability_<head>.png``. A head whose method cannot be fitted
+(temperature scaling with 1/T <= 0: the scores rank the wrong way round) falls back to identity
+with a warning, printed and listed under ``warnings`` / ``fallbacks`` in the report.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from etils import epath
 from typing import Any
@@ -17,6 +21,8 @@ import ml_collections
 import numpy as np
 
 from multitower_jax.calibration import core, fitting, metrics, plot
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "calibration_report.json"
 
@@ -92,13 +98,23 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
                                 trainer.mesh, desc=f"predict {split}")
 
     validation = predict("validation")
-    cal = fitting.fit(validation, heads, methods, rate, float(settings.clip_eps))
+    reasons: dict[str, str] = {}
+    cal = fitting.fit(validation, heads, methods, rate, float(settings.clip_eps), fallbacks=reasons)
+    warnings = []
+    for head, reason in reasons.items():  # one head that cannot be fitted does not fail the others
+        warnings.append(f"calibration.{head}={methods[head]} could not be fitted on validation ({reason}); "
+                        f"{head} uses identity (the model's own probabilities) instead")
+        log.warning("%s", warnings[-1])
+        if jax.process_index() == 0:
+            print(f"multitower calibrate: warning: {warnings[-1]}", file=sys.stderr)
+    fallbacks = {h: {"requested": methods[h], "used": "identity", "reason": r} for h, r in reasons.items()}
     test = predict("test")
     bins = int(settings.ece_bins)
     heads_report = compare(test, cal, bins)
     fitted_on = {h: len(y) for h, (_, y) in head_predictions(validation, validation).items()}
     result = {
-        "step": step, "methods": {h: cal.method(h) for h in heads}, "negative_rate_corrected": rate,
+        "step": step, "methods": {h: cal.method(h) for h in heads}, "requested_methods": methods,
+        "fallbacks": fallbacks, "warnings": warnings, "negative_rate_corrected": rate,
         "fitted_on": {"split": "validation", "examples": fitted_on}, "evaluated_on": "test",
         "ece_bins": bins, "heads": heads_report,
     }
@@ -114,7 +130,7 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(workdir / REPORT_FILE)
         core.save(cal, workdir, fingerprint=fingerprint(config), step=step,
-                  fitted_on={"split": "validation", "examples": fitted_on})
+                  fitted_on={"split": "validation", "examples": fitted_on}, fallbacks=fallbacks)
     result["calibration"] = str(workdir / core.FILE)
     return result
 
