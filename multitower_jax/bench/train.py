@@ -2,7 +2,8 @@
 
 The step is the real one (`Trainer.train_step`, sharded over every device) on random batches of
 the configured shapes, so input is excluded. FLOPs per example come from XLA's cost analysis of
-the compiled step; the peak is the best of a few large float32 matmuls timed on the same devices.
+the compiled step; the peak is the best of a few large matmuls in the step's compute dtype
+(`config.model.dtype`) timed on the same devices.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from multitower_jax.train import sharding
 from multitower_jax.train.trainer import Trainer
 
 
-def matmul_peak_flops(sizes=(1024, 2048, 4096), repeats: int = 5) -> float:
-    """Best measured float32 matmul FLOP/s over all devices (each multiplies its own pair)."""
+def matmul_peak_flops(sizes=(1024, 2048, 4096), repeats: int = 5, dtype=jnp.float32) -> float:
+    """Best measured matmul FLOP/s in `dtype` over all devices (each multiplies its own pair)."""
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("d",))
     best = 0.0
     for n in sizes:
         spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-        a = jax.device_put(jnp.ones((jax.device_count() * n, n), jnp.float32), spec)
+        a = jax.device_put(jnp.ones((jax.device_count() * n, n), dtype), spec)
         f = jax.jit(lambda x: jnp.einsum("dij,djk->dik", x.reshape(-1, n, n), x.reshape(-1, n, n)))
         f(a).block_until_ready()
         start = time.perf_counter()
@@ -64,7 +65,8 @@ def run(config: ml_collections.ConfigDict, json_path: str | None = None, steps: 
     jax.block_until_ready((state, metrics))
     seconds = time.perf_counter() - start
     examples_per_sec = steps * batch_size / seconds
-    peak = matmul_peak_flops()
+    # The peak in the step's compute dtype: bf16 matmuls run at a different rate than float32.
+    peak = matmul_peak_flops(dtype=jnp.dtype(str(config.model.dtype)))
     figures = {
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "batch_size": batch_size,
@@ -73,6 +75,7 @@ def run(config: ml_collections.ConfigDict, json_path: str | None = None, steps: 
         "examples_per_sec": examples_per_sec,
         "flops_per_example": flops_per_example,
         "achieved_flops": examples_per_sec * flops_per_example,
+        "compute_dtype": str(config.model.dtype),
         "peak_flops": peak,
         "fraction_of_peak": examples_per_sec * flops_per_example / peak,
     }
