@@ -2,6 +2,10 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +18,9 @@ from multitower_jax.data.synthetic import World
 from multitower_jax.inference import load_trained
 from multitower_jax.retrieval import export as export_lib
 from multitower_jax.retrieval import targeting as T
-from multitower_jax.retrieval.index import AdIndex, AdStore, IndexMismatchError, build_from_export, query_rule
+from multitower_jax.retrieval import evaluate as evaluate_lib
+from multitower_jax.retrieval.index import (AdIndex, AdStore, IndexMismatchError, OutputExistsError, StaleIndexWarning,
+                                            build_from_export, query_rule, scann_builder)
 from multitower_jax.retrieval.retriever import Eligibility, Retriever
 from multitower_jax.retrieval.settings import RetrievalSettings
 from tests.conftest import synthetic_config
@@ -74,6 +80,16 @@ def test_export_matches_the_model_on_pipeline_batches(trained, exported, forward
     assert manifest["num_ads"] == 400 and manifest["num_users"] == 2000 and manifest["model_step"] == 0
     assert manifest["fingerprint"] == trained.fingerprint and manifest["query_rule"] == query_rule(True)
     store = AdStore.load(exported)
+    assert manifest["embed_dim"] == trained.embed_dim == store.embeddings.shape[1] == 16
+    # The factorized scorer's per-ad share of the first fusion layer, one file per placement.
+    from multitower_jax.serving.scorer import Scorer, compute_ad_parts
+
+    assert manifest["fusion_ad_part"] == {p: f"fusion_ad_part_{p}.npy" for p in trained.config.data.placements}
+    for placement, name in manifest["fusion_ad_part"].items():
+        scorer = Scorer.from_trained(trained, placement)
+        want = np.zeros((400, scorer.spec.fusion_hidden[0]), np.float32)
+        compute_ad_parts(scorer, np.asarray(store.embeddings), want)
+        np.testing.assert_allclose(np.load(exported / name), want, atol=1e-5)
     user_ids, user_emb = np.load(exported / "user_ids.npy"), np.load(exported / "user_embeddings.npy")
     # Independent path: the TFDS test split through the training pipeline and the full forward pass.
     row = {a: i for i, a in enumerate(store.ad_ids)}
@@ -117,7 +133,12 @@ def test_query_rule_is_the_training_rule(trained, exported, tmp_path):
     from multitower_jax.train.losses import retrieval_logits
 
     index = build_from_export(exported, tmp_path / "I", RetrievalSettings())
-    retriever = Retriever.load(tmp_path / "I", trained)
+    # 400 ads < exact_below: exact search, no ScaNN tree built or saved.
+    assert index.mode == "exact" and index.searcher is None and index.manifest["num_leaves"] == 0
+    assert not (tmp_path / "I" / "scann").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same checkpoint: no StaleIndexWarning
+        retriever = Retriever.load(tmp_path / "I", trained)
     rng = np.random.default_rng(0)
     e_u, e_c = rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=(8, 16)).astype(np.float32)
     q = retriever.query_embeddings(e_u, e_c)
@@ -220,7 +241,8 @@ def test_targeting_returns_k_eligible_ads_whenever_k_exist():
 
 def test_live_upsert_delete_and_rebuild(tmp_path):
     e, q = _structured(3000, 16, 40, seed=2)
-    index = _index(e, settings=RetrievalSettings(exact_below=0, leaves_fraction=0.3, rebuild_fraction=0.002))
+    index = _index(e, settings=RetrievalSettings(exact_below=0, leaves_fraction=0.3, rebuild_fraction=0.002,
+                                                 auto_rebuild=False))
     retriever = Retriever(index)
 
     def consistent():  # ScaNN datapoint i is store row i: its score is q . normalized(store row i)
@@ -254,7 +276,7 @@ def test_live_upsert_delete_and_rebuild(tmp_path):
     assert retriever.search(new_vecs[:1], 5).ad_ids[0, 0] != new_ids[0]
     with pytest.raises(KeyError):
         retriever.delete([123_456_789])
-    assert index.needs_rebuild()  # 7 mutations > 0.2%
+    assert index.needs_rebuild() and index.manifest["mutations_since_build"] == 7  # > 0.2%, not rebuilt
     index.save(tmp_path / "I")
     loaded = AdIndex.load(tmp_path / "I")
     np.testing.assert_array_equal(loaded.search(q, 20)[0], index.search(q, 20)[0])
@@ -289,7 +311,8 @@ def test_cli_export_index_retrieve_eval(trained, forward, tmp_path):
     clicked = forward["click"] > 0
     clicked_ad = forward["ad_id"][clicked]
     top, _ = _brute_top(forward["e_user"][clicked] + forward["e_context"][clicked], store.embeddings, 400)
-    assert report["num_clicked_impressions"] == len(clicked_ad)
+    assert report["num_clicked_impressions"] == report["num_clicked_in_split"] == len(clicked_ad)
+    assert report["model_step"] == report["index_model_step"] == 0
     for k in (10, 100, 500):
         want = (store.ad_ids[top[:, :k]] == clicked_ad[:, None]).any(1).mean()
         assert abs(report["model_hit_rate_at_k"][str(k)] - want) <= 2 / len(clicked_ad)
@@ -299,6 +322,9 @@ def test_cli_export_index_retrieve_eval(trained, forward, tmp_path):
     # Targeting can only drop ineligible clicked ads; with K >= #ads every eligible one comes back.
     assert report["model_hit_rate_at_k_targeted"]["100"] <= report["clicked_ad_eligible_fraction"]
     assert report["model_hit_rate_at_k_targeted"]["500"] == report["clicked_ad_eligible_fraction"] < 1.0
+    # Searched 7 queries at a time (no ScaNN knobs changed), the report is the same.
+    again = evaluate_lib.evaluate(trained, I, chunk=7)
+    assert again == report
 
 
 def test_bench_retrieve_tiny(tmp_path):
@@ -310,6 +336,8 @@ def test_bench_retrieve_tiny(tmp_path):
     for key in ("build_seconds", "recall_at_100", "scann_qps_batched", "scann_qps_single", "brute_force_qps"):
         assert saved[key] == figures[key] and saved[key] > 0
     assert figures["recall_at_100"] >= 0.95 and figures["num_leaves"] == 55
+    assert saved["target_met"] is (figures["recall_at_100"] >= 0.95
+                                    and figures["scann_qps_batched"] >= 10 * figures["brute_force_qps"])
 
 
 def test_short_filtered_results_fall_back_to_exact_search():
@@ -330,3 +358,176 @@ def test_short_filtered_results_fall_back_to_exact_search():
     assert got.valid.all() and np.isin(got.rows, far).all()  # 30 eligible ads for every query
     exact = (np.sort(got.rows, 1) == np.sort(want, 1)).all(1)
     assert exact.sum() >= retriever.counts["exact_fallback"]  # the redone queries are exact
+
+
+def test_auto_rebuild_after_enough_mutations():
+    e, q = _structured(3000, 16, 40, seed=4)
+    rng = np.random.default_rng(6)
+    settings = RetrievalSettings(exact_below=3010, leaves_fraction=0.3, rebuild_fraction=0.01)
+    assert settings.auto_rebuild  # the default
+    index = _index(e, settings=settings)
+    assert index.mode == "exact" and index.searcher is None  # 3000 < exact_below
+
+    def new_ads(first, n):
+        src = rng.integers(0, len(e), n)
+        vecs = (e[src] + 0.01 * rng.normal(size=(n, e.shape[1]))).astype(np.float32)
+        return AdStore(np.arange(first, first + n, dtype=np.int64), vecs, np.ones(n, np.float32),
+                       np.ones(n, np.float32), T.untargeted(n))
+
+    index.upsert(new_ads(100_000, 20))  # 3020 >= exact_below: rebuilt as a ScaNN tree
+    assert index.mode == "scann" and index.searcher is not None and index.manifest["rebuilds"] == 1
+    assert index.manifest["built_size"] == 3020 and index.manifest["mutations_since_build"] == 0
+    for i in range(3):  # 30 mutations: 1 % of 3020, not more
+        index.upsert(new_ads(200_000 + 10 * i, 10))
+    assert index.manifest["rebuilds"] == 1 and index.manifest["mutations_since_build"] == 30
+    gone = index.store.ad_ids[[5, 50, 500, 3030]]
+    index.delete(gone)  # 34 > 30.2: drifted, rebuilt on the 3046 ads left
+    assert index.manifest["rebuilds"] == 2 and index.manifest["mutations_since_build"] == 0
+    assert index.manifest["built_size"] == len(index) == 3046 and index.searcher.size() == 3046
+    # Search over the rebuilt index: scores are those of the store rows, near brute force, no deleted ad.
+    rows, scores = index.search(q, 10)
+    e_now = np.asarray(index.store.embeddings)
+    top, s = _brute_top(q, e_now, 10)
+    np.testing.assert_allclose(scores, np.take_along_axis(s, rows, 1), atol=1e-4)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, top)]) >= 0.9
+    assert not np.isin(index.store.ad_ids[rows], gone).any()
+    probe = index.rows_of([200_005, 100_003])
+    got = Retriever(index).search(e_now[probe], 1)
+    assert got.ad_ids[:, 0].tolist() == [200_005, 100_003]
+    # auto_rebuild=False: the same drift is only reported.
+    manual = _index(e, settings=dataclasses.replace(settings, exact_below=0, auto_rebuild=False))
+    manual.upsert(new_ads(300_000, 40))
+    assert manual.needs_rebuild() and "rebuilds" not in manual.manifest and manual.manifest["built_size"] == 3000
+
+
+def test_anisotropic_threshold_off_is_nan_for_scann():
+    e, _ = _structured(500, 16, 1)
+    on = scann_builder(e, RetrievalSettings(anisotropic_threshold=0.2), 10).create_config()
+    assert "noise_shaping_threshold: 0.2" in on
+    for off in (0.0, -1.0):
+        config = scann_builder(e, RetrievalSettings(anisotropic_threshold=off), 10).create_config()
+        assert "noise_shaping_threshold: nan" in config, config
+
+
+def test_recall_and_overlap_match_a_reference():
+    rng = np.random.default_rng(3)
+
+    def reference(approx, exact, ks):  # the direct definition, O(B K^2) memory
+        out = {}
+        for k in ks:
+            a, e = approx[:, :k], exact[:, :k]
+            inter = (a[:, :, None] == e[:, None, :]).any(2) & (a >= 0)
+            out[str(k)] = float(inter.sum(1).mean() / max(min(k, (e >= 0).sum(1).max()), 1))
+        return out
+
+    for n, k in ((50, 20), (30, 30), (1000, 40)):
+        exact = np.stack([rng.permutation(n)[:k] for _ in range(64)])
+        approx = np.where(rng.random((64, k)) < 0.7, exact, rng.integers(0, n, (64, k)))
+        approx = np.stack([rng.permutation(row) for row in approx])
+        exact[:5, k // 2:] = -1  # short results (a small audience): -1 padding
+        approx[3:8, -3:] = -1
+        assert evaluate_lib.recall_vs_exact(approx, exact, [1, k // 2, k]) == reference(approx, exact, [1, k // 2, k])
+        want = [sum(x in set(b[b >= 0]) for x in a[a >= 0]) for a, b in zip(approx, exact)]
+        np.testing.assert_array_equal(evaluate_lib.overlap_counts(approx, exact), want)
+    assert evaluate_lib.overlap_counts(np.full((2, 3), -1), np.full((2, 3), -1)).tolist() == [0, 0]
+
+
+def test_clicked_queries_is_a_seeded_random_sample(trained):
+    everything = evaluate_lib.clicked_queries(trained, "search", "test")
+    total = len(everything["ad_id"])
+    assert int(everything["num_clicked_in_split"]) == total >= 40
+    sample = evaluate_lib.clicked_queries(trained, "search", "test", max_rows=15, seed=0)
+    again = evaluate_lib.clicked_queries(trained, "search", "test", max_rows=15, seed=0)
+    assert len(sample["ad_id"]) == 15 and int(sample["num_clicked_in_split"]) == total
+    np.testing.assert_array_equal(sample["impression_id"], again["impression_id"])
+    where = {int(i): n for n, i in enumerate(everything["impression_id"])}
+    pos = np.array([where[int(i)] for i in sample["impression_id"]])  # KeyError: not a subset
+    assert (np.diff(pos) > 0).all()  # in storage order
+    assert pos.max() > total // 2 and pos.tolist() != list(range(15))  # not the first 15
+    for key in ("e_user", "e_context", "ad_id", "user.country"):
+        np.testing.assert_allclose(sample[key], everything[key][pos], atol=1e-5)
+
+
+def test_model_step_mismatch_warns(trained, exported, tmp_path):
+    build_from_export(exported, tmp_path / "I", RetrievalSettings())
+    manifest = json.loads((tmp_path / "I" / "manifest.json").read_text())
+    (tmp_path / "I" / "manifest.json").write_text(json.dumps({**manifest, "model_step": 7}))
+    with pytest.warns(StaleIndexWarning, match="model_step 7, but the model is at step 0"):
+        Retriever.load(tmp_path / "I", trained)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_out_never_replaces_what_it_should_not(trained, exported, tmp_path, capsys):
+    W, E = str(trained.workdir), str(exported)
+    before = sorted(p.name for p in trained.workdir.iterdir())
+    # export --out W: the workdir is an input, and not an export folder.
+    assert cli.main(["export", "--workdir", W, "--out", W, "--users", ""]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {W} would replace the input" in err
+    assert sorted(p.name for p in trained.workdir.iterdir()) == before
+    # index --out E (== --embeddings) or a folder holding it: refused, the export intact.
+    assert cli.main(["index", "--embeddings", E, "--out", E]) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    with pytest.raises(OutputExistsError, match="would replace the input"):
+        build_from_export(exported, exported.parent, RetrievalSettings())
+    assert json.loads((exported / "manifest.json").read_text())["kind"] == "multitower-export"
+    # A folder of something else, or an export where an index goes: refused, naming what is there.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli.main(["index", "--embeddings", E, "--out", str(other)]) == 2
+    assert f"--out {other} exists and is not a `multitower-index` folder (found no manifest.json and 1 entries " \
+           "(notes.txt))" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine"
+    fake_export = tmp_path / "fake_export"
+    fake_export.mkdir()
+    (fake_export / "manifest.json").write_text(json.dumps({"kind": "multitower-export"}))
+    with pytest.raises(OutputExistsError, match="found a manifest.json of kind 'multitower-export'"):
+        build_from_export(exported, fake_export, RetrievalSettings())
+    with pytest.raises(OutputExistsError, match=r"not a `multitower-export` folder \(found no manifest.json") as info:
+        export_lib.export(trained, other, users_path="")
+    assert "notes.txt" in str(info.value)
+    # An empty folder, and an older index, are replaced.
+    (tmp_path / "empty").mkdir()
+    build_from_export(exported, tmp_path / "empty", RetrievalSettings())
+    build_from_export(exported, tmp_path / "empty", RetrievalSettings(exact_below=0, leaves_fraction=1.0))
+    assert AdIndex.load(tmp_path / "empty").mode == "scann"
+
+
+def test_interrupted_swap_never_loses_the_old_folder(exported, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    I = tmp_path / "I"
+    build_from_export(exported, I, RetrievalSettings())
+    # A hard crash between the two renames: only `.I.old-<pid>` of a dead process is left.
+    leftover = tmp_path / f".I.old-{_dead_pid()}"
+    I.rename(leftover)
+    assert len(AdIndex.load(I)) == 400 and I.is_dir() and not leftover.exists()  # put back on load
+    # A leftover of a live process (a write in progress) is not touched.
+    live = tmp_path / f".I.old-{os.getppid()}"
+    I.rename(live)
+    with pytest.raises(FileNotFoundError):
+        AdIndex.load(I)
+    live.rename(I)
+    # An exception in the second rename puts the old folder back.
+    real_rename = Path.rename
+
+    def failing(self, target):
+        if Path(target) == I and ".partial-" in self.name:
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_from_export(exported, I, RetrievalSettings(exact_below=0))
+    monkeypatch.undo()
+    assert AdIndex.load(I).mode == "exact" and sorted(p.name for p in tmp_path.iterdir()) == ["I"]
+    # Writing to `out` while a dead process's old copy waits: it is restored first, then replaced.
+    I.rename(leftover)
+    build_from_export(exported, I, RetrievalSettings(exact_below=0, leaves_fraction=1.0))
+    assert AdIndex.load(I).mode == "scann" and sorted(p.name for p in tmp_path.iterdir()) == ["I"]

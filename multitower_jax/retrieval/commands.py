@@ -21,7 +21,7 @@ COMMANDS = {
 }
 RETRIEVAL_KNOBS = ("Knobs: --config.retrieval.<key>=VALUE (num_leaves, leaves_to_search, leaves_fraction, "
                    "training_sample_size, dims_per_block, anisotropic_threshold, reorder_multiplier, min_reorder, "
-                   "exact_below, overfetch, exact_eligible_below, rebuild_fraction, export_batch_size).")
+                   "exact_below, overfetch, exact_eligible_below, rebuild_fraction, auto_rebuild, export_batch_size).")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

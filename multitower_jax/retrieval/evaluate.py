@@ -10,6 +10,10 @@ Writes ``<index>/retrieval_eval.json`` with
   oracle_hit_rate_at_k     synthetic data only: the same with ads ranked by their true p_click for
                            that impression (user, intent, context and hour replayed from the world)
   random_hit_rate_at_k     K / number of ads
+  model_step, index_model_step   the checkpoint evaluated and the one the index was exported from
+                           (they differ: the index is stale, and Retriever.load warned)
+The queries are a seeded uniform sample of at most `max_queries` clicked impressions
+(`num_clicked_impressions` of `num_clicked_in_split`), searched CHUNK at a time.
 The synthetic generator does not restrict impressions by targeting, so the headline hit rates ignore
 targeting; the `_targeted` figure shows what serving with targeting would keep.
 """
@@ -27,16 +31,23 @@ from tqdm import tqdm
 
 from multitower_jax.data import pipeline
 from multitower_jax.retrieval import targeting as targeting_lib
+from multitower_jax.retrieval.index import _top_k
 from multitower_jax.retrieval.retriever import Eligibility, Retriever
 from multitower_jax.retrieval.settings import RetrievalSettings
 
 KS = (10, 100, 500)
 REPORT = "retrieval_eval.json"
+CHUNK = 1024  # queries searched and scored at once: memory is O(CHUNK * K), whatever the sample size
+SAMPLE_SEED = 0
 
 
 def clicked_queries(trained, placement: str, split: str, batch_size: int = 512,
-                    max_rows: int | None = None) -> dict[str, np.ndarray]:
-    """E_user and E_context (and ids, p_click, targeting keys) of the clicked impressions of a split."""
+                    max_rows: int | None = None, seed: int = SAMPLE_SEED) -> dict[str, np.ndarray]:
+    """E_user and E_context (and ids, p_click, targeting keys) of the clicked impressions of a split,
+    in storage order. With `max_rows`, a uniform random sample of that many (all when the split
+    has fewer): each clicked impression draws a key from `seed`'s stream and the `max_rows`
+    smallest keys are kept (bottom-k sampling, one pass, memory O(max_rows) raw rows).
+    `num_clicked_in_split` (a 0-d array) counts the clicked impressions the sample came from."""
     model, params = trained.model, trained.params
     embed = jax.jit(lambda u, c: (model.apply({"params": params}, u, method=model.embed_user),
                                   model.apply({"params": params}, c, placement, method=model.embed_context)))
@@ -56,25 +67,47 @@ def clicked_queries(trained, placement: str, split: str, batch_size: int = 512,
             if c in rows:
                 parts.setdefault(c, []).append(rows[c])
 
+    def concat(blocks: list[dict]) -> dict:
+        return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
     buffer: list[dict] = []
-    have = 0
+    have = total = 0
+    rng = np.random.default_rng(seed)
     for block in pipeline.raw_blocks(source, progress=f"retrieve-eval {split}"):
         clicked = block["click"] > 0
-        if clicked.any():
-            buffer.append({k: v[clicked] for k, v in block.items()})
-            have += int(clicked.sum())
-        while have >= batch_size:
-            rows = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
-            flush({k: v[:batch_size] for k, v in rows.items()})
-            buffer, have = [{k: v[batch_size:] for k, v in rows.items()}], have - batch_size
-        if max_rows and sum(len(p) for p in parts.get("ad_id", [])) >= max_rows:
-            break
-    if have:
-        flush({k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]})
-    if not parts:
+        total += int(clicked.sum())
+        if not clicked.any():
+            continue
+        rows = {k: v[clicked] for k, v in block.items()}
+        if max_rows:  # the reservoir: (key, position) per kept row, compacted to max_rows when it doubles
+            rows["_key"], rows["_pos"] = rng.random(len(rows["click"])), np.arange(total - len(rows["click"]), total)
+            buffer.append(rows)
+            have += len(rows["click"])
+            if have >= 2 * max_rows:
+                pool = concat(buffer)
+                best = np.argpartition(pool["_key"], max_rows - 1)[:max_rows]
+                buffer, have = [{k: v[best] for k, v in pool.items()}], max_rows
+            continue
+        buffer.append(rows)
+        have += len(rows["click"])
+        while have >= batch_size:  # no sample: embed as the split streams by
+            pool = concat(buffer)
+            flush({k: v[:batch_size] for k, v in pool.items()})
+            buffer, have = [{k: v[batch_size:] for k, v in pool.items()}], have - batch_size
+    if not total:
         raise ValueError(f"the {split} split has no clicked impressions to evaluate retrieval on")
+    if buffer:
+        pool = concat(buffer)
+        if max_rows:
+            if have > max_rows:
+                pool = {k: v[np.argpartition(pool["_key"], max_rows - 1)[:max_rows]] for k, v in pool.items()}
+            order = np.argsort(pool.pop("_pos"))  # storage order
+            pool = {k: v[order] for k, v in pool.items() if k != "_key"}
+        for s in range(0, len(pool["click"]), batch_size):
+            flush({k: v[s:s + batch_size] for k, v in pool.items()})
     out = {k: np.concatenate(v) for k, v in parts.items()}
-    return {k: v[:max_rows] for k, v in out.items()} if max_rows else out
+    out["num_clicked_in_split"] = np.asarray(total)
+    return out
 
 
 def hit_rates(top_ids_BxK: np.ndarray, target_B: np.ndarray, ks) -> dict[str, float]:
@@ -82,17 +115,36 @@ def hit_rates(top_ids_BxK: np.ndarray, target_B: np.ndarray, ks) -> dict[str, fl
     return {str(k): float(hit[:, :k].any(1).mean()) for k in ks}
 
 
+def overlap_counts(approx_BxK: np.ndarray, exact_BxK: np.ndarray) -> np.ndarray:
+    """int[B]: how many entries of each approx row are in the same exact row, -1 padding ignored.
+    Entries are store rows (non-negative ints). Each row is shifted into a range of its own, so the
+    row-sorted exact rows form one sorted array and one `searchsorted` tests every approx entry:
+    O(B K log K) time, O(B K) memory."""
+    approx_BxK, exact_BxK = np.asarray(approx_BxK, np.int64), np.asarray(exact_BxK, np.int64)
+    B = len(approx_BxK)
+    if B == 0 or approx_BxK.size == 0 or exact_BxK.size == 0:
+        return np.zeros(B, np.int64)
+    span = int(max(approx_BxK.max(), exact_BxK.max())) + 2  # span - 1: a pad no real entry equals
+    offset = np.arange(B, dtype=np.int64)[:, None] * span
+    flat = np.sort(np.where(exact_BxK >= 0, exact_BxK, span - 1) + offset, axis=1).ravel()
+    a = approx_BxK + offset
+    pos = np.minimum(np.searchsorted(flat, a), len(flat) - 1)
+    return ((flat[pos] == a) & (approx_BxK >= 0)).sum(1)
+
+
 def recall_vs_exact(approx_BxK: np.ndarray, exact_BxK: np.ndarray, ks) -> dict[str, float]:
+    """|approx top-k ∩ exact top-k| / k per query, averaged (k capped by the most exact results
+    any query has, for catalogues or audiences smaller than k)."""
     out = {}
     for k in ks:
         a, e = approx_BxK[:, :k], exact_BxK[:, :k]
-        inter = (a[:, :, None] == e[:, None, :]).any(2) & (a >= 0)
-        out[str(k)] = float(inter.sum(1).mean() / max(min(k, (e >= 0).sum(1).max()), 1))
+        out[str(k)] = float(overlap_counts(a, e).mean() / max(min(k, (e >= 0).sum(1).max()), 1))
     return out
 
 
-def _oracle_ids(trained, placement: str, split: str, q: dict, ad_ids: np.ndarray, k: int) -> np.ndarray | None:
-    """Top-k ad ids by true p_click per impression, or None when the data is not the synthetic world."""
+def _oracle_hit_rates(trained, placement: str, split: str, q: dict, ad_ids: np.ndarray, ks) -> dict[str, float] | None:
+    """Hit rate at each K of the top-K ads by true p_click per impression, or None when the data
+    is not the synthetic world."""
     config = trained.config
     if config.data.source != "synthetic":
         return None
@@ -101,57 +153,81 @@ def _oracle_ids(trained, placement: str, split: str, q: dict, ad_ids: np.ndarray
     world = World(config.synthetic, trained.spec)
     num = int(config.synthetic.impressions[split])
     in_world = (ad_ids >= 0) & (ad_ids < world.num_ads)
-    out = np.full((len(q["ad_id"]), k), -1, np.int64)
-    for s in tqdm(range(0, len(out), 256), desc="oracle", leave=False):
-        logits = world.oracle_click_logits(placement, split, num, q["impression_id"][s:s + 256])
-        logits = logits[:, ad_ids[in_world]]  # rank only ads that are in the index
-        kk = min(k, logits.shape[1])
-        top = np.argsort(-logits, axis=1)[:, :kk]
-        out[s:s + 256, :kk] = ad_ids[in_world][top]
-    return out
+    ranked_ids = ad_ids[in_world]  # rank only ads that are in the index
+    kmax = max(ks)
+    hits = {k: np.zeros(len(q["ad_id"]), bool) for k in ks}
+    step = max(1, min(256, (1 << 24) // max(world.num_ads, 1)))  # oracle logits held at once: <= 16M
+    for s in tqdm(range(0, len(q["ad_id"]), step), desc="oracle", leave=False):
+        logits = world.oracle_click_logits(placement, split, num, q["impression_id"][s:s + step])
+        logits = logits[:, ranked_ids]
+        kk = min(kmax, logits.shape[1])
+        top, _ = _top_k(logits, kk)  # argpartition, then sort only the top kk
+        top_ids = ranked_ids[top]
+        for k in ks:
+            hits[k][s:s + step] = (top_ids[:, :k] == q["ad_id"][s:s + step, None]).any(1)
+    return {str(k): float(hits[k].mean()) for k in ks}
 
 
 def evaluate(trained, index_dir: str | os.PathLike, split: str = "test", ks=KS,
-             max_queries: int | None = 20_000, settings: RetrievalSettings | None = None) -> dict[str, Any]:
+             max_queries: int | None = 20_000, settings: RetrievalSettings | None = None,
+             seed: int = SAMPLE_SEED, chunk: int = CHUNK) -> dict[str, Any]:
     """Compute the report above, write it to `<index_dir>/retrieval_eval.json`, return it.
-    `settings` changes search-time knobs (default: those the index was built with)."""
+    `settings` changes search-time knobs (default: those the index was built with); at most
+    `max_queries` clicked impressions, a random sample drawn with `seed`, are searched `chunk`
+    at a time."""
     retriever = Retriever.load(index_dir, trained, settings)
     index = retriever.index
     placement = trained.config.data.placements[0]
-    q = clicked_queries(trained, placement, split, max_rows=max_queries)
+    q = clicked_queries(trained, placement, split, max_rows=max_queries, seed=seed)
     Q = retriever.query_embeddings(q["e_user"], q["e_context"])
-    kmax = max(ks)
-    ids = index.store.ad_ids
-    exact_rows, _ = index.exact(Q, kmax)
+    B, kmax, ids = len(Q), max(ks), index.store.ad_ids
     to_ids = lambda rows: np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
-    # One search per K, as serving would ask (the number of leaves visited depends on K).
-    approx = {k: index.search(Q, k)[0] for k in ks}
-    eligibility = Eligibility(country=q.get("user.country"), device=q.get("user.device_type"), placement=placement)
-    targeted = {k: retriever.search(Q, k, eligibility).ad_ids for k in ks}
-    keys, clicked_rows = eligibility.keys(len(Q)), index.rows_of(q["ad_id"])
+    country, device = q.get("user.country"), q.get("user.device_type")
+    overlap = {k: np.zeros(B, np.int64) for k in ks}
+    exact_found = {k: 0 for k in ks}  # the most exact results any query has at K
+    hit = {name: {k: np.zeros(B, bool) for k in ks} for name in ("exact", "index", "targeted")}
+    for s in tqdm(range(0, B, chunk), desc="retrieve-eval search", leave=False):
+        Qc, clicked = Q[s:s + chunk], q["ad_id"][s:s + chunk]
+        exact_rows, _ = index.exact(Qc, kmax)
+        exact_ids = to_ids(exact_rows)
+        eligibility = Eligibility(country=None if country is None else country[s:s + chunk],
+                                  device=None if device is None else device[s:s + chunk], placement=placement)
+        for k in ks:
+            approx = index.search(Qc, k)[0]  # one search per K, as serving would ask (leaves visited depend on K)
+            overlap[k][s:s + chunk] = overlap_counts(approx, exact_rows[:, :k])
+            exact_found[k] = max(exact_found[k], int((exact_rows[:, :k] >= 0).sum(1).max()))
+            hit["exact"][k][s:s + chunk] = (exact_ids[:, :k] == clicked[:, None]).any(1)
+            hit["index"][k][s:s + chunk] = (to_ids(approx) == clicked[:, None]).any(1)
+            targeted = to_ids(retriever.search_rows(Qc, k, eligibility)[0])  # rows only: no embedding gather
+            hit["targeted"][k][s:s + chunk] = (targeted == clicked[:, None]).any(1)
+    eligibility = Eligibility(country=country, device=device, placement=placement)
+    keys, clicked_rows = eligibility.keys(B), index.rows_of(q["ad_id"])
     uniq, group = np.unique(keys, axis=0, return_inverse=True)
-    allowed = np.zeros(len(Q), bool)
+    allowed = np.zeros(B, bool)
     for g, key in enumerate(uniq):
         members = np.flatnonzero(group.reshape(-1) == g)
         mask = targeting_lib.eligible_mask(index.store.targeting, key)
         allowed[members] = (clicked_rows[members] >= 0) & mask[np.maximum(clicked_rows[members], 0)]
+    rate = lambda name: {str(k): float(hit[name][k].mean()) for k in ks}
     report: dict[str, Any] = {
-        "split": split, "placement": placement, "num_clicked_impressions": int(len(Q)),
+        "split": split, "placement": placement, "num_clicked_impressions": int(B),
+        "num_clicked_in_split": int(q["num_clicked_in_split"]), "sample_seed": seed,
         "num_ads": len(index), "index_mode": index.mode, "num_leaves": index.manifest["num_leaves"],
         "leaves_to_search_at_k": {str(k): index.settings.search_leaves(index.manifest["num_leaves"], k, len(index))
                                   if index.mode == "scann" else 0 for k in ks},
         "model_step": trained.step,
-        "recall_at_k_vs_exact": {str(k): recall_vs_exact(approx[k], exact_rows, [k])[str(k)] for k in ks},
-        "model_hit_rate_at_k": hit_rates(to_ids(exact_rows), q["ad_id"], ks),
-        "model_hit_rate_at_k_index": {str(k): hit_rates(to_ids(approx[k]), q["ad_id"], [k])[str(k)] for k in ks},
-        "model_hit_rate_at_k_targeted": {str(k): hit_rates(targeted[k], q["ad_id"], [k])[str(k)] for k in ks},
+        "index_model_step": index.manifest.get("model_step"),
+        "recall_at_k_vs_exact": {str(k): float(overlap[k].mean() / max(min(k, exact_found[k]), 1)) for k in ks},
+        "model_hit_rate_at_k": rate("exact"),
+        "model_hit_rate_at_k_index": rate("index"),
+        "model_hit_rate_at_k_targeted": rate("targeted"),
         "clicked_ad_eligible_fraction": float(allowed.mean()),
         "random_hit_rate_at_k": {str(k): min(1.0, k / max(len(index), 1)) for k in ks},
         "targeting_applied_to_headline": False,
     }
-    oracle = _oracle_ids(trained, placement, split, q, ids, kmax)
+    oracle = _oracle_hit_rates(trained, placement, split, q, ids, ks)
     if oracle is not None:
-        report["oracle_hit_rate_at_k"] = hit_rates(oracle, q["ad_id"], ks)
+        report["oracle_hit_rate_at_k"] = oracle
     path = Path(index_dir) / REPORT
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))

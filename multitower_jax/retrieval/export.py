@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from multitower_jax import features as F
 from multitower_jax.retrieval import targeting as targeting_lib
-from multitower_jax.retrieval.index import MANIFEST, atomic_dir, query_rule
+from multitower_jax.retrieval.index import MANIFEST, atomic_dir, check_replaceable, query_rule
 
 CATALOGUE_DIR = "catalogue"
 
@@ -156,6 +156,8 @@ def export(trained, out: str | os.PathLike, ads_path: str | os.PathLike | None =
         users_path = default_catalogue(config, "users")
         users_path = users_path if users_path.is_file() else None
     users_path = Path(users_path) if users_path else None
+    inputs = [trained.workdir, ads_path, users_path]
+    check_replaceable(out, "multitower-export", inputs)  # before running the towers over the catalogue
     D = trained.embed_dim
     manifest: dict[str, Any] = {
         "kind": "multitower-export", "format": 1, "fingerprint": trained.fingerprint, "embed_dim": D,
@@ -194,5 +196,5 @@ def export(trained, out: str | os.PathLike, ads_path: str | os.PathLike | None =
                 a.flush()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
-    atomic_dir(Path(out), write)
+    atomic_dir(Path(out), write, kind="multitower-export", inputs=inputs)
     return manifest

@@ -19,7 +19,9 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,10 @@ FORMAT = 1
 
 class IndexMismatchError(ValueError):
     """An index or an embedding export does not belong to this model (or is not an index at all)."""
+
+
+class StaleIndexWarning(UserWarning):
+    """The index (or export) was built from another checkpoint of the same model."""
 
 
 def query_rule(l2_normalize: bool) -> dict[str, Any]:
@@ -51,8 +57,23 @@ def check_compatible(manifest: dict, *, fingerprint: str, embed_dim: int, rule: 
                 "(`multitower export`, then `multitower index`)")
 
 
+def check_model_step(manifest: dict, step: int | None, where: str) -> bool:
+    """Warn (StaleIndexWarning) when `manifest` was exported from another checkpoint than `step`:
+    same architecture and query rule, so it loads, but its embeddings are not this model's.
+    Returns True when the steps agree."""
+    have = manifest.get("model_step")
+    if step is None or have == step:
+        return True
+    warnings.warn(f"{where}: built from the checkpoint at model_step {have}, but the model is at step {step}; "
+                  "its ad embeddings are stale: re-run `multitower export` and `multitower index`",
+                  StaleIndexWarning, stacklevel=3)
+    return False
+
+
 def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
     path = Path(folder) / MANIFEST
+    if not Path(folder).exists():
+        _recover(Path(folder))
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {folder} a `multitower {kind.removeprefix('multitower-')}` "
                                 "folder?")
@@ -62,23 +83,135 @@ def read_manifest(folder: str | os.PathLike, kind: str) -> dict:
     return manifest
 
 
-def atomic_dir(out: Path, write) -> None:
-    """Write a folder through `write(tmp)` into a sibling temp folder, then swap it in."""
+class OutputExistsError(FileExistsError):
+    """`--out` names a folder that is not an artifact of the kind being written, or an input."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _leftovers(out: Path, tag: str) -> list[tuple[Path, int]]:
+    """Siblings `.<out>.<tag>-<pid>` that `atomic_dir` left behind, with their pids, oldest first."""
+    found = []
+    if out.parent.is_dir():
+        prefix = f".{out.name}.{tag}-"
+        for path in out.parent.iterdir():
+            if path.name.startswith(prefix) and path.name[len(prefix):].isdigit():
+                found.append((path, int(path.name[len(prefix):])))
+    return sorted(found, key=lambda item: item[0].stat().st_mtime)
+
+
+def _recover(out: Path) -> None:
+    """Undo a crash between `atomic_dir`'s two renames: `out` is gone but the folder it held waits
+    as `.<out>.old-<pid>` (of a process that no longer runs); put it back. Stale half-written
+    `.partial-<pid>` folders of dead processes are removed."""
+    for path, pid in _leftovers(out, "partial"):
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+    if out.exists():
+        return
+    stale = [path for path, pid in _leftovers(out, "old") if pid != os.getpid() and not _pid_alive(pid)]
+    if stale:
+        stale[-1].rename(out)  # the newest one is what `out` last held
+        print(f"{out}: restored from {stale[-1].name} (left by an interrupted write)", file=sys.stderr)
+
+
+def _describe(folder: Path) -> str:
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            kind = json.loads(manifest.read_text()).get("kind")
+        except (ValueError, AttributeError):
+            return f"an unreadable {MANIFEST}"
+        return f"a {MANIFEST} of kind {kind!r}"
+    names = sorted(p.name for p in folder.iterdir())
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return f"no {MANIFEST} and {len(names)} entries ({shown})"
+
+
+def check_replaceable(out: str | os.PathLike, kind: str | None, inputs=()) -> None:
+    """OutputExistsError unless writing a `kind` folder at `out` is safe: `out` is absent, an empty
+    folder, or a folder whose manifest says it is a `kind` artifact (an older copy to replace);
+    and it is none of `inputs`, nor a folder holding one of them."""
     out = Path(out)
+    where = out.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        src = Path(src).resolve()
+        if src == where or where in src.parents:
+            raise OutputExistsError(f"--out {out} would replace the input {src}; write to another folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"--out {out} exists and is not a folder; remove it or choose another --out")
+    if not any(out.iterdir()):
+        return
+    have = None
+    if (out / MANIFEST).is_file():
+        try:
+            have = json.loads((out / MANIFEST).read_text()).get("kind")
+        except (ValueError, AttributeError):
+            have = None
+    if kind is None or have != kind:
+        want = f"a `{kind}` folder" if kind else "an artifact of the same kind"
+        raise OutputExistsError(f"--out {out} exists and is not {want} (found {_describe(out)}); refusing to "
+                                "replace it: choose another --out or remove it yourself")
+
+
+def atomic_dir(out: Path, write, kind: str | None = None, inputs=()) -> None:
+    """Write a folder through `write(tmp)` into a sibling temp folder, then swap it in.
+
+    An existing `out` is replaced only when it is empty or holds an artifact of the same kind
+    (`kind`, and the `kind` of the manifest `write` produced), never when it is one of `inputs`
+    (see `check_replaceable`), so `--out` pointed at a workdir or at the export being indexed
+    fails instead of deleting it. The swap is two renames; a crash between them leaves the old
+    folder as `.<out>.old-<pid>`, which the next write to `out` (or `recover`) puts back.
+    """
+    out = Path(out)
+    _recover(out)
+    check_replaceable(out, kind, inputs)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        written = json.loads((tmp / MANIFEST).read_text()).get("kind") if (tmp / MANIFEST).is_file() else None
+        if kind is not None and written != kind:
+            raise AssertionError(f"atomic_dir: wrote a {written!r} folder, expected {kind!r}")
+        check_replaceable(out, written, inputs)  # again: `out` may have appeared while writing
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if old.exists():
+        shutil.rmtree(old)
     if out.exists():
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:  # put the old folder back (a hard crash here is `_recover`'s case)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
+    for path, pid in _leftovers(out, "old"):  # older copies of `out` that interrupted writes kept
+        if not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def recover(out: str | os.PathLike) -> None:
+    """Put back a folder that an interrupted `atomic_dir` left as `.<out>.old-<pid>`."""
+    _recover(Path(out))
 
 
 @dataclasses.dataclass
@@ -120,6 +253,21 @@ def _top_k(scores_BxN: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(part, order, 1), np.take_along_axis(s, order, 1)
 
 
+def scann_builder(db_NxD: np.ndarray, s: RetrievalSettings, leaves: int):
+    """The ScaNN builder for `db_NxD` (dot product): a k-means tree of `leaves` leaves, asymmetric
+    hashing, exact reordering. `anisotropic_threshold <= 0` is ScaNN's "off", NaN (its default);
+    0 itself would be passed through as a threshold."""
+    import scann  # heavy; only when a tree is needed
+
+    threshold = float(s.anisotropic_threshold) if s.anisotropic_threshold > 0 else float("nan")
+    n = len(db_NxD)
+    return (scann.scann_ops_pybind.builder(db_NxD, 10, "dot_product")
+            .tree(num_leaves=leaves, num_leaves_to_search=s.search_leaves(leaves),
+                  training_sample_size=min(n, s.training_sample_size))
+            .score_ah(s.dims_per_block, anisotropic_quantization_threshold=threshold)
+            .reorder(s.reorder(10)))
+
+
 class AdIndex:
     """A searchable, mutable set of ads. `search` returns store rows (-1 pads a short result)."""
 
@@ -139,26 +287,20 @@ class AdIndex:
         return index
 
     def _build_searcher(self) -> None:
-        import scann  # heavy; only when a tree is needed
-
         n, s = len(self.store), self.settings
         start = time.perf_counter()
         self.searcher, leaves = None, 0
         if n >= max(s.exact_below, 2):
             leaves = s.leaves(n)
-            db = self._search_vectors(np.arange(n))
-            self.searcher = (scann.scann_ops_pybind.builder(db, 10, "dot_product")
-                             .tree(num_leaves=leaves, num_leaves_to_search=s.search_leaves(leaves),
-                                   training_sample_size=min(n, s.training_sample_size))
-                             .score_ah(s.dims_per_block, anisotropic_quantization_threshold=s.anisotropic_threshold)
-                             .reorder(s.reorder(10)).build())
+            self.searcher = scann_builder(self._search_vectors(np.arange(n)), s, leaves).build()
         self.manifest.update(mode="scann" if self.searcher else "exact", num_leaves=leaves, built_size=n,
                              mutations_since_build=0, build_seconds=round(time.perf_counter() - start, 3),
                              settings=dataclasses.asdict(s))
         self._refresh()
 
-    def save(self, out: str | os.PathLike) -> None:
-        """Write the index folder atomically (a half-written index never replaces a good one)."""
+    def save(self, out: str | os.PathLike, inputs=()) -> None:
+        """Write the index folder atomically (a half-written index never replaces a good one);
+        an existing `out` must be an index folder, and none of `inputs` (OutputExistsError)."""
         def write(tmp: Path) -> None:
             self.store.save(tmp)
             if self.searcher is not None:
@@ -166,7 +308,7 @@ class AdIndex:
                 self.searcher.serialize(str(tmp / "scann"), relative_path=True)
             self.manifest["num_ads"] = len(self.store)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
-        atomic_dir(Path(out), write)
+        atomic_dir(Path(out), write, kind="multitower-index", inputs=inputs)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, settings: RetrievalSettings | None = None) -> AdIndex:
@@ -275,6 +417,7 @@ class AdIndex:
         self.store = AdStore(**store)
         self.manifest["mutations_since_build"] += len(ads.ad_ids)
         self._refresh()
+        self._maybe_rebuild()
 
     def delete(self, ad_ids: np.ndarray) -> None:
         """Remove ads by id (KeyError for an unknown id); each freed row takes the current last row."""
@@ -298,6 +441,7 @@ class AdIndex:
         self.store = self.store.rows(perm[:size])
         self.manifest["mutations_since_build"] += len(ad_ids)
         self._refresh()
+        self._maybe_rebuild()
 
     @property
     def drift(self) -> float:
@@ -313,6 +457,13 @@ class AdIndex:
     def rebuild(self) -> None:
         """Retrain the tree and the codebooks on the current ads (same settings)."""
         self._build_searcher()
+        self.manifest["rebuilds"] = self.manifest.get("rebuilds", 0) + 1
+
+    def _maybe_rebuild(self) -> None:
+        """After a mutation: rebuild when `settings.auto_rebuild` and the index has drifted. The
+        rebuild runs in the caller's thread (seconds to minutes on a large catalogue)."""
+        if self.settings.auto_rebuild and self.needs_rebuild():
+            self.rebuild()
 
 
 def build_from_export(embeddings_dir: str | os.PathLike, out: str | os.PathLike,
@@ -320,8 +471,9 @@ def build_from_export(embeddings_dir: str | os.PathLike, out: str | os.PathLike,
     """`multitower index`: read an export folder, build and save the index."""
     embeddings_dir = Path(embeddings_dir)
     manifest = read_manifest(embeddings_dir, "multitower-export")
+    check_replaceable(out, "multitower-index", [embeddings_dir])  # before the (long) build
     store = AdStore.load(embeddings_dir)
     store = AdStore(**{n: np.asarray(getattr(store, n)) for n in STORE_ARRAYS})
     index = AdIndex.build(store, {**manifest, "embeddings": str(embeddings_dir)}, settings)
-    index.save(out)
+    index.save(out, inputs=[embeddings_dir])
     return index

@@ -5,6 +5,7 @@
     q_BxD = retriever.query_embeddings(e_user_BxD, e_context_BxD)
     got = retriever.search(q_BxD, k=100, eligibility=Eligibility(country=c_B, device=d_B, placement="search"))
     got.ad_ids, got.scores, got.embeddings, got.bid, got.quality      # [B, K] (embeddings [B, K, D])
+    rows, scores = retriever.search_rows(q_BxD, k=100)                  # the same, store rows only
 
 Q follows the rule the retrieval loss was trained with (`train/losses.py: retrieval_logits`):
 Q = E_user + E_context, and with `loss.l2_normalize` both Q and E_ad are L2-normalized (cosine).
@@ -13,7 +14,7 @@ The logQ correction is a training-time fix for in-batch sampling bias and is not
 Targeting: each distinct (country, device, placement) of a batch gets its eligible fraction
 estimated on a fixed sample of ads. Large audiences are searched with ScaNN, over-fetching
 k / fraction * overfetch candidates from 1 / fraction times more leaves (one call per
-power-of-two sparsity), and filtered by a bitset test on the candidates only; small audiences,
+power-of-two sparsity and group of queries small enough to bound the candidates held), and filtered by a bitset test on the candidates only; small audiences,
 and any query that comes back with fewer than k ads, are searched exactly over the eligible
 rows (one bitset test over the catalogue). So K eligible
 ads come back whenever K exist, and the common, unrestricted case pays only the over-fetch.
@@ -29,13 +30,14 @@ from typing import Any
 import numpy as np
 
 from multitower_jax.retrieval import targeting as targeting_lib
-from multitower_jax.retrieval.index import AdIndex, AdStore, check_compatible, query_rule
+from multitower_jax.retrieval.index import AdIndex, AdStore, check_compatible, check_model_step, query_rule
 from multitower_jax.retrieval.settings import RetrievalSettings
 from multitower_jax.retrieval.targeting import Eligibility
 
 __all__ = ["Candidates", "Eligibility", "Retriever"]
 
 _SAMPLE = 8192  # ads sampled to estimate an audience's eligible fraction
+_FETCH_BUDGET = 1 << 22  # over-fetched candidates held at once (queries x fetch), ~50 MB of rows and scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +67,13 @@ class Retriever:
     def load(cls, index_dir: str | os.PathLike, trained: Any | None = None,
              settings: RetrievalSettings | None = None) -> Retriever:
         """Load an index folder; with `trained` (an `inference.Trained`), check that the index was
-        built from that model (fingerprint, embedding dim, query rule) or raise IndexMismatchError."""
+        built from that model (fingerprint, embedding dim, query rule) or raise IndexMismatchError;
+        an index exported from another checkpoint (`model_step`) loads with a StaleIndexWarning."""
         index = AdIndex.load(index_dir, settings)
         if trained is not None:
             check_compatible(index.manifest, fingerprint=trained.fingerprint, embed_dim=trained.embed_dim,
                              rule=query_rule(trained.config.loss.l2_normalize), where=str(index_dir))
+            check_model_step(index.manifest, trained.step, str(index_dir))
         return cls(index, settings)
 
     # -- queries -------------------------------------------------------------------------------
@@ -83,6 +87,11 @@ class Retriever:
     # -- search --------------------------------------------------------------------------------
     def search(self, q_BxD, k: int, eligibility: Eligibility | None = None) -> Candidates:
         """Top-k ads per query (ScaNN, or exact where that is needed or cheaper)."""
+        return self._gather(*self.search_rows(q_BxD, k, eligibility))
+
+    def search_rows(self, q_BxD, k: int, eligibility: Eligibility | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """What `search` finds, as store rows int64[B, k] (-1 pads) and scores float32[B, k], without
+        gathering the ads' embeddings and attributes (for callers that need only ids or rows)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q_BxD = np.ascontiguousarray(q_BxD, np.float32)
@@ -91,10 +100,8 @@ class Retriever:
         B = len(q_BxD)
         self.counts["queries"] += B
         if eligibility is None or B == 0:
-            rows, scores = self.index.search(q_BxD, k)
-            return self._gather(rows, scores)
-        rows, scores = self._search_targeted(q_BxD, k, eligibility.keys(B))
-        return self._gather(rows, scores)
+            return self.index.search(q_BxD, k)
+        return self._search_targeted(q_BxD, k, eligibility.keys(B))
 
     def _exact_eligible(self, q_BxD: np.ndarray, k: int, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mask = targeting_lib.eligible_mask(self.index.store.targeting, key)
@@ -121,26 +128,37 @@ class Retriever:
         bucket = np.where(small, -1, np.ceil(np.log2(1.0 / np.maximum(frac, 1.0 / len(sample)))).astype(np.int64))
         num_leaves = index.manifest.get("num_leaves", 0)
         for b in np.unique(bucket[bucket >= 0]):
-            members = np.flatnonzero(bucket[inverse] == b)
             sparsity = 2.0 ** b
             fetch = min(n, math.ceil(k * sparsity * s.overfetch))
             leaves = min(num_leaves, math.ceil(s.search_leaves(num_leaves, k, n) * sparsity))
-            got_rows, got_scores = index.search(q_BxD[members], fetch, leaves_to_search=leaves)
-            keep = (got_rows >= 0) & targeting_lib.allowed(index.store.targeting[np.maximum(got_rows, 0)],
-                                                           keys[members])
-            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # eligible first, best first
-            kept = np.take_along_axis(keep, order, 1)
-            got = min(k, fetch)
-            rows[members, :got] = np.where(kept, np.take_along_axis(got_rows, order, 1), -1)
-            scores[members, :got] = np.where(kept, np.take_along_axis(got_scores, order, 1), -np.inf)
-            short = members[kept.sum(1) < k]
-            # Fewer than k came back: the audience is smaller than k, or the over-fetch missed.
-            # Exact search over the eligible ads settles both, which keeps the guarantee.
-            for key in np.unique(keys[short], axis=0):
-                redo = short[(keys[short] == key).all(1)]
-                self.counts["exact_fallback"] += len(redo)
-                rows[redo], scores[redo] = self._exact_eligible(q_BxD[redo], k, key)
+            # The over-fetched candidates of a sparse audience are many per query: a bounded number
+            # of queries per ScaNN call keeps them (and ScaNN's own buffers) to a fixed budget.
+            step = max(1, _FETCH_BUDGET // fetch)
+            bucket_members = np.flatnonzero(bucket[inverse] == b)
+            for start in range(0, len(bucket_members), step):
+                members = bucket_members[start:start + step]
+                self._fetch_and_filter(q_BxD, k, keys, members, fetch, leaves, rows, scores)
         return rows, scores
+
+    def _fetch_and_filter(self, q_BxD: np.ndarray, k: int, keys: np.ndarray, members: np.ndarray, fetch: int,
+                          leaves: int, rows: np.ndarray, scores: np.ndarray) -> None:
+        """ScaNN top-`fetch` for the queries `members`, filtered by their keys into rows / scores."""
+        index = self.index
+        got_rows, got_scores = index.search(q_BxD[members], fetch, leaves_to_search=leaves)
+        keep = (got_rows >= 0) & targeting_lib.allowed(index.store.targeting[np.maximum(got_rows, 0)],
+                                                       keys[members])
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # eligible first, best first
+        kept = np.take_along_axis(keep, order, 1)
+        got = min(k, fetch)
+        rows[members, :got] = np.where(kept, np.take_along_axis(got_rows, order, 1), -1)
+        scores[members, :got] = np.where(kept, np.take_along_axis(got_scores, order, 1), -np.inf)
+        # Fewer than k came back: the audience is smaller than k, or the over-fetch missed.
+        # Exact search over the eligible ads settles both, which keeps the guarantee.
+        short = members[kept.sum(1) < k]
+        for key in np.unique(keys[short], axis=0):
+            redo = short[(keys[short] == key).all(1)]
+            self.counts["exact_fallback"] += len(redo)
+            rows[redo], scores[redo] = self._exact_eligible(q_BxD[redo], k, key)
 
     def _gather(self, rows: np.ndarray, scores: np.ndarray) -> Candidates:
         store: AdStore = self.index.store

@@ -24,7 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
     r.leaves_fraction = 0.03
     r.training_sample_size = 250_000  # vectors used to train the partitioner and the codebooks
     r.dims_per_block = 2  # asymmetric hashing: 2 dims per 16-centroid block (4 bits)
-    r.anisotropic_threshold = 0.2  # score-aware quantization (dot product); <= 0 turns it off
+    r.anisotropic_threshold = 0.2  # score-aware quantization (dot product); <= 0 turns it off (NaN to ScaNN)
     r.reorder_multiplier = 5  # re-score reorder_multiplier * k candidates exactly before returning k
     r.min_reorder = 100
     # Targeting: ask ScaNN for k / eligible_fraction * overfetch candidates, then filter; a query
@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Live updates: rebuild (retrain the partitioner and codebooks) once this fraction of the
     # index has been added, updated or deleted since the last build.
     r.rebuild_fraction = 0.25
+    # AdIndex.upsert / delete rebuild the live index themselves once it needs it (needs_rebuild():
+    # the drift above, or the size crossed exact_below); False leaves that to the caller.
+    r.auto_rebuild = True
     return r
 
 
@@ -52,6 +55,7 @@ class RetrievalSettings:
     overfetch: float = 1.5
     exact_eligible_below: int = 5_000
     rebuild_fraction: float = 0.25
+    auto_rebuild: bool = True
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | None) -> RetrievalSettings:
@@ -63,6 +67,9 @@ class RetrievalSettings:
             if unknown:
                 raise ConfigError(f"config.retrieval: unknown keys {unknown}; known: {sorted(values)}")
             values.update(dict(section))
+        for f in dataclasses.fields(cls):
+            if isinstance(f.default, bool) and not isinstance(values[f.name], bool):
+                raise ConfigError(f"config.retrieval.{f.name}: expected true or false, got {values[f.name]!r}")
         out = cls(**{f.name: type(f.default)(values[f.name]) for f in dataclasses.fields(cls)})
         out.validate()
         return out
