@@ -428,3 +428,129 @@ def test_user_id_only_requests_keep_the_users_targeting(served, tmp_path):
     assert [a["ad_id"] for a in answer["ads"]] == want_ids.tolist()
     np.testing.assert_allclose([a["ecpm"] for a in answer["ads"]], want_ecpm, rtol=1e-4)
     assert ranker.cache.get(req["user_id"]).country == 3  # cached with its targeting keys
+
+
+# -- benchmarks and the CLI on tiny inputs ------------------------------------------------------
+
+def _finite_positive(figures, keys):
+    for key in keys:
+        assert np.isfinite(figures[key]) and figures[key] > 0, (key, figures[key])
+
+
+def test_bench_score_tiny_writes_json_with_a_realistic_calibration(tmp_path):
+    from multitower_jax.bench import score as bench_score
+
+    config = synthetic_config("/nonexistent", "--config.serving.max_batch_size=2")
+    figures = bench_score.run(config, num_requests=12, json_path=str(tmp_path / "score.json"), clients=2,
+                              num_candidates=100)
+    saved = json.loads((tmp_path / "score.json").read_text())
+    _finite_positive(saved, ("p50_ms", "p99_ms", "microbatch_requests_per_sec", "flops_per_request"))
+    assert saved["p99_ms"] >= saved["p50_ms"] and saved["p50_ms"] == figures["p50_ms"]
+    assert saved["candidates"] == 100 and saved["candidate_bucket"] == 128
+    # timed with the default calibrators: an isotonic CTR map of realistic size, temperature CVR
+    assert saved["calibration"]["cvr"] == "temperature" and saved["calibration"]["ctcvr"] == "product"
+    thresholds = int(saved["calibration"]["ctr"].split("(")[1].split()[0])
+    assert saved["calibration"]["ctr"].startswith("isotonic") and thresholds >= 20
+
+
+def test_bench_calibration_is_the_configs_methods_fitted():
+    from multitower_jax.bench.score import bench_calibration
+
+    cal = bench_calibration(synthetic_config("/nonexistent"))
+    assert cal.methods == (("ctr", "isotonic"), ("cvr", "temperature"), ("ctcvr", "product"))
+    assert float(cal.params["cvr"]["temperature"]) == pytest.approx(1.6, abs=0.2)  # the model's over-confidence
+    p = np.linspace(0.001, 0.2, 50, dtype=np.float32)
+    assert not np.allclose(np.asarray(cal.apply("ctr", p)), p, atol=1e-3)  # not an identity
+    cal = bench_calibration(synthetic_config("/nonexistent", "--config.calibration.ctr=platt"))
+    assert cal.method("ctr") == "platt"
+
+
+def test_bench_serve_tiny_writes_json(tmp_path):
+    from multitower_jax.bench import serve as bench_serve
+
+    config = synthetic_config(tmp_path, "--config.serving.max_batch_size=2", "--config.serving.buckets=(64,)",
+                              "--config.serving.num_candidates=64", "--config.serving.top_n=10")
+    figures = bench_serve.run(config, num_ads=1500, num_requests=10, json_path=str(tmp_path / "serve.json"),
+                              num_users=6, clients=2)
+    saved = json.loads((tmp_path / "serve.json").read_text())
+    _finite_positive(saved, ("p50_ms", "p99_ms", "concurrent_requests_per_sec", "score_ms_mean"))
+    assert saved["p99_ms"] >= saved["p50_ms"] and saved == json.loads(json.dumps(figures))
+    assert (saved["num_ads"], saved["K"], saved["top_n"]) == (1500, 64, 10)
+    assert saved["calibration"]["ctr"].startswith("isotonic") and saved["calibration"]["cvr"] == "temperature"
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(synthetic_dir, tmp_path_factory):
+    """A workdir with a checkpoint of random weights (drawn on the host, no init compile), a fitted
+    calibration.json, and its ads exported and indexed through the CLI: what `rank` and
+    `export-scorer` read."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from multitower_jax import calibration as calibration_lib
+    from multitower_jax import config as config_lib
+    from multitower_jax.bench.score import bench_calibration
+    from multitower_jax.bench.serve import random_params
+    from multitower_jax.inference import fingerprint
+    from multitower_jax.train.trainer import Trainer
+
+    workdir = tmp_path_factory.mktemp("serving_workdir")
+    config = synthetic_config(synthetic_dir)
+    config_lib.write_resolved(config, workdir)
+    trainer = Trainer(config, workdir)
+    state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), trainer.abstract_state)
+    state["params"] = random_params(trainer.model)
+    manager = trainer.checkpoint_manager()
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    manager.wait_until_finished()
+    calibration_lib.save(bench_calibration(config), workdir, fingerprint=fingerprint(config), step=0)
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(workdir / "E"), "--users", ""]) == 0
+    assert cli.main(["index", "--embeddings", str(workdir / "E"), "--out", str(workdir / "I")]) == 0
+    return workdir
+
+
+def test_cli_export_scorer_and_rank_on_a_tiny_workdir(tiny_workdir, synthetic_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from multitower_jax.retrieval.index import AdStore
+
+    W = str(tiny_workdir)
+    assert cli.main(["export-scorer", "--workdir", W, "--out", str(tmp_path / "S")]) == 0
+    manifest = json.loads((tmp_path / "S" / "manifest.json").read_text())
+    assert manifest["calibration"]["heads"]["ctr"]["method"] == "isotonic"
+    assert len(manifest["calibration"]["heads"]["ctr"]["x"]) >= 20
+    assert (tmp_path / "S" / "score_search.jaxexport").is_file()
+
+    # A user_id-only request (as in the README): the features and the targeting keys come from
+    # the users catalogue. The user: the one most ads may not be shown to.
+    users = pq.read_table(synthetic_dir / "catalogue" / "users.parquet",
+                          columns=["user_id", "user.country", "user.device_type"]).to_pydict()
+    store = AdStore.load(tiny_workdir / "E")
+    code = targeting_lib.F.PLACEMENTS.index("search")
+    masks = [targeting_lib.eligible_mask(store.targeting, (c, d, code))
+             for c, d in zip(users["user.country"][:200], users["user.device_type"][:200])]
+    u = int(np.argmin([m.sum() for m in masks]))
+    assert (~masks[u]).sum() >= 5  # ads this user must never see
+    context = random_features_for_context()
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps({"placement": "search", "user_id": users["user_id"][u], "context": context}))
+    capsys.readouterr()
+    assert cli.main(["rank", "--workdir", W, "--index", str(tiny_workdir / "I"), "--request", str(request),
+                     "--config.serving.top_n=20"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    ads = answer["ads"]
+    assert answer["user_id"] == users["user_id"][u] and len(ads) == 20
+    assert [a["ecpm"] for a in ads] == sorted((a["ecpm"] for a in ads), reverse=True)
+    assert all(0 < a["pctr"] < 1 and 0 < a["pcvr"] < 1 for a in ads)
+    np.testing.assert_allclose([a["ecpm"] for a in ads], [a["bid"] * a["pctr"] * a["quality"] * 1000 for a in ads],
+                               rtol=1e-4)
+    row = {int(a): i for i, a in enumerate(store.ad_ids)}
+    assert all(masks[u][row[a["ad_id"]]] for a in ads)  # targeting from the catalogue row
+    assert answer["num_candidates"] == int(masks[u].sum())  # K = 500 > 400 ads: every eligible one
+
+
+def random_features_for_context():
+    from multitower_jax import features as F
+
+    config = synthetic_config("/nonexistent")
+    return random_features(F.parse_spec(config.features).context("search"), np.random.default_rng(7))

@@ -1,7 +1,9 @@
 """`multitower bench serve`: p50/p99 of the whole request through the `Ranker` (user cache -> context
 tower -> ScaNN top-K over a --num-ads index -> factorized calibrated scorer -> top-20).
 
-The model is the config's architecture with random weights; the index holds structured synthetic
+The model is the config's architecture with random weights, calibrated like `bench score`
+(the config's methods fitted on synthetic scores: isotonic CTR, temperature CVR by default); the
+index holds structured synthetic
 ad embeddings (`bench.retrieve.structured_embeddings`: running the ad tower over 1M ads on a
 2-core CPU would take longer than the benchmark). Requests carry random raw user and context
 features for a pool of users, so the user cache sees both misses and hits, as in production.
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from multitower_jax import bench
 from multitower_jax import features as F
 from multitower_jax.bench.retrieve import structured_embeddings
+from multitower_jax.bench.score import bench_calibration, describe_calibration
 from multitower_jax.data.preprocess import FeatureStats
 from multitower_jax.inference import Trained
 from multitower_jax.models import model as model_lib
@@ -59,6 +62,11 @@ def random_params(model: model_lib.MultiTowerModel, seed: int = 0) -> dict:
     initializers takes ~30 s on 2 CPU cores, and benchmarks and tests only need random values.
     Dense kernels ~ N(0, 1 / fan_in), embeddings ~ N(0, 1), LayerNorm scales 1, biases small."""
     shapes = nn.meta.unbox(jax.eval_shape(lambda key: model_lib.init_params(model, key), jax.random.key(seed)))
+    return random_like(shapes, seed)["params"]
+
+
+def random_like(shapes, seed: int = 0):
+    """Host-drawn random arrays of a tree of shapes (the distributions of `random_params`)."""
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf) -> np.ndarray:
@@ -70,7 +78,7 @@ def random_params(model: model_lib.MultiTowerModel, seed: int = 0) -> dict:
         std = 1.0 if name == "embedding" else 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
         return (std * rng.normal(size=leaf.shape)).astype(leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(draw, shapes)["params"]
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def random_trained(config: ml_collections.ConfigDict, workdir: Path) -> Trained:
@@ -96,7 +104,7 @@ def build_ranker(config: ml_collections.ConfigDict, num_ads: int, workdir: Path)
     manifest = {"fingerprint": trained.fingerprint, "embed_dim": d,
                 "query_rule": query_rule(bool(config.loss.l2_normalize))}
     index = AdIndex.build(store, manifest, RetrievalSettings.from_config(config))
-    return Ranker(trained, Retriever(index), settings=ServingSettings.from_config(config))
+    return Ranker(trained, Retriever(index), bench_calibration(config), settings=ServingSettings.from_config(config))
 
 
 def run(config: ml_collections.ConfigDict, num_ads: int = 1_000_000, num_requests: int = 2_000,
@@ -154,6 +162,7 @@ def run(config: ml_collections.ConfigDict, num_ads: int = 1_000_000, num_request
     figures = {
         "device": f"{jax.devices()[0].device_kind} ({jax.device_count()} device)",
         "num_ads": num_ads, "index_mode": ranker.retriever.index.mode, "K": s.num_candidates, "top_n": s.top_n,
+        "calibration": describe_calibration(ranker.scorers[placement].calibration),
         "requests": num_requests, "user_cache_hit_rate": hits / max(hits + misses, 1),
         "warmup_seconds": warmup_seconds,
         "p50_ms": 1000 * float(np.percentile(latencies, 50)),
