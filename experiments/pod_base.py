@@ -84,7 +84,9 @@ def pod_config(*, chips: int, processes: int, model: int, rows_per_replica: int,
     config.mesh.model = model
     config.data.batch_size = batch
     config.data.eval_batch_size = batch
-    config.data.num_shards = 64  # a multiple of every process count (1 .. 64 VMs): same batches on any slice
+    # A multiple of every process count used (1, 2, 4, ... 64 VMs): the same batches on any slice, and a
+    # checkpoint (its iterator position is saved per shard) resumes on a slice with more or fewer VMs.
+    config.data.num_shards = 64
     if batch % processes or batch % config.data.num_shards:
         raise ValueError(f"global batch {batch} must divide over {processes} processes and "
                          f"{config.data.num_shards} shards")

@@ -11,8 +11,9 @@ reads which shard, so with a fixed ``data.num_shards`` the same run sees the sam
 on 1 process or on many. Evaluation shards are padded to one batch count (rows ``valid == 0``)
 so every process runs the same number of collective steps.
 
-Every random choice is a function of (seed, position in the stream), so restoring the grain
-iterator state resumes with exactly the batches that would have come next.
+Every random choice is a function of (seed, shard, position in the shard's stream), so
+restoring the grain iterator state resumes with exactly the batches that would have come next.
+The state is kept per shard, so it restores whichever process (or process count) wrote it.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import dataclasses
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import grain
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from multitower_jax import features as F
@@ -59,7 +60,7 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, spec: F.FeatureSpec
     try:
         stats = FeatureStats.load(workdir)
     except StatsError:
-        if Path(workdir, STATS_FILE).exists():  # present but unreadable: do not overwrite it
+        if (epath.Path(workdir) / STATS_FILE).exists():  # present but unreadable: do not overwrite it
             raise
         stats = None
     if jax.process_count() > 1:
@@ -186,8 +187,55 @@ class _PadBatchesIterator(grain.DatasetIterator):
         self._count = state["count"]
 
 
-def _concat_rows(batches: tuple[dict, ...]) -> dict:
+def _concat_rows(batches: list[dict]) -> dict:
     return jax.tree.map(lambda *xs: np.concatenate(xs), *batches)
+
+
+class ShardsIterDataset(grain.IterDataset):
+    """This process's shards side by side: each batch concatenates one batch of every shard.
+
+    Its iterator's state is kept per shard (`shard_states`), in a form that does not depend on
+    which process reads the shard, so a checkpoint written by one process layout restores on
+    another with the same ``num_shards`` (see `train.trainer.DataCheckpointHandler`).
+    """
+
+    def __init__(self, parents: list[grain.IterDataset], shards: list[int], num_shards: int):
+        super().__init__(parents)
+        self.shards, self.num_shards = list(shards), int(num_shards)
+
+    def __iter__(self) -> ShardsIterator:
+        return ShardsIterator([p.__iter__() for p in self._parents], self.shards, self.num_shards)
+
+
+class ShardsIterator(grain.DatasetIterator):
+    def __init__(self, parents: list[grain.DatasetIterator], shards: list[int], num_shards: int):
+        super().__init__(parents)
+        self.shards, self.num_shards = list(shards), int(num_shards)
+
+    def __next__(self) -> dict:
+        batches = [next(p) for p in self._parents]  # (a generator would turn StopIteration into an error)
+        return batches[0] if len(batches) == 1 else _concat_rows(batches)
+
+    def shard_states(self) -> dict[int, dict]:
+        """{shard index: that shard's grain iterator state}."""
+        return {shard: p.get_state() for shard, p in zip(self.shards, self._parents)}
+
+    def set_shard_states(self, states: Mapping[int, dict]) -> None:
+        missing = [s for s in self.shards if s not in states]
+        if missing:
+            raise ValueError(f"no saved iterator state for data shard(s) {missing} of {self.num_shards}")
+        for shard, p in zip(self.shards, self._parents):
+            p.set_state(states[shard])
+
+    def get_state(self) -> dict:
+        return {"num_shards": self.num_shards,
+                "shards": {str(s): state for s, state in self.shard_states().items()}}
+
+    def set_state(self, state: dict) -> None:
+        if int(state["num_shards"]) != self.num_shards:
+            raise ConfigError(f"the iterator state is for config.data.num_shards={state['num_shards']}, "
+                              f"this pipeline has num_shards={self.num_shards}")
+        self.set_shard_states({int(s): v for s, v in state["shards"].items()})
 
 
 def make_dataset(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats: FeatureStats, *,
@@ -219,8 +267,8 @@ def make_dataset(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats: 
     )
     eval_batches = None if train else eval_batches_per_shard(source, shards, shard_batch)
     per_process = shards // process_count
-    parts = []
-    for shard in range(process_index * per_process, (process_index + 1) * per_process):
+    parts, mine = [], range(process_index * per_process, (process_index + 1) * per_process)
+    for shard in mine:
         ds = grain.MapDataset.source(source)[shard::shards]
         if train:
             ds = ds.shuffle(seed=data.shuffle_seed).repeat(None)
@@ -230,5 +278,4 @@ def make_dataset(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats: 
         if not train:
             it = _PadBatches(it.map(lambda b: _pad_batch(b, shard_batch)), eval_batches)
         parts.append(it)
-    it = parts[0] if len(parts) == 1 else grain.experimental.ZipIterDataset(parts).map(_concat_rows)
-    return Pipeline(it, processor.preprocessor)
+    return Pipeline(ShardsIterDataset(parts, list(mine), shards), processor.preprocessor)

@@ -30,7 +30,23 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
     if data * model != len(devices):
         raise ValueError(f"config.mesh: data={config.mesh.data} x model={model} does not match "
                          f"the {len(devices)} devices")
-    return Mesh(np.asarray(devices).reshape(data, model), AXES)
+    grid = np.asarray(devices, dtype=object).reshape(data, model)
+    check_replicas_within_processes(grid)
+    return Mesh(grid, AXES)
+
+
+def check_replicas_within_processes(grid: np.ndarray) -> None:
+    """Each row of the (data, model) device grid is one data replica; its ``model`` devices must
+    belong to one process, since every process feeds only its own rows of the batch."""
+    for row, replica in enumerate(grid):
+        processes = sorted({d.process_index for d in replica})
+        if len(processes) > 1:
+            per_process = sum(d.process_index == processes[0] for d in grid.flat)
+            raise ValueError(
+                f"config.mesh: data replica {row} (mesh.model={grid.shape[1]} devices "
+                f"{[d.id for d in replica]}) spans processes {processes}; the model devices of a replica must "
+                f"belong to one process, so mesh.model must divide the {per_process} devices of each process "
+                "(and each process's devices must be consecutive in the device list)")
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:

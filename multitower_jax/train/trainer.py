@@ -3,12 +3,15 @@
 One jitted train step with explicit shardings and donated state, compiled once; metrics are
 read from the device one step late so dispatch stays asynchronous; the step RNG is
 ``fold_in(rng, step)``. Checkpoints hold the train state (params, optimizer, step, rng) and
-the grain iterator state, so a resumed run sees exactly the batches an uninterrupted one would.
+the grain iterator state of every data shard, so a resumed run sees exactly the batches an
+uninterrupted one would, on the same or a different number of processes (same ``data.num_shards``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import grain
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -32,6 +34,55 @@ from multitower_jax.data import builders, pipeline
 from multitower_jax.data.generate import generate
 from multitower_jax.models import model as model_lib
 from multitower_jax.train import evaluate, losses, optim, sharding
+
+
+_SHARD_STATE = re.compile(r"shard_(\d+)-of-(\d+)\.json")
+
+
+class DataCheckpointHandler(ocp.CheckpointHandler):
+    """The train iterator's position, one JSON file per data shard: ``shard_<s>-of-<n>.json``.
+
+    Each process writes the files of the shards it reads and restores its shards' files,
+    whichever process wrote them, so a checkpoint resumes on any number of processes that
+    divides ``config.data.num_shards`` (grain's own handler keys the state by process index
+    and count, so it restores only on the process layout that wrote it).
+    """
+
+    def save(self, directory: epath.Path, args: DataSave) -> None:
+        it: pipeline.ShardsIterator = args.item
+        for shard, state in it.shard_states().items():
+            (directory / f"shard_{shard}-of-{it.num_shards}.json").write_text(json.dumps(state, indent=1))
+
+    def restore(self, directory: epath.Path, args: DataRestore) -> pipeline.ShardsIterator:
+        it: pipeline.ShardsIterator = args.item
+        paths = {shard: directory / f"shard_{shard}-of-{it.num_shards}.json" for shard in it.shards}
+        missing = [shard for shard, path in paths.items() if not path.exists()]
+        if missing:
+            saved = sorted({int(m.group(2)) for p in directory.iterdir() if (m := _SHARD_STATE.fullmatch(p.name))})
+            if saved:
+                raise config_lib.ConfigError(
+                    f"the checkpoint in {directory.parent} was written with config.data.num_shards={saved[0]}, "
+                    f"this run has {it.num_shards} data shards: resume with --config.data.num_shards={saved[0]} "
+                    f"(the iterator position is saved per shard; 0 means one shard per process)")
+            raise FileNotFoundError(
+                f"{directory}: no data iterator state for data shard(s) {missing} of {it.num_shards} (found "
+                f"{sorted(p.name for p in directory.iterdir())}; a checkpoint from before per-shard states "
+                "restores only with trainer.restore(manager) without the iterator)")
+        it.set_shard_states({shard: json.loads(path.read_text()) for shard, path in paths.items()})
+        it.start_prefetch()
+        return it
+
+
+@ocp.args.register_with_handler(DataCheckpointHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: pipeline.ShardsIterator
+
+
+@ocp.args.register_with_handler(DataCheckpointHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: pipeline.ShardsIterator
 
 
 class Trainer:
@@ -130,14 +181,14 @@ class Trainer:
         step = manager.latest_step() if step is None else step
         args = {"state": ocp.args.StandardRestore(self.abstract_state)}
         if iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+            args["data"] = DataRestore(iterator)
         restored = manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"]
 
     def save(self, manager: ocp.CheckpointManager, state, iterator, force: bool = False) -> None:
         step = int(state["step"])
         manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)), force=force)
+            state=ocp.args.StandardSave(state), data=DataSave(iterator)), force=force)
 
 
 class _StopFlag:
@@ -306,6 +357,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                     break
             if step % int(t.checkpoint_every) == 0:
                 trainer.save(manager, state, iterator)
+        if stopping and pending is not None and pending[0] % int(t.log_every) == 0:
+            # The resumed run starts after this step and cannot log it (it reads metrics one step late).
+            rate = (step - start_step) * batch_size / (time.perf_counter() - start)
+            log(pending[0], dict(_scalars(pending[1]), examples_per_sec=rate))
         if manager.latest_step() != step:
             trainer.save(manager, state, iterator, force=True)
         manager.wait_until_finished()
