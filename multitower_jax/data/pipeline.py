@@ -33,7 +33,8 @@ from tqdm import tqdm
 from multitower_jax import features as F
 from multitower_jax.config import ConfigError
 from multitower_jax.data import builders
-from multitower_jax.data.preprocess import STATS_FILE, FeatureStats, Preprocessor, StatsError, compute_stats
+from multitower_jax.data.preprocess import (STATS_FILE, FeatureStats, Preprocessor, StatsError, compute_stats,
+                                            pool_stats)
 
 
 def data_source(config: ml_collections.ConfigDict, placement: str, split: str):
@@ -51,7 +52,7 @@ def raw_blocks(source, progress: str | None = None) -> Iterator[dict[str, np.nda
 
 
 def load_or_compute_stats(config: ml_collections.ConfigDict, spec: F.FeatureSpec, workdir: str | os.PathLike) -> FeatureStats:
-    """Statistics of the train split of the first placement, cached in the workdir.
+    """Statistics of the train splits of every placement, pooled (`pool_stats`), cached in the workdir.
 
     With several processes, each computes the same statistics in memory and only process 0
     writes them; a barrier after every process has looked for the file keeps a slow process
@@ -69,10 +70,9 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, spec: F.FeatureSpec
         multihost_utils.sync_global_devices("feature statistics looked up")
     if stats is not None:
         return stats
-    placement = config.data.placements[0]
-    source = data_source(config, placement, "train")
     progress = "feature statistics" if jax.process_index() == 0 else None
-    stats = compute_stats(raw_blocks(source, progress=progress), spec, placement)
+    stats = pool_stats(compute_stats(raw_blocks(data_source(config, p, "train"), progress=progress), spec, p)
+                       for p in config.data.placements)
     if jax.process_index() == 0:
         stats.save(workdir)
     return stats

@@ -74,6 +74,33 @@ class FeatureStats:
             raise StatsError(f"cannot read feature statistics in {workdir}: {e}") from None
 
 
+def pool_stats(parts: Iterable[FeatureStats]) -> FeatureStats:
+    """The statistics of the union of several train splits (e.g. one per placement).
+
+    Exact: a column's pooled mean and (population) variance follow from each part's row count,
+    mean and variance; a column only some parts have (a placement's context features) pools
+    over those parts. Ad frequencies add up, so logQ is an ad's share of all impressions.
+    """
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    moments: dict[str, np.ndarray] = {}  # column -> [rows, sum x, sum x^2, sum l, sum l^2]
+    for part in parts:
+        n = part.num_rows
+        for column, s in part.numeric.items():
+            m, sd, lm, lsd = s["mean"], s["std"], s["log1p_mean"], s["log1p_std"]
+            moments.setdefault(column, np.zeros(5))
+            moments[column] += (n, n * m, n * (sd * sd + m * m), n * lm, n * (lsd * lsd + lm * lm))
+    numeric = {}
+    for column, (n, sx, sxx, sl, sll) in moments.items():
+        mean, lmean = sx / n, sl / n
+        numeric[column] = {"mean": float(mean), "std": float(np.sqrt(max(sxx / n - mean * mean, 0.0))),
+                           "log1p_mean": float(lmean), "log1p_std": float(np.sqrt(max(sll / n - lmean * lmean, 0.0)))}
+    ids, inverse = np.unique(np.concatenate([p.ad_ids for p in parts]), return_inverse=True)
+    counts = np.bincount(inverse, np.concatenate([p.ad_counts for p in parts]).astype(np.float64), len(ids))
+    return FeatureStats(numeric, ids, counts.astype(np.int64), sum(p.num_rows for p in parts))
+
+
 def _atomic_write(path: epath.Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)

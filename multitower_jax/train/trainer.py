@@ -92,7 +92,11 @@ class Trainer:
         self.config = config
         self.workdir = epath.Path(workdir)  # a local folder or gs://bucket/...
         self.spec = F.parse_spec(config.features)
-        self.placement = config.data.placements[0]
+        # Every placement trains its own context tower, fusion and heads on its own batches; the
+        # user and ad towers are shared. The first placement is the primary one: calibration,
+        # export and the flat keys of the evaluation reports are about it.
+        self.placements = tuple(config.data.placements)
+        self.placement = self.placements[0]
         self.model = model_lib.build_model(config, self.spec)
         self.tx = optim.make_optimizer(config)
         self.loss_config = losses.LossConfig.from_config(config)
@@ -111,7 +115,8 @@ class Trainer:
             out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
             donate_argnums=0,
         )
-        self.predict = evaluate.make_predict_fn(self.model, self.placement, self.mesh)
+        self.predict_fns = {p: evaluate.make_predict_fn(self.model, p, self.mesh) for p in self.placements}
+        self.predict = self.predict_fns[self.placement]
 
     # -- state and step ---------------------------------------------------------------------
 
@@ -132,12 +137,33 @@ class Trainer:
         # CPU where "rbg" (XLA's RngBitGenerator) costs milliseconds.
         return jax.random.key(seed, impl=self.config.train.rng_impl)
 
+    def placement_batches(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``{placement: batch}`` for every placement; a plain batch is the only placement's."""
+        if set(batch) == set(self.placements) and "user" not in batch:
+            return batch
+        if len(self.placements) == 1:
+            return {self.placement: batch}
+        raise ValueError(f"a train step needs one batch per placement {list(self.placements)}, got keys {sorted(batch)}")
+
     def _train_step(self, state: dict[str, Any], batch: dict[str, Any]):
+        """One update on ``{placement: batch}`` (or, with one placement, on its plain batch):
+        the loss is the mean of the placements' losses."""
+        batches = self.placement_batches(batch)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=self.config.train.rng_impl), state["step"])
 
+        def placement_loss(params, placement: str, i: int):
+            dropout_rng = rng if i == 0 else jax.random.fold_in(rng, i)  # one placement: as before
+            out = self.model.apply({"params": params}, batches[placement], placement, train=True,
+                                   rngs={"dropout": dropout_rng})
+            return losses.total_loss(out, batches[placement], self.loss_config, self.mesh)
+
         def loss_fn(params):
-            out = self.model.apply({"params": params}, batch, self.placement, train=True, rngs={"dropout": rng})
-            return losses.total_loss(out, batch, self.loss_config, self.mesh)
+            if len(self.placements) == 1:
+                return placement_loss(params, self.placement, 0)
+            parts = [placement_loss(params, p, i) for i, p in enumerate(self.placements)]
+            loss = sum(loss for loss, _ in parts) / len(parts)
+            metrics = {f"{p}/{k}": v for p, (_, m) in zip(self.placements, parts) for k, v in m.items()}
+            return loss, dict(metrics, loss=loss)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
@@ -148,15 +174,22 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def dataset(self, split: str, train: bool) -> pipeline.Pipeline:
-        return pipeline.make_dataset(self.config, self.spec, self.stats, placement=self.placement,
+    def dataset(self, split: str, train: bool, placement: str | None = None) -> pipeline.Pipeline:
+        return pipeline.make_dataset(self.config, self.spec, self.stats, placement=placement or self.placement,
                                      split=split, train=train)
 
+    def train_iterators(self) -> dict[str, Any]:
+        """{placement: iterator over its train split}."""
+        return {p: iter(self.dataset("train", train=True, placement=p)) for p in self.placements}
+
     def evaluate(self, params: Any, split: str, predictions_path: str | None = None,
-                 calibration: Any = None) -> dict[str, Any]:
-        """Metrics per head; with a `calibration.Calibration`, also ECE and the calibrated metrics."""
-        pred = evaluate.collect(self.predict, params, self.dataset(split, train=False), self.mesh,
-                                desc=f"evaluate {split}")
+                 calibration: Any = None, placement: str | None = None) -> dict[str, Any]:
+        """Metrics per head of one placement (the primary one by default); with a
+        `calibration.Calibration`, also ECE and the calibrated metrics."""
+        placement = placement or self.placement
+        desc = f"evaluate {split}" + (f" ({placement})" if len(self.placements) > 1 else "")
+        pred = evaluate.collect(self.predict_fns[placement], params, self.dataset(split, False, placement),
+                                self.mesh, desc=desc)
         calibrated = {}
         if calibration is not None:
             from multitower_jax.calibration import workflow as calibration_workflow  # noqa: PLC0415
@@ -166,6 +199,21 @@ class Trainer:
         if predictions_path:
             evaluate.write_predictions(pred, predictions_path)
         return {**evaluate.report(pred), **calibrated}
+
+    def evaluate_placements(self, params: Any, split: str, predictions_path: str | None = None,
+                            calibration: Any = None) -> dict[str, Any]:
+        """The primary placement's report; with several placements, also ``placements``: every
+        placement's report, and ``mean_ctr_auc`` over them (what early stopping watches).
+        The calibration is the primary placement's, so only its report is calibrated."""
+        if len(self.placements) == 1:
+            return self.evaluate(params, split, predictions_path, calibration)
+        reports = {p: self.evaluate(params, split, calibration=calibration if p == self.placement else None,
+                                    placement=p) for p in self.placements}
+        if predictions_path:
+            raise ValueError("--predictions writes one placement's rows; evaluate a workdir with several "
+                             "placements with --config.data.placements=(<placement>,)")
+        return {**reports[self.placement], "placement": self.placement, "placements": reports,
+                "mean_ctr_auc": float(np.mean([r["ctr_auc"] for r in reports.values()]))}
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -177,18 +225,28 @@ class Trainer:
             options=ocp.CheckpointManagerOptions(max_to_keep=int(t.keep_checkpoints), create=True),
         )
 
-    def restore(self, manager: ocp.CheckpointManager, iterator=None, step: int | None = None):
+    def _data_items(self, iterators) -> dict[str, Any]:
+        """Checkpoint item name -> train iterator: ``data`` for the primary placement (as with one
+        placement), ``data_<placement>`` for the others. A bare iterator is the primary's."""
+        if iterators is None:
+            return {}
+        if not isinstance(iterators, dict):
+            iterators = {self.placement: iterators}
+        return {("data" if p == self.placement else f"data_{p}"): it for p, it in iterators.items()}
+
+    def restore(self, manager: ocp.CheckpointManager, iterators=None, step: int | None = None):
+        """The train state of `step` (default: the latest); `iterators` (one, or {placement: it})
+        are moved to their saved positions."""
         step = manager.latest_step() if step is None else step
         args = {"state": ocp.args.StandardRestore(self.abstract_state)}
-        if iterator is not None:
-            args["data"] = DataRestore(iterator)
+        args.update({name: DataRestore(it) for name, it in self._data_items(iterators).items()})
         restored = manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"]
 
-    def save(self, manager: ocp.CheckpointManager, state, iterator, force: bool = False) -> None:
+    def save(self, manager: ocp.CheckpointManager, state, iterators, force: bool = False) -> None:
         step = int(state["step"])
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=DataSave(iterator)), force=force)
+        items = {name: DataSave(it) for name, it in self._data_items(iterators).items()}
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), **items), force=force)
 
 
 class _StopFlag:
@@ -213,6 +271,14 @@ class _StopFlag:
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _flat_floats(report: dict[str, Any]) -> dict[str, float]:
+    """The float metrics of an evaluation report; a placement's as ``<placement>/<metric>``."""
+    out = {k: v for k, v in report.items() if isinstance(v, float)}
+    for placement, sub_report in report.get("placements", {}).items():
+        out.update({f"{placement}/{k}": v for k, v in sub_report.items() if isinstance(v, float)})
+    return out
 
 
 def _is_remote(path: epath.Path) -> bool:
@@ -290,9 +356,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     t = config.train
     trainer = Trainer(config, workdir)
     manager = trainer.checkpoint_manager()
-    iterator = iter(trainer.dataset("train", train=True))
+    iterators = trainer.train_iterators()
     if manager.latest_step() is not None:
-        state = trainer.restore(manager, iterator)
+        state = trainer.restore(manager, iterators)
         print(f"resumed from {workdir / 'checkpoints'} at step {int(state['step'])}")
     else:
         state = trainer.init_state()
@@ -314,7 +380,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         for k, v in values.items():
             writer.add_scalar(k, v, step)
 
-    batch_size = int(config.data.batch_size)
+    batch_size = int(config.data.batch_size) * len(trainer.placements)  # rows per step
     step = int(state["step"])
     pending = None  # (step, metrics on device): read one step late
     bar = tqdm(total=int(t.num_steps), initial=step, desc="train", unit="step", disable=not is_main)
@@ -322,8 +388,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     stopped_early = stopping = False
     with _StopFlag() as stop:
         while step < int(t.num_steps) and not stopping:
-            batch = sharding.shard_batch(next(iterator), trainer.mesh)
-            state, metrics = trainer.train_step(state, batch)
+            batches = {p: sharding.shard_batch(next(it), trainer.mesh) for p, it in iterators.items()}
+            state, metrics = trainer.train_step(state, batches)
             step += 1
             if pending is not None and (pending[0] % int(t.log_every) == 0):
                 values = _scalars(pending[1])
@@ -341,10 +407,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             elif step % int(t.log_every) == 0:  # all processes must stop at the same step
                 stopping = bool(multihost_utils.process_allgather(np.int32(stop.raised)).any())
             if step % int(t.eval_every) == 0 or step == int(t.num_steps):
-                result = trainer.evaluate(state["params"], "validation")
-                log(step, {f"validation/{k}": v for k, v in result.items() if isinstance(v, float)})
-                if result["ctr_auc"] > best_auc + float(t.min_delta):
-                    best_auc, bad_evals = result["ctr_auc"], 0
+                result = trainer.evaluate_placements(state["params"], "validation")
+                log(step, {f"validation/{k}": v for k, v in _flat_floats(result).items()})
+                auc = result.get("mean_ctr_auc", result["ctr_auc"])
+                if auc > best_auc + float(t.min_delta):
+                    best_auc, bad_evals = auc, 0
                     best_params = jax.tree.map(jnp.copy, state["params"])
                 else:
                     bad_evals += 1
@@ -356,20 +423,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                     stopped_early = True
                     break
             if step % int(t.checkpoint_every) == 0:
-                trainer.save(manager, state, iterator)
+                trainer.save(manager, state, iterators)
         if stopping and pending is not None and pending[0] % int(t.log_every) == 0:
             # The resumed run starts after this step and cannot log it (it reads metrics one step late).
             rate = (step - start_step) * batch_size / (time.perf_counter() - start)
             log(pending[0], dict(_scalars(pending[1]), examples_per_sec=rate))
         if manager.latest_step() != step:
-            trainer.save(manager, state, iterator, force=True)
+            trainer.save(manager, state, iterators, force=True)
         manager.wait_until_finished()
     bar.close()
     if stopping:
         print(f"stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
         return {"step": step, "interrupted": True}
     params = best_params if best_params is not None else state["params"]
-    result = trainer.evaluate(params, "test")
+    result = trainer.evaluate_placements(params, "test")
     result.update(step=step, stopped_early=stopped_early, best_validation_ctr_auc=best_auc)
     if is_main:
         (workdir / "eval_test.json").write_text(json.dumps(result, indent=2))
@@ -391,7 +458,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path, spl
 
     # Written by `multitower calibrate`; then the report also has ECE and the calibrated metrics.
     fitted = calibration.load(str(workdir)) if calibration.exists(str(workdir)) else None
-    result = trainer.evaluate(state["params"], split, predictions_path, calibration=fitted)
+    result = trainer.evaluate_placements(state["params"], split, predictions_path, calibration=fitted)
     result["step"] = int(state["step"])
     if jax.process_index() == 0:
         (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
