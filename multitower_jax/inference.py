@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
@@ -43,7 +44,7 @@ class Trained:
     params: Any  # unboxed parameter pytree (replicated jax.Arrays)
     stats: FeatureStats
     step: int
-    workdir: Path
+    workdir: epath.Path
 
     @property
     def fingerprint(self) -> str:
@@ -63,7 +64,7 @@ def load_trained(workdir: str | Path, step: int | None = None,
     """Restore the parameters of a `multitower train` workdir (latest checkpoint by default)."""
     from multitower_jax.train import trainer as trainer_lib  # heavy: optimizer, mesh, orbax
 
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)  # a local folder or gs://... (pathlib would make gs:// local)
     if not (workdir / "config.json").is_file():
         raise FileNotFoundError(f"{workdir / 'config.json'} not found: is {workdir} a `multitower train` workdir?")
     config = config_lib.apply_overrides(config_lib.from_json(workdir / "config.json"), overrides)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from multitower_jax import config as config_lib
 from multitower_jax.retrieval import settings as settings_lib
@@ -47,7 +48,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _workdir_config(workdir: str | Path, overrides) -> ml_collections.ConfigDict:
     """The workdir's resolved config with `retrieval` defaults (older workdirs lack it), plus overrides."""
-    config = config_lib.from_json(Path(workdir) / "config.json")
+    config = config_lib.from_json(epath.Path(workdir) / "config.json")
     if "retrieval" not in config:
         with config.unlocked():
             config.retrieval = settings_lib.default_config()
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
         manifest = index_lib.read_manifest(args.embeddings, "multitower-export")
         workdir = args.workdir or manifest.get("workdir")
         config = None
-        if workdir and (Path(workdir) / "config.json").is_file():
+        if workdir and (epath.Path(workdir) / "config.json").is_file():
             config = _workdir_config(workdir, overrides)
         elif overrides:
             config = config_lib.apply_overrides(
