@@ -78,3 +78,32 @@ def test_eval_report_and_predictions(synthetic_dir, tmp_path):
     clicked = table["click"] > 0
     assert again["cvr_auc"] == pytest.approx(roc_auc_score(table["conversion"][clicked], table["pcvr"][clicked]), abs=1e-9)
     assert (workdir / "eval_test.json").exists()
+
+
+def test_bench_train_reports_its_figures_against_the_peak_in_the_compute_dtype(synthetic_dir, tmp_path, monkeypatch):
+    from multitower_jax.bench import train as bench_train
+
+    measured = {}
+    real_peak = bench_train.matmul_peak_flops
+
+    def small_peak(dtype=np.float32, **_):
+        measured["dtype"] = np.dtype(dtype)
+        return real_peak(sizes=(128,), repeats=2, dtype=dtype)
+
+    monkeypatch.setattr(bench_train, "matmul_peak_flops", small_peak)
+    config = synthetic_config(synthetic_dir, "--config.model.dtype=bfloat16")
+    figures = bench_train.run(config, str(tmp_path / "train.json"), steps=2)
+    saved = json.loads((tmp_path / "train.json").read_text())
+    assert measured["dtype"] == jax.numpy.bfloat16
+    for key in ("examples_per_sec", "flops_per_example", "peak_flops", "fraction_of_peak"):
+        assert np.isfinite(saved[key]) and saved[key] > 0, key
+    assert saved["fraction_of_peak"] == pytest.approx(
+        saved["examples_per_sec"] * saved["flops_per_example"] / saved["peak_flops"], rel=1e-9)
+    # XLA's count covers at least the first dense layer of the user and ad towers, forward and
+    # backward (2 FLOPs per multiply-add, x 3): a lower bound computed from the feature spec.
+    from multitower_jax import features as F
+    from multitower_jax.models.towers import tower_input_dim
+
+    spec = F.parse_spec(config.features)
+    first_layers = sum(tower_input_dim(s, config.model.text.dim) * 32 for s in (spec.user, spec.ad))
+    assert figures["flops_per_example"] > 3 * 2 * first_layers
