@@ -6,7 +6,9 @@ import json
 import jax
 import numpy as np
 import optax
+import pyarrow.parquet as pq
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
@@ -66,7 +68,8 @@ def test_one_step_trains_every_placement_and_shares_the_user_and_ad_towers(two_p
         out = trainer.model.apply({"params": params}, batches[placement], placement, train=True, rngs={"dropout": rng})
         return losses.total_loss(out, batches[placement], trainer.loss_config, trainer.mesh)[0]
 
-    refs = {p: jax.value_and_grad(placement_loss)(params, p, i) for i, p in enumerate(trainer.placements)}
+    reference = jax.jit(jax.value_and_grad(placement_loss), static_argnums=(1, 2))
+    refs = {p: reference(params, p, i) for i, p in enumerate(trainer.placements)}
     new_state, metrics = trainer.train_step(state, batches)
 
     assert float(metrics["loss"]) == pytest.approx(np.mean([float(v) for v, _ in refs.values()]), rel=1e-5)
@@ -101,6 +104,15 @@ def test_joint_run_reports_every_placement_and_resumes_exactly(two_placements, t
     assert any("homepage/ranking_loss" in line for line in lines)
     assert any("validation/homepage/ctr_auc" in line for line in lines)
     assert (straight / "checkpoints" / "10" / "data_homepage").is_dir()
+
+    again = trainer_lib.evaluate_workdir(_config(two_placements, *common), straight, "test",
+                                         str(tmp_path / "pred.parquet"))
+    assert again["placements"]["homepage"]["ctr_auc"] == pytest.approx(saved["placements"]["homepage"]["ctr_auc"])
+    for p in ("search", "homepage"):
+        table = pq.read_table(tmp_path / f"pred.{p}.parquet")
+        assert table.num_rows == 1000
+        assert roc_auc_score(table["click"].to_numpy(), table["pctr"].to_numpy()) == pytest.approx(
+            saved["placements"][p]["ctr_auc"], abs=1e-9)
 
     def final_params(workdir):
         t = trainer_lib.Trainer(_config(two_placements, *common), workdir)

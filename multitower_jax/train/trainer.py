@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import signal
 import time
@@ -204,14 +205,14 @@ class Trainer:
                             calibration: Any = None) -> dict[str, Any]:
         """The primary placement's report; with several placements, also ``placements``: every
         placement's report, and ``mean_ctr_auc`` over them (what early stopping watches).
-        The calibration is the primary placement's, so only its report is calibrated."""
+        The calibration is the primary placement's, so only its report is calibrated. With
+        several placements, `predictions_path` P.parquet becomes one file per placement,
+        P.<placement>.parquet."""
         if len(self.placements) == 1:
             return self.evaluate(params, split, predictions_path, calibration)
-        reports = {p: self.evaluate(params, split, calibration=calibration if p == self.placement else None,
-                                    placement=p) for p in self.placements}
-        if predictions_path:
-            raise ValueError("--predictions writes one placement's rows; evaluate a workdir with several "
-                             "placements with --config.data.placements=(<placement>,)")
+        reports = {p: self.evaluate(params, split, _placement_path(predictions_path, p),
+                                    calibration if p == self.placement else None, placement=p)
+                   for p in self.placements}
         return {**reports[self.placement], "placement": self.placement, "placements": reports,
                 "mean_ctr_auc": float(np.mean([r["ctr_auc"] for r in reports.values()]))}
 
@@ -271,6 +272,14 @@ class _StopFlag:
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _placement_path(path: str | None, placement: str) -> str | None:
+    """P.parquet -> P.<placement>.parquet."""
+    if not path:
+        return None
+    stem, suffix = os.path.splitext(str(path))
+    return f"{stem}.{placement}{suffix}"
 
 
 def _flat_floats(report: dict[str, Any]) -> dict[str, float]:
