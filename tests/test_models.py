@@ -20,6 +20,7 @@ import pytest
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
 from multitower_jax.data import fake
+from multitower_jax.models import layers
 from multitower_jax.models import (
     FeatureEmbedding,
     TextEncoder,
@@ -290,6 +291,23 @@ def test_dropout_only_when_training(tiny):
     # Evaluation needs no dropout RNG at all.
     out = model.apply(variables, batch["user"], method=model.embed_user)
     np.testing.assert_allclose(np.asarray(out), np.asarray(eval_a["e_user"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.5])
+def test_dropout_drops_the_rounded_rate_and_keeps_the_expectation(rate):
+    x = jnp.full((400, 1001), 2.0)  # an element count that is not a multiple of 4
+    drop = layers.Dropout(rate)
+    y = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}))
+    rounded = round(rate * 256) / 256
+    dropped = y == 0
+    assert abs(dropped.mean() - rounded) < 4 * np.sqrt(rounded * (1 - rounded) / x.size)  # binomial, 4 sigma
+    np.testing.assert_allclose(y[~dropped], 2.0 / (1 - rounded), rtol=1e-6)  # exact inverse keep probability
+    assert abs(y.mean() - 2.0) < 0.01
+    other = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)}))
+    assert (dropped != (other == 0)).mean() > 0.1  # another key, another mask
+    # Neighbouring elements draw different bytes of one uint32: no correlation between them.
+    assert abs(np.corrcoef(dropped[:, :-1].ravel(), dropped[:, 1:].ravel())[0, 1]) < 0.01
+    np.testing.assert_array_equal(np.asarray(drop.apply({}, x, deterministic=True)), np.asarray(x))
 
 
 def test_every_placement_has_its_own_context_tower(tiny):

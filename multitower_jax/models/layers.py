@@ -32,6 +32,31 @@ DEFAULT_EMBED_INIT = nn.initializers.normal(stddev=1.0)
 DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
 
 
+class Dropout(nn.Module):
+    """Inverted dropout that draws 8 random bits per element instead of flax's 32.
+
+    Random bits are what dropout costs on a CPU: XLA's bit generator took ~25 % of a training
+    step of the seeds' search model (1.5 s of ~6 s at batch 1,024, text dropout 0.1). One
+    uint32 here masks four elements: an element is dropped when its byte is below
+    ``round(rate * 256)``, so the rate is rounded to a multiple of 1/256 (0.1 -> 0.1016), and
+    kept elements are scaled by the exact inverse of the rounded keep probability, so the
+    output's expectation is its input.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        threshold = min(round(self.rate * 256), 255)
+        if deterministic or threshold == 0:
+            return x
+        n = x.size
+        bits = jax.random.bits(self.make_rng("dropout"), (-(-n // 4),), jnp.uint32)
+        bytes_ = jax.lax.bitcast_convert_type(bits, jnp.uint8).reshape(-1)[:n].reshape(x.shape)
+        scale = jnp.asarray(256.0 / (256 - threshold), x.dtype)
+        return jnp.where(bytes_ >= threshold, x * scale, jnp.zeros_like(x))
+
+
 def partitioned(init: nn.initializers.Initializer, names: tuple[str | None, ...]) -> Any:
     """An initializer whose parameter is boxed with logical axis `names`."""
     return nn.with_logical_partitioning(init, names)
@@ -91,7 +116,7 @@ class Block(nn.Module):
         h_BxO = layer_norm("layer_norm", self.dtype)(h_BxO)
         h_BxO = nn.relu(h_BxO)
         # Dropout draws from the "dropout" RNG stream, only when training.
-        return nn.Dropout(self.dropout_rate, deterministic=not train)(h_BxO)
+        return Dropout(self.dropout_rate)(h_BxO, deterministic=not train)
 
 
 class MLP(nn.Module):

@@ -76,7 +76,8 @@ class EncoderLayer(nn.Module):
             out_bias_init=layers.partitioned(nn.initializers.zeros_init(), ("embed",)),
             name="attention",
         )
-        dropout = nn.Dropout(cfg.dropout_rate, deterministic=not train)
+        def dropout(h: Array) -> Array:
+            return layers.Dropout(cfg.dropout_rate)(h, deterministic=not train)
 
         def mlp(h_BxLxD: Array) -> Array:
             h = layers.dense(cfg.mlp_dim, "mlp_in", cfg.dtype, ("embed", "mlp"))(h_BxLxD)
@@ -131,7 +132,7 @@ class TextEncoder(nn.Module):
             x_BxLxD = x_BxLxD + jnp.asarray(sinusoidal_positions(length, cfg.dim), cfg.dtype)[None]
         else:
             raise ValueError(f"positional: expected 'sinusoidal' or 'learned', got {cfg.positional!r}")
-        x_BxLxD = nn.Dropout(cfg.dropout_rate, deterministic=not train)(x_BxLxD)
+        x_BxLxD = layers.Dropout(cfg.dropout_rate)(x_BxLxD, deterministic=not train)
 
         for i in range(cfg.num_layers):
             x_BxLxD = EncoderLayer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, train)
