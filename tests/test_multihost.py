@@ -164,7 +164,7 @@ def _resumed_at(text: str) -> int | None:
 
 def _truncated_copy(workdir: Path, dest: Path, step: int) -> Path:
     """A copy of a finished workdir as it was when checkpoint ``step`` was its latest."""
-    shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("eval_test.json", "progress.json"))
+    shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("eval_test.json"))
     for ckpt in (dest / "checkpoints").iterdir():
         if ckpt.name.isdigit() and int(ckpt.name) > step:
             shutil.rmtree(ckpt)

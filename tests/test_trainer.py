@@ -107,3 +107,22 @@ def test_bench_train_reports_its_figures_against_the_peak_in_the_compute_dtype(s
     spec = F.parse_spec(config.features)
     first_layers = sum(tower_input_dim(s, config.model.text.dim) * 32 for s in (spec.user, spec.ad))
     assert figures["flops_per_example"] > 3 * 2 * first_layers
+
+
+def test_resumed_run_tests_the_best_parameters_and_keeps_its_early_stopping_progress(synthetic_dir, tmp_path):
+    # min_delta = 1: only the first evaluation counts as a gain, so the best parameters are
+    # step 4's and the run stops early at step 8 (patience 1). The resumed run restarts from
+    # step 6, after the gain: it must test step 4's parameters, which it never held in memory.
+    common = ["--config.train.eval_every=4", "--config.train.checkpoint_every=6", "--config.train.patience=1",
+              "--config.train.min_delta=1.0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    a = trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=12", *common), straight)
+    trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=6", *common), resumed)
+    b = trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=12", *common), resumed)
+    assert a["stopped_early"] and b["stopped_early"] and a["step"] == b["step"] == 8
+    assert b["best_validation_ctr_auc"] == pytest.approx(a["best_validation_ctr_auc"], abs=1e-12)
+    assert b["ctr_auc"] == pytest.approx(a["ctr_auc"], abs=1e-9)
+    # ... and those are step 4's parameters, not the last ones.
+    t = trainer_lib.Trainer(synthetic_config(synthetic_dir, *common), resumed)
+    last = t.evaluate(t.restore(t.checkpoint_manager())["params"], "test")
+    assert t.best_manager().latest_step() == 4 and last["ctr_auc"] != pytest.approx(b["ctr_auc"], abs=1e-9)

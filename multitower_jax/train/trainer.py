@@ -226,6 +226,24 @@ class Trainer:
             options=ocp.CheckpointManagerOptions(max_to_keep=int(t.keep_checkpoints), create=True),
         )
 
+    def best_manager(self) -> ocp.CheckpointManager:
+        """The parameters of the best validation evaluations so far (the last two kept): what the test
+        split is evaluated with at the end, also after a resume."""
+        directory = self.workdir / "best"
+        return ocp.CheckpointManager(directory if _is_remote(directory) else directory.absolute(),
+                                     options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+    def restore_best(self, best: ocp.CheckpointManager) -> Any:
+        return best.restore(best.latest_step(), args=ocp.args.StandardRestore(self.abstract_state["params"]))
+
+    def restore_progress(self, manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+        """Early-stopping progress (best validation AUC, evaluations without a gain) as of `step`'s
+        checkpoint, so it never runs ahead of the state it is resumed with; {} when the checkpoint
+        predates it."""
+        if not (epath.Path(manager.directory) / str(step) / "progress").exists():
+            return {}
+        return manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))["progress"]
+
     def _data_items(self, iterators) -> dict[str, Any]:
         """Checkpoint item name -> train iterator: ``data`` for the primary placement (as with one
         placement), ``data_<placement>`` for the others. A bare iterator is the primary's."""
@@ -244,9 +262,12 @@ class Trainer:
         restored = manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"]
 
-    def save(self, manager: ocp.CheckpointManager, state, iterators, force: bool = False) -> None:
+    def save(self, manager: ocp.CheckpointManager, state, iterators, force: bool = False,
+             progress: dict[str, Any] | None = None) -> None:
         step = int(state["step"])
         items = {name: DataSave(it) for name, it in self._data_items(iterators).items()}
+        if progress is not None:
+            items["progress"] = ocp.args.JsonSave(progress)
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), **items), force=force)
 
 
@@ -366,14 +387,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     trainer = Trainer(config, workdir)
     manager = trainer.checkpoint_manager()
     iterators = trainer.train_iterators()
+    best = trainer.best_manager()
+    progress: dict[str, Any] = {}
     if manager.latest_step() is not None:
         state = trainer.restore(manager, iterators)
+        progress = trainer.restore_progress(manager, int(state["step"]))
+        for later in [s for s in best.all_steps() if s > int(state["step"])]:
+            best.delete(later)  # found after the checkpoint we resume from: the replay finds it again
         print(f"resumed from {workdir / 'checkpoints'} at step {int(state['step'])}")
     else:
         state = trainer.init_state()
-    progress = json.loads((workdir / "progress.json").read_text()) if (workdir / "progress.json").exists() else {}
     best_auc, bad_evals = progress.get("best_auc", -1.0), progress.get("bad_evals", 0)
-    best_params = None
+    best_params = None  # in memory when found by this process; else in `best`
 
     writer = None
     if is_main:
@@ -422,29 +447,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 if auc > best_auc + float(t.min_delta):
                     best_auc, bad_evals = auc, 0
                     best_params = jax.tree.map(jnp.copy, state["params"])
+                    best.save(step, args=ocp.args.StandardSave(best_params))
                 else:
                     bad_evals += 1
-                if is_main:  # atomically: a run killed here must still resume
-                    tmp = workdir / "progress.json.tmp"
-                    tmp.write_text(json.dumps({"best_auc": best_auc, "bad_evals": bad_evals}))
-                    tmp.replace(workdir / "progress.json")
                 if bad_evals >= int(t.patience):
                     stopped_early = True
                     break
             if step % int(t.checkpoint_every) == 0:
-                trainer.save(manager, state, iterators)
+                trainer.save(manager, state, iterators, progress={"best_auc": best_auc, "bad_evals": bad_evals})
         if stopping and pending is not None and pending[0] % int(t.log_every) == 0:
             # The resumed run starts after this step and cannot log it (it reads metrics one step late).
             rate = (step - start_step) * batch_size / (time.perf_counter() - start)
             log(pending[0], dict(_scalars(pending[1]), examples_per_sec=rate))
         if manager.latest_step() != step:
-            trainer.save(manager, state, iterators, force=True)
+            trainer.save(manager, state, iterators, force=True,
+                         progress={"best_auc": best_auc, "bad_evals": bad_evals})
         manager.wait_until_finished()
+        best.wait_until_finished()
     bar.close()
     if stopping:
         print(f"stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
         return {"step": step, "interrupted": True}
-    params = best_params if best_params is not None else state["params"]
+    params = best_params
+    if params is None:
+        params = trainer.restore_best(best) if best.latest_step() is not None else state["params"]
     result = trainer.evaluate_placements(params, "test")
     result.update(step=step, stopped_early=stopped_early, best_validation_ctr_auc=best_auc)
     if is_main:
