@@ -412,7 +412,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             return
         metrics_file.write({"step": step, **values})
         for k, v in values.items():
-            writer.add_scalar(k, v, step)
+            if np.isfinite(v):  # an AUC without positives (tiny splits) is NaN; TensorBoard has no use for it
+                writer.add_scalar(k, v, step)
 
     batch_size = int(config.data.batch_size) * len(trainer.placements)  # rows per step
     step = int(state["step"])
