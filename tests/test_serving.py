@@ -515,6 +515,10 @@ def test_cli_export_scorer_and_rank_on_a_tiny_workdir(tiny_workdir, synthetic_di
     from multitower_jax.retrieval.index import AdStore
 
     W = str(tiny_workdir)
+    before = sorted(p.name for p in tiny_workdir.iterdir())
+    assert cli.main(["export-scorer", "--workdir", W, "--out", W]) == 2  # never replaces the workdir
+    assert sorted(p.name for p in tiny_workdir.iterdir()) == before
+    assert cli.main(["export-scorer", "--workdir", W, "--out", str(tiny_workdir / "E")]) == 2  # nor an export
     assert cli.main(["export-scorer", "--workdir", W, "--out", str(tmp_path / "S")]) == 0
     manifest = json.loads((tmp_path / "S" / "manifest.json").read_text())
     assert manifest["calibration"]["heads"]["ctr"]["method"] == "isotonic"

@@ -135,9 +135,11 @@ def export_scorer(workdir: str | os.PathLike, out: str | os.PathLike, overrides:
 def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
                    platforms: tuple[str, ...] | None = None) -> dict:
     """Export the scorer of every placement of `trained` (an `inference.Trained`) into `out`."""
-    from multitower_jax.retrieval.index import atomic_dir
+    from multitower_jax.retrieval.index import atomic_dir, check_replaceable
     from multitower_jax.serving import settings as settings_lib
     from multitower_jax.serving.scorer import Scorer, ad_part, score_batch
+
+    check_replaceable(out, KIND, [trained.workdir])  # before the work: `out` is not ours to replace
 
     settings = settings_lib.ServingSettings.from_config(trained.config)
     platforms = tuple(platforms or (jax.default_backend(),))
@@ -180,5 +182,6 @@ def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
             (tmp / name).write_bytes(blob)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
-    atomic_dir(Path(out), write)
+    # Refused before anything is written when `out` is the workdir or another kind of folder.
+    atomic_dir(Path(out), write, kind=KIND, inputs=[trained.workdir])
     return manifest
