@@ -196,7 +196,7 @@ class ShardsIterDataset(grain.IterDataset):
 
     Its iterator's state is kept per shard (`shard_states`), in a form that does not depend on
     which process reads the shard, so a checkpoint written by one process layout restores on
-    another with the same ``num_shards`` (see `train.trainer.DataCheckpointHandler`).
+    another with the same ``num_shards`` (see `train.data_checkpoint.DataCheckpointHandler`).
     """
 
     def __init__(self, parents: list[grain.IterDataset], shards: list[int], num_shards: int):

@@ -268,23 +268,21 @@ class Ranker:
         """Cached rows as they were at prepare time; the rest through one user-tower call (a user
         twice in the group is computed once), then cached. Requests without a user_id are not."""
         out = np.empty((len(preps), self.trained.embed_dim), np.float32)
+        keys = [p.request.user_id if p.request.user_id is not None else ("anonymous", i) for i, p in enumerate(preps)]
         owner: dict[Any, int] = {}  # cache key (or ("anonymous", i)) -> row of the tower batch
         todo: list[int] = []
         for i, p in enumerate(preps):
             if p.cached is not None:
                 out[i] = p.cached.embedding
-                continue
-            key = p.request.user_id if p.request.user_id is not None else ("anonymous", i)
-            if key not in owner:
-                owner[key] = len(todo)
+            elif keys[i] not in owner:
+                owner[keys[i]] = len(todo)
                 todo.append(i)
         if todo:
             feats = self._tower_batch("user", placement, self._concat([preps[i].user for i in todo]), len(todo))
             computed = np.asarray(self._user_tower(feats))[: len(todo)]
             for i, p in enumerate(preps):
                 if p.cached is None:
-                    key = p.request.user_id if p.request.user_id is not None else ("anonymous", i)
-                    out[i] = computed[owner[key]]
+                    out[i] = computed[owner[keys[i]]]
             for key, row in owner.items():
                 if not isinstance(key, tuple):  # a user_id: cache it with its targeting keys
                     self.cache.put(key, CachedUser(computed[row].copy(), *preps[todo[row]].user_keys))
