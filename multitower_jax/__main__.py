@@ -1,3 +1,3 @@
-from multitower_jax.cli import main
+from multitower_jax.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -95,10 +95,13 @@ def test_bench_train_reports_its_figures_against_the_peak_in_the_compute_dtype(s
     figures = bench_train.run(config, str(tmp_path / "train.json"), steps=2)
     saved = json.loads((tmp_path / "train.json").read_text())
     assert measured["dtype"] == jax.numpy.bfloat16
-    for key in ("examples_per_sec", "flops_per_example", "peak_flops", "fraction_of_peak"):
+    for key in ("examples_per_sec", "flops_per_example", "peak_flops", "fraction_of_peak",
+                "examples_per_sec_median", "peak_flops_median", "fraction_of_peak_median"):
         assert np.isfinite(saved[key]) and saved[key] > 0, key
     assert saved["fraction_of_peak"] == pytest.approx(
         saved["examples_per_sec"] * saved["flops_per_example"] / saved["peak_flops"], rel=1e-9)
+    assert saved["examples_per_sec"] >= saved["examples_per_sec_median"]
+    assert saved["examples_per_sec"] == pytest.approx(saved["batch_size"] * 1000 / saved["step_ms"], rel=1e-9)
     # XLA's count covers at least the first dense layer of the user and ad towers, forward and
     # backward (2 FLOPs per multiply-add, x 3): a lower bound computed from the feature spec.
     from multitower_jax import features as F
@@ -107,6 +110,11 @@ def test_bench_train_reports_its_figures_against_the_peak_in_the_compute_dtype(s
     spec = F.parse_spec(config.features)
     first_layers = sum(tower_input_dim(s, config.model.text.dim) * 32 for s in (spec.user, spec.ad))
     assert figures["flops_per_example"] > 3 * 2 * first_layers
+    # The count is of the whole model, not of one device's shard: half as many data shards
+    # (each twice as big) count the same.
+    config.mesh.data, config.mesh.model = 4, 2
+    four_shards = bench_train.run(config, None, steps=1)
+    assert figures["flops_per_example"] == pytest.approx(four_shards["flops_per_example"], rel=0.05)
 
 
 def test_resumed_run_tests_the_best_parameters_and_keeps_its_early_stopping_progress(synthetic_dir, tmp_path):

@@ -52,6 +52,22 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
     return table_LxD.astype(np.float32)
 
 
+def dot_product_attention(query_BxQxHxK: Array, key_BxLxHxK: Array, value_BxLxHxK: Array, mask: Array | None = None,
+                          dropout_rng: Array | None = None, dropout_rate: float = 0.0, deterministic: bool = True,
+                          dtype: Dtype | None = None, precision: Any = None) -> Array:
+    """Scaled dot-product attention, dropping attention weights by one `layers.keep_mask` over
+    (query, key) positions shared by the batch and the heads (flax's default broadcast dropout),
+    fused into the weights' consumers: flax's own materializes the mask and its scale at
+    [B, H, Q, L] in the forward and again for the backward pass."""
+    weights_BxHxQxL = nn.dot_product_attention_weights(
+        query_BxQxHxK, key_BxLxHxK, mask=mask, deterministic=True, dtype=dtype, precision=precision)
+    if not deterministic and dropout_rate > 0.0:
+        keep_QxL = layers.keep_mask(dropout_rng, weights_BxHxQxL.shape[-2:], dropout_rate)
+        scale = jnp.asarray(1.0 / (1.0 - dropout_rate), weights_BxHxQxL.dtype)
+        weights_BxHxQxL = jnp.where(keep_QxL, weights_BxHxQxL * scale, jnp.zeros_like(weights_BxHxQxL))
+    return jnp.einsum("...hql,...lhd->...qhd", weights_BxHxQxL, value_BxLxHxK, precision=precision)
+
+
 class EncoderLayer(nn.Module):
     """Self-attention + MLP with residuals; LayerNorm before (pre) or after (post) each."""
 
@@ -70,6 +86,7 @@ class EncoderLayer(nn.Module):
             dtype=cfg.dtype,
             dropout_rate=cfg.dropout_rate,
             deterministic=not train,
+            attention_fn=dot_product_attention,
             kernel_init=layers.partitioned(layers.DEFAULT_KERNEL_INIT, ("embed", "heads", "kv")),
             out_kernel_init=layers.partitioned(layers.DEFAULT_KERNEL_INIT, ("heads", "kv", "embed")),
             bias_init=layers.partitioned(nn.initializers.zeros_init(), ("heads", "kv")),
