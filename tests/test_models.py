@@ -294,20 +294,42 @@ def test_dropout_only_when_training(tiny):
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.3, 0.5])
-def test_dropout_drops_the_rounded_rate_and_keeps_the_expectation(rate):
-    x = jnp.full((400, 1001), 2.0)  # an element count that is not a multiple of 4
+def test_dropout_drops_the_rate_and_keeps_the_expectation(rate):
+    x = jnp.full((400, 1001), 2.0)
     drop = layers.Dropout(rate)
     y = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}))
-    rounded = round(rate * 256) / 256
     dropped = y == 0
-    assert abs(dropped.mean() - rounded) < 4 * np.sqrt(rounded * (1 - rounded) / x.size)  # binomial, 4 sigma
-    np.testing.assert_allclose(y[~dropped], 2.0 / (1 - rounded), rtol=1e-6)  # exact inverse keep probability
+    assert abs(dropped.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / x.size)  # binomial, 4 sigma
+    np.testing.assert_allclose(y[~dropped], 2.0 / (1 - rate), rtol=1e-6)  # exact inverse keep probability
     assert abs(y.mean() - 2.0) < 0.01
     other = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)}))
     assert (dropped != (other == 0)).mean() > 0.1  # another key, another mask
-    # Neighbouring elements draw different bytes of one uint32: no correlation between them.
-    assert abs(np.corrcoef(dropped[:, :-1].ravel(), dropped[:, 1:].ravel())[0, 1]) < 0.01
+    # The hash of (row, column) leaves neighbours, rows and columns uncorrelated.
+    for a, b in ((dropped[:, :-1], dropped[:, 1:]), (dropped[:-1], dropped[1:])):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+    for axis in (0, 1):  # every row and every column drops about the rate, none is all kept
+        frac = dropped.mean(axis)
+        assert abs(frac - rate).max() < 6 * np.sqrt(rate * (1 - rate) / x.shape[axis])
     np.testing.assert_array_equal(np.asarray(drop.apply({}, x, deterministic=True)), np.asarray(x))
+    # Higher-rank inputs hash their flattened leading dims as rows: same mask as the 2-D view.
+    y3 = drop.apply({}, x.reshape(8, 50, 1001), deterministic=False, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_array_equal(np.asarray(y3).reshape(400, 1001), y)
+
+
+def test_attention_dropout_is_one_mask_over_query_key_positions():
+    from multitower_jax.models.text_encoder import dot_product_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 5, 2, 4)), jnp.float32) for _ in range(3))
+    exact = dot_product_attention(q, k, v)
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0)  # independent reference
+    np.testing.assert_allclose(np.asarray(exact), np.asarray(jnp.einsum("bhqk,bkhd->bqhd", weights, v)), atol=1e-5)
+    key = jax.random.key(3)
+    dropped = dot_product_attention(q, k, v, dropout_rng=key, dropout_rate=0.4, deterministic=False)
+    keep = layers.keep_mask(key, (5, 5), 0.4)
+    expected = jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, weights / 0.6, 0.0), v)
+    np.testing.assert_allclose(np.asarray(dropped), np.asarray(expected), atol=1e-5)
+    assert 0 < int((~keep).sum()) < 25
 
 
 def test_every_placement_has_its_own_context_tower(tiny):
