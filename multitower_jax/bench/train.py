@@ -1,10 +1,10 @@
 """`multitower bench train`: training examples/s of the jitted step against the machine's matmul peak.
 
 The step is the real one (`Trainer.train_step`, sharded over every device) on random batches of
-the configured shapes, so input is excluded. Each step and each matmul is timed on its own;
-`fraction_of_peak` is the fastest step against the fastest matmul, `*_median` the medians.
-FLOPs per example come from XLA's cost analysis of the whole (not yet partitioned) step; the peak is the best of a few large matmuls in the step's compute dtype
-(`config.model.dtype`) timed on the same devices.
+the configured shapes, so input is excluded. FLOPs per example come from XLA's cost analysis of
+the whole (not yet partitioned) step; the peak is the best of a few large matmuls in the step's
+compute dtype (`config.model.dtype`) on the same devices. Each step and each matmul is timed on
+its own: `fraction_of_peak` is the fastest step against the fastest matmul, `*_median` the medians.
 """
 
 from __future__ import annotations

@@ -61,15 +61,16 @@ def keep_mask(key: Array, shape: tuple[int, ...], rate: float) -> Array:
     return (h >= jnp.uint32(threshold)).reshape(shape)
 
 
-def dropout(x: Array, key: Array, rate: float) -> Array:
+def dropout(x: Array, key: Array, rate: float, mask_shape: tuple[int, ...] | None = None) -> Array:
     """Inverted dropout of `x` with the `keep_mask` of `key`: kept elements are scaled by
-    1 / (1 - rate), so the expectation is `x`."""
+    1 / (1 - rate), so the expectation is `x`. `mask_shape` (default ``x.shape``) is the shape
+    of one mask broadcast over `x`, e.g. its trailing dims to share a mask over the leading ones."""
     if rate <= 0.0:
         return x
     if rate >= 1.0:
         return jnp.zeros_like(x)
-    scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
-    return jnp.where(keep_mask(key, x.shape, rate), x * scale, jnp.zeros_like(x))
+    keep = keep_mask(key, x.shape if mask_shape is None else tuple(mask_shape), rate)
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros_like(x))
 
 
 class Dropout(nn.Module):

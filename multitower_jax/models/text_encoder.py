@@ -55,16 +55,13 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
 def dot_product_attention(query_BxQxHxK: Array, key_BxLxHxK: Array, value_BxLxHxK: Array, mask: Array | None = None,
                           dropout_rng: Array | None = None, dropout_rate: float = 0.0, deterministic: bool = True,
                           dtype: Dtype | None = None, precision: Any = None) -> Array:
-    """Scaled dot-product attention, dropping attention weights by one `layers.keep_mask` over
-    (query, key) positions shared by the batch and the heads (flax's default broadcast dropout),
-    fused into the weights' consumers: flax's own materializes the mask and its scale at
-    [B, H, Q, L] in the forward and again for the backward pass."""
+    """Scaled dot-product attention whose weights are dropped by one `layers.dropout` mask over
+    (query, key) positions, shared by the batch and the heads as in flax's default; flax's own
+    draws that mask with `jax.random` and materializes it and its scale at [B, H, Q, L]."""
     weights_BxHxQxL = nn.dot_product_attention_weights(
         query_BxQxHxK, key_BxLxHxK, mask=mask, deterministic=True, dtype=dtype, precision=precision)
-    if not deterministic and dropout_rate > 0.0:
-        keep_QxL = layers.keep_mask(dropout_rng, weights_BxHxQxL.shape[-2:], dropout_rate)
-        scale = jnp.asarray(1.0 / (1.0 - dropout_rate), weights_BxHxQxL.dtype)
-        weights_BxHxQxL = jnp.where(keep_QxL, weights_BxHxQxL * scale, jnp.zeros_like(weights_BxHxQxL))
+    if not deterministic:
+        weights_BxHxQxL = layers.dropout(weights_BxHxQxL, dropout_rng, dropout_rate, weights_BxHxQxL.shape[-2:])
     return jnp.einsum("...hql,...lhd->...qhd", weights_BxHxQxL, value_BxLxHxK, precision=precision)
 
 
