@@ -348,7 +348,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     else:
         state = trainer.init_state()
     best_auc, bad_evals = progress.get("best_auc", -1.0), progress.get("bad_evals", 0)
-    best_params = None  # in memory when found by this process; else in `best`
 
     writer = None
     if is_main:
@@ -397,8 +396,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 auc = result.get("mean_ctr_auc", result["ctr_auc"])
                 if auc > best_auc + float(t.min_delta):
                     best_auc, bad_evals = auc, 0
-                    best_params = jax.tree.map(jnp.copy, state["params"])
-                    best.save(step, args=ocp.args.StandardSave(best_params))
+                    # A copy: the next step donates the state's buffers while the save may still run.
+                    best.save(step, args=ocp.args.StandardSave(jax.tree.map(jnp.copy, state["params"])))
                 else:
                     bad_evals += 1
                 if bad_evals >= int(t.patience):
@@ -419,9 +418,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     if stopping:
         print(f"stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
         return {"step": step, "interrupted": True}
-    params = best_params
-    if params is None:
-        params = trainer.restore_best(best) if best.latest_step() is not None else state["params"]
+    # The best parameters, found by this run or by the one it resumed: both are in `best`.
+    params = trainer.restore_best(best) if best.latest_step() is not None else state["params"]
     result = trainer.evaluate_placements(params, "test")
     result.update(step=step, stopped_early=stopped_early, best_validation_ctr_auc=best_auc)
     if is_main:
