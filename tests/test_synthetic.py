@@ -199,7 +199,8 @@ def test_ceiling_bench_removes_latent_terms_from_the_oracle():
     from multitower_jax.bench import ceiling
     from tests.conftest import QUICKSTART
 
-    config = config_lib.load(QUICKSTART, [f"--config.synthetic.{k}={v}" for k, v in SIZES.items()])
+    config = config_lib.load(QUICKSTART, [f"--config.synthetic.{k}={v}" for k, v in SIZES.items()]
+                             + [f"--config.synthetic.impressions.train={N_TRAIN}"])
     figures = ceiling.run(config, num=N_TEST)
     world = make_world(**SIZES)
     test = collect(world, "search", "test", N_TEST)
@@ -207,3 +208,41 @@ def test_ceiling_bench_removes_latent_terms_from_the_oracle():
     terms = ("ad's own quality", "user click bias", "user x ad affinity")
     for term in terms:  # each latent term carries signal, and they add up
         assert figures["without all three"] < figures[f"without {term}"] < figures["oracle_ctr_auc"]
+    # The semi-oracle infers the user bias and own quality from the train split: better than
+    # dropping the own quality outright, worse than knowing both; the affinity it is handed counts.
+    semi, semi_without_affinity = figures["semi-oracle (bias and own quality inferred)"], figures["semi-oracle, without affinity"]
+    assert figures["without ad's own quality"] < semi < figures["oracle_ctr_auc"]
+    assert figures["without all three"] < semi_without_affinity < semi - 0.01
+
+
+def test_ceiling_posteriors_match_direct_integration():
+    """The grid likelihoods of the semi-oracle against scipy's distributions and quadrature."""
+    from scipy import integrate, stats
+
+    from multitower_jax.bench import ceiling
+
+    world = make_world(**SIZES)
+    train = collect(world, "search", "train", 20_000)
+    b_grid = np.array([-0.4, 0.0, 0.3])
+    loglik = ceiling._user_feature_loglik(world, train, b_grid)
+    clicks = world.users_table()["user.total_clicks_30d"]
+    count = np.bincount(train["user_id"], minlength=world.num_users)
+    rate = 20_000 / (world.num_users * np.exp(0.5))
+    for u in (int(np.argmax(count)), int(np.argmax(clicks)), 7):
+        def joint(log_a, b, u=u):  # P(count, clicks | activity, bias) p(log activity), unnormalized like the grid
+            a = np.exp(log_a)
+            return (stats.poisson.pmf(count[u], rate * a) * stats.poisson.pmf(clicks[u], 8 * a * np.exp(b))
+                    * np.exp(-0.5 * log_a**2))
+        direct = np.log([integrate.quad(joint, -6, 6, args=(b,), points=[0.0, 3.0], limit=200, epsabs=0)[0] for b in b_grid])
+        np.testing.assert_allclose(loglik[u] - loglik[u, 1], direct - direct[1], atol=2e-3)
+
+    own = ceiling.own_quality(world)
+    q_grid = np.array([-0.5, 0.2])
+    history = ceiling._ad_history_loglik(world, own, q_grid)
+    ads = world.ads_table()
+    imps = ads["ad.total_impressions"].astype(np.int64)
+    hist_clicks = np.round(ads["ad.historical_ctr"].astype(np.float64) * (imps + 30) - 0.9).astype(np.int64)
+    for a in (int(np.argmax(imps)), 3):
+        p = 1 / (1 + np.exp(3.5 - (world._ad_quality[a] - own[a]) - q_grid))
+        direct = stats.binom.logpmf(hist_clicks[a], imps[a], p)
+        np.testing.assert_allclose(history[a] - history[a, 0], direct - direct[0], atol=1e-6)
