@@ -18,7 +18,8 @@ COMMANDS = {
     "bench": "benchmarks: `bench input` (input pipeline examples/s), `bench train` (step examples/s, fraction of peak), "
              "`bench score` (scorer p50/p99 for 500 candidates, micro-batched requests/s), `bench serve` (whole "
              "request p50/p99 over a --num-ads index, K=500, top-20), `bench ceiling` (oracle AUC without each latent term "
-             "no feature reveals: what the synthetic world lets a model reach)",
+             "no feature reveals, and with the user bias and ad quality inferred from the train split: what the "
+             "synthetic world lets a model reach)",
 }
 BENCHES = ("input", "train", "retrieve", "score", "serve", "ceiling")
 

@@ -61,7 +61,9 @@ class Trained:
 
 def load_trained(workdir: str | Path, step: int | None = None,
                  overrides: tuple[str, ...] = ()) -> Trained:
-    """Restore the parameters of a `multitower train` workdir (latest checkpoint by default)."""
+    """Restore the parameters of a `multitower train` workdir: by default those of its best
+    validation evaluation (what `eval_test.json` reports), else its latest checkpoint's; with
+    `step`, that checkpoint's."""
     from multitower_jax.train import trainer as trainer_lib  # heavy: optimizer, mesh, orbax
 
     workdir = epath.Path(workdir)  # a local folder or gs://... (pathlib would make gs:// local)
@@ -70,12 +72,6 @@ def load_trained(workdir: str | Path, step: int | None = None,
     config = config_lib.apply_overrides(config_lib.from_json(workdir / "config.json"), overrides)
     config_lib.validate(config)
     trainer = trainer_lib.Trainer(config, workdir)
-    manager = trainer.checkpoint_manager()
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run `multitower train` first")
-    if step is not None and step not in manager.all_steps():
-        raise FileNotFoundError(f"no checkpoint for step {step} in {workdir / 'checkpoints'}; "
-                                f"have {sorted(manager.all_steps())}")
-    state = trainer.restore(manager, step=step)
-    return Trained(config=config, spec=trainer.spec, model=trainer.model, params=state["params"],
-                   stats=trainer.stats, step=int(state["step"]), workdir=workdir)
+    params, step = trainer.restore_final(step)
+    return Trained(config=config, spec=trainer.spec, model=trainer.model, params=params,
+                   stats=trainer.stats, step=step, workdir=workdir)

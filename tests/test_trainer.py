@@ -73,6 +73,15 @@ def test_eval_report_and_predictions(synthetic_dir, tmp_path):
     table = {k: v.to_numpy() for k, v in zip(*[pq.read_table(tmp_path / "pred.parquet").column_names,
                                                   pq.read_table(tmp_path / "pred.parquet").columns])}
     assert len(table["click"]) == 2000 and {"pctr", "pcvr", "pctcvr", "click", "p_click", "ad_id"} <= set(table)
+    # Each row carries its impression's full int64 ids (the synthetic ids have the split in bit 41):
+    # the same impressions as the stored test split, and each row's own ad and user.
+    stored = _stored_split(synthetic_dir, "test")
+    assert table["impression_id"].dtype == np.int64 and table["impression_id"].max() >= 1 << 40
+    assert sorted(table["impression_id"]) == sorted(stored["impression_id"])
+    order = {i: r for r, i in enumerate(stored["impression_id"])}
+    rows = np.array([order[i] for i in table["impression_id"]])
+    for key in ("user_id", "ad_id", "click", "p_click"):
+        np.testing.assert_array_equal(table[key], stored[key][rows].astype(table[key].dtype))
     assert again["ctr_auc"] == pytest.approx(roc_auc_score(table["click"], table["pctr"]), abs=1e-9)
     assert again["oracle_ctr_auc"] == pytest.approx(roc_auc_score(table["click"], table["p_click"]), abs=1e-9)
     clicked = table["click"] > 0
@@ -134,3 +143,20 @@ def test_resumed_run_tests_the_best_parameters_and_keeps_its_early_stopping_prog
     t = trainer_lib.Trainer(synthetic_config(synthetic_dir, *common), resumed)
     last = t.evaluate(t.restore(t.checkpoint_manager())["params"], "test")
     assert t.best_manager().latest_step() == 4 and last["ctr_auc"] != pytest.approx(b["ctr_auc"], abs=1e-9)
+    # `evaluate`, calibration, export and serving load the same best parameters; --step picks a checkpoint.
+    from multitower_jax.inference import load_trained
+
+    again = trainer_lib.evaluate_workdir(synthetic_config(synthetic_dir, *common), resumed, "test")
+    assert again["step"] == 4 and again["ctr_auc"] == pytest.approx(b["ctr_auc"], abs=1e-9)
+    assert load_trained(resumed).step == 4 and load_trained(resumed, step=8).step == 8
+
+
+def _stored_split(data_dir, split: str) -> dict:
+    """The split's impressions as the synthetic world draws them (not through the pipeline)."""
+    from multitower_jax import features as F
+    from multitower_jax.data.synthetic import World
+
+    config = synthetic_config(data_dir)
+    world = World(config.synthetic, F.parse_spec(config.features))
+    chunks = list(world.impressions(config.data.placements[0], split, int(config.synthetic.impressions[split])))
+    return {k: np.concatenate([c[k] for c in chunks]) for k in ("impression_id", "user_id", "ad_id", "click", "p_click")}

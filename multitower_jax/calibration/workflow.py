@@ -87,14 +87,10 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
     rate = core.downsample_correction_rate(config)
 
     trainer = trainer_lib.Trainer(config, workdir)
-    manager = trainer.checkpoint_manager()
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run `multitower train` first")
-    state = trainer.restore(manager)
-    step = int(state["step"])
+    params, step = trainer.restore_final()  # what `evaluate`, export and serving load too
 
     def predict(split: str) -> dict[str, np.ndarray]:
-        return evaluate.collect(trainer.predict, state["params"], trainer.dataset(split, train=False),
+        return evaluate.collect(trainer.predict, params, trainer.dataset(split, train=False),
                                 trainer.mesh, desc=f"predict {split}")
 
     validation = predict("validation")

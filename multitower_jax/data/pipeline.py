@@ -9,7 +9,9 @@ negatively downsampled, fixed-shape batches, with an iterator state that can be 
 The global batch is the concatenation of every shard's batch in shard order, whichever process
 reads which shard, so with a fixed ``data.num_shards`` the same run sees the same global batches
 on 1 process or on many. Evaluation shards are padded to one batch count (rows ``valid == 0``)
-so every process runs the same number of collective steps.
+so every process runs the same number of collective steps. Evaluation batches also carry
+``batch[HOST_IDS]``: the rows' int64 impression, user and ad ids, which never go to a device
+(JAX holds 32-bit integers), for the predictions file.
 
 Every random choice is a function of (seed, shard, position in the shard's stream), so
 restoring the grain iterator state resumes with exactly the batches that would have come next.
@@ -35,6 +37,9 @@ from multitower_jax.config import ConfigError
 from multitower_jax.data import builders
 from multitower_jax.data.preprocess import (STATS_FILE, FeatureStats, Preprocessor, StatsError, compute_stats,
                                             pool_stats)
+
+HOST_IDS = "ids"  # evaluation batches: {column: int64[B]} of ID_COLUMNS, kept on the host
+ID_COLUMNS = ("impression_id", "user_id", "ad_id")
 
 
 def data_source(config: ml_collections.ConfigDict, placement: str, split: str):
@@ -86,6 +91,7 @@ class _BlockProcessor:
     downsample_rate: float
     importance_weights: bool
     seed: int
+    keep_ids: bool = False
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # shared by a process's shards
 
     def for_shard(self, shard: int):
@@ -106,6 +112,8 @@ class _BlockProcessor:
         with self.lock:  # the tokenizer caches and counters are shared between reader threads
             out = self.preprocessor(block)
         out["valid"] = np.ones(len(out["click"]), np.float32)
+        if self.keep_ids:  # the full 64-bit ids, for the predictions file; they stay on the host
+            out[HOST_IDS] = {k: np.asarray(block[k], np.int64) for k in ID_COLUMNS if k in block}
         return out
 
 
@@ -264,6 +272,7 @@ def make_dataset(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats: 
         downsample_rate=float(data.negative_downsample_rate) if train else 1.0,
         importance_weights=bool(data.importance_weights),
         seed=int(data.shuffle_seed),
+        keep_ids=not train,
     )
     eval_batches = None if train else eval_batches_per_shard(source, shards, shard_batch)
     per_process = shards // process_count

@@ -16,7 +16,8 @@ A model batch (what `pipeline` yields and the model consumes), B rows:
 * ``click``, ``conversion``, ``weight`` float32[B]; ``user_id``, ``ad_id`` int32[B];
   ``ad_log_q`` float32[B] (log of the ad's frequency among training impressions, for the
   logQ correction of in-batch negatives); on synthetic data also ``p_click`` and
-  ``p_convert_given_click`` float32[B] (the oracle).
+  ``p_convert_given_click`` float32[B] (the oracle). Evaluation batches also carry ``ids``:
+  ``{impression_id, user_id, ad_id}`` int64[B], the full ids, which stay on the host.
 """
 
 from __future__ import annotations

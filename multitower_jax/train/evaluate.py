@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from multitower_jax.data import pipeline
 from multitower_jax.train import metrics, sharding
 
 PREDICTION_KEYS = ("pctr", "pcvr", "pctcvr")
@@ -30,22 +31,35 @@ def make_predict_fn(model, placement: str, mesh) -> Callable:
 
 
 def collect(predict_fn, params, batches, mesh, desc: str | None = None) -> dict[str, np.ndarray]:
-    """Predictions, labels, ids and oracle columns of every valid row, gathered to every host."""
+    """Predictions, labels, ids and oracle columns of every valid row, gathered to every host.
+
+    The ids are the batch's int64 `pipeline.HOST_IDS` when it has them (evaluation batches do),
+    else its int32 device copies."""
     parts: dict[str, list[np.ndarray]] = {}
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
+        batch = dict(batch)
+        ids = batch.pop(pipeline.HOST_IDS, {})
         out = predict_fn(params, sharding.shard_batch(batch, mesh))
         if jax.process_count() > 1:
             out = multihost_utils.process_allgather(out, tiled=True)
             batch = multihost_utils.process_allgather(
                 {k: v for k, v in batch.items() if not isinstance(v, Mapping)}, tiled=True)
+            ids = {k: _allgather_int64(v) for k, v in ids.items()}
+        batch.update(ids)
         valid = np.asarray(batch["valid"]) > 0
         row = {k: np.asarray(v)[valid] for k, v in out.items()}
-        for key in ("click", "conversion", "user_id", "ad_id", "p_click", "p_convert_given_click"):
+        for key in (*pipeline.ID_COLUMNS, "click", "conversion", "p_click", "p_convert_given_click"):
             if key in batch:
                 row[key] = np.asarray(batch[key])[valid]
         for key, value in row.items():
             parts.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _allgather_int64(x: np.ndarray) -> np.ndarray:
+    """Every process's int64 rows, in process order; sent as int32 pairs (JAX arrays are 32-bit)."""
+    pairs = np.ascontiguousarray(x, np.int64).view(np.int32).reshape(len(x), 2)
+    return np.ascontiguousarray(multihost_utils.process_allgather(pairs, tiled=True)).view(np.int64).reshape(-1)
 
 
 def report(pred: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -186,6 +186,23 @@ class Trainer:
     def restore_best(self, best: ocp.CheckpointManager) -> Any:
         return best.restore(best.latest_step(), args=ocp.args.StandardRestore(self.abstract_state["params"]))
 
+    def restore_final(self, step: int | None = None) -> tuple[Any, int]:
+        """The parameters a trained workdir stands for, and their step: those of the best
+        validation evaluation (`W/best`, what `eval_test.json` reports); with `step`, or when the
+        run never evaluated, that checkpoint's or the latest one's."""
+        if step is None and (self.workdir / "best").exists():
+            best = self.best_manager()
+            if best.latest_step() is not None:
+                return self.restore_best(best), int(best.latest_step())
+        manager = self.checkpoint_manager()
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {self.workdir / 'checkpoints'}; run `multitower train` first")
+        if step is not None and step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.workdir / 'checkpoints'}; "
+                                    f"have {sorted(manager.all_steps())}")
+        state = self.restore(manager, step=step)
+        return state["params"], int(state["step"])
+
     def restore_progress(self, manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
         """Early-stopping progress (best validation AUC, evaluations without a gain) as of `step`'s
         checkpoint, so it never runs ahead of the state it is resumed with; {} when the checkpoint
@@ -431,19 +448,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path, split: str,
                      predictions_path: str | None = None) -> dict[str, Any]:
-    """Restore the latest checkpoint of a workdir and write ``<workdir>/eval_<split>.json``."""
+    """Evaluate a workdir's parameters (`Trainer.restore_final`: the best validation evaluation's,
+    as `train` tests them) and write ``<workdir>/eval_<split>.json``."""
     workdir = epath.Path(workdir)
     trainer = Trainer(config, workdir)
-    manager = trainer.checkpoint_manager()
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run `multitower train` first")
-    state = trainer.restore(manager)
+    params, step = trainer.restore_final()
     from multitower_jax import calibration  # noqa: PLC0415
 
     # Written by `multitower calibrate`; then the report also has ECE and the calibrated metrics.
     fitted = calibration.load(str(workdir)) if calibration.exists(str(workdir)) else None
-    result = trainer.evaluate_placements(state["params"], split, predictions_path, calibration=fitted)
-    result["step"] = int(state["step"])
+    result = trainer.evaluate_placements(params, split, predictions_path, calibration=fitted)
+    result["step"] = step
     if jax.process_index() == 0:
         (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
     return result
