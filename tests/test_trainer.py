@@ -89,6 +89,16 @@ def test_eval_report_and_predictions(synthetic_dir, tmp_path):
     assert (workdir / "eval_test.json").exists()
 
 
+def test_int64_ids_survive_the_cross_host_gather():
+    """JAX arrays are 32-bit here: ids above 2**31 (hashed, or the synthetic split bits) go as int32 pairs."""
+    from multitower_jax.train import evaluate
+
+    ids = np.array([0, 1, -1, 2**31, 2**40 + 7, -(2**62) + 3, 2**63 - 1], np.int64)
+    gathered = evaluate._allgather_int64(ids)
+    assert gathered.dtype == np.int64
+    np.testing.assert_array_equal(gathered, ids)
+
+
 def test_bench_train_reports_its_figures_against_the_peak_in_the_compute_dtype(synthetic_dir, tmp_path, monkeypatch):
     from multitower_jax.bench import train as bench_train
 
