@@ -213,6 +213,11 @@ def test_ceiling_bench_removes_latent_terms_from_the_oracle():
     semi, semi_without_affinity = figures["semi-oracle (bias and own quality inferred)"], figures["semi-oracle, without affinity"]
     assert figures["without ad's own quality"] < semi < figures["oracle_ctr_auc"]
     assert figures["without all three"] < semi_without_affinity < semi - 0.01
+    conversion = test["conversion"]
+    assert figures["oracle_ctcvr_auc"] == pytest.approx(
+        roc_auc_score(conversion, test["p_click"].astype(np.float64) * test["p_convert_given_click"]), abs=1e-9)
+    assert (figures["ctcvr: semi-oracle x pCVR without its latents"] < figures["ctcvr: semi-oracle x exact pCVR"]
+            < figures["oracle_ctcvr_auc"])
 
 
 def test_ceiling_posteriors_match_direct_integration():

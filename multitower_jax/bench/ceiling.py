@@ -6,7 +6,7 @@ affinity. This bench scores the test split (the impressions `eval_test.json` see
 
 - the oracle logit minus one latent term at a time (a model that could not infer that term at
   all); the drop in AUC is what that term is worth;
-- a *generous semi-oracle*: the exact oracle logit, except that the user's click bias and the
+- a *generous semi-oracle* of the click: the exact oracle logit, except that the user's click bias and the
   ad's own quality are replaced by what the data says about them. It is handed every other term
   exactly (the intent x topic match, the taste affinity, the advertiser's quality, context and
   time effects) and infers the two latents as the exact Bayesian posterior, on a grid, from
@@ -15,7 +15,8 @@ affinity. This bench scores the test split (the impressions `eval_test.json` see
   train impressions (which reveals the user's activity). Its score is the posterior
   expectation of the click probability. A model also has to learn the terms the semi-oracle
   is handed, so the semi-oracle's AUC is what the quality bars can ask of any model at this
-  data size, at most.
+  data size, at most. For CTCVR it is multiplied by the exact pCVR, and by the pCVR without
+  its latent terms.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def run(config: ml_collections.ConfigDict, json_path: str | None = None, num: in
     figures["semi-oracle (bias and own quality inferred)"] = auc(semi, click)
     figures["semi-oracle, without affinity"] = auc(
         semi_oracle(world, train, test, drop_affinity=True), click)
+    # CTCVR (conversions over all impressions): the click semi-oracle times the exact pCVR, and
+    # times the pCVR without the conversion latents (the ad's own conversion quality, the user's
+    # purchase propensity), which bracket a conversion-side semi-oracle.
+    conversion, p_cvr = test["conversion"], test["p_convert_given_click"].astype(np.float64)
+    figures["oracle_ctcvr_auc"] = auc(test["p_click"] * p_cvr, conversion)
+    figures["ctcvr: semi-oracle x exact pCVR"] = auc(semi * p_cvr, conversion)
+    cvr_logit = np.log(p_cvr) - np.log1p(-p_cvr) - _conversion_latents(world, test)
+    figures["ctcvr: semi-oracle x pCVR without its latents"] = auc(semi * expit(cvr_logit), conversion)
     bench.report(f"oracle CTR AUC with latent terms removed or inferred ({placement}, test split)",
                  figures, json_path)
     return figures
@@ -61,7 +70,7 @@ def run(config: ml_collections.ConfigDict, json_path: str | None = None, num: in
 def _collect(world: World, placement: str, split: str, num: int) -> dict[str, np.ndarray]:
     out: dict[str, list[np.ndarray]] = {}
     for chunk in world.impressions(placement, split, num):
-        for key in ("p_click", "click", "user_id", "ad_id"):
+        for key in ("p_click", "p_convert_given_click", "click", "conversion", "user_id", "ad_id"):
             out.setdefault(key, []).append(chunk[key])
     rows = {k: np.concatenate(v) for k, v in out.items()}
     p = rows["p_click"].astype(np.float64)
@@ -69,11 +78,19 @@ def _collect(world: World, placement: str, split: str, num: int) -> dict[str, np
     return rows
 
 
-def own_quality(world: World) -> np.ndarray:
-    """Each ad's click quality minus the mean of its advertiser's ads."""
-    quality, advertiser = world._ad_quality, world.ad_advertiser  # noqa: SLF001 (the latents are what this bench measures)
+def own_quality(world: World, quality: np.ndarray | None = None) -> np.ndarray:
+    """Each ad's click quality (or the given per-ad ``quality``) minus the mean of its advertiser's ads."""
+    quality = world._ad_quality if quality is None else quality  # noqa: SLF001 (the latents are what this bench measures)
+    advertiser = world.ad_advertiser
     mean = np.bincount(advertiser, quality) / np.maximum(np.bincount(advertiser), 1)
     return quality - mean[advertiser]
+
+
+def _conversion_latents(world: World, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The conversion logit's latent terms: the ad's own conversion quality (beyond its
+    advertiser's mean) and half the user's purchase propensity."""
+    own = own_quality(world, world._ad_convq)  # noqa: SLF001
+    return own[rows["ad_id"]] + 0.5 * world._u_buyer[rows["user_id"]]  # noqa: SLF001
 
 
 def _latent_terms(world: World, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
