@@ -6,17 +6,17 @@ affinity. This bench scores the test split (the impressions `eval_test.json` see
 
 - the oracle logit minus one latent term at a time (a model that could not infer that term at
   all); the drop in AUC is what that term is worth;
-- a *generous semi-oracle* of the click: the exact oracle logit, except that the user's click bias and the
-  ad's own quality are replaced by what the data says about them. It is handed every other term
-  exactly (the intent x topic match, the taste affinity, the advertiser's quality, context and
-  time effects) and infers the two latents as the exact Bayesian posterior, on a grid, from
-  what a model sees: the train split's clicks of that user and that ad, the ad's historical
-  impressions and clicks, and the user's 30-day click count with the number of the user's
-  train impressions (which reveals the user's activity). Its score is the posterior
-  expectation of the click probability. A model also has to learn the terms the semi-oracle
-  is handed, so the semi-oracle's AUC is what the quality bars can ask of any model at this
-  data size, at most. For CTCVR it is multiplied by the exact pCVR, and by the pCVR without
-  its latent terms.
+- a *generous semi-oracle* of the click: the exact oracle logit, except that the user's click
+  bias and the ad's own quality are replaced by what the data says about them. It is handed
+  every other term exactly (the intent x topic match, the taste affinity, the advertiser's
+  quality, context and time effects) and infers the two latents as the exact Bayesian
+  posterior, on a grid, from what a model sees: the train split's clicks of that user and that
+  ad, the ad's historical impressions and clicks, and the user's 30-day click count with the
+  number of the user's train impressions (which reveals the user's activity). Its score is the
+  posterior expectation of the click probability. A model also has to learn the terms the
+  semi-oracle is handed, so the semi-oracle's AUC is about the most any model can reach at
+  this data size (it leaves out weak signals such as the user's 30-day conversions). For CTCVR it is multiplied by the exact pCVR, and by the
+  pCVR without its latent terms.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def run(config: ml_collections.ConfigDict, json_path: str | None = None, num: in
     figures["ctcvr: semi-oracle x exact pCVR"] = auc(semi * p_cvr, conversion)
     cvr_logit = np.log(p_cvr) - np.log1p(-p_cvr) - _conversion_latents(world, test)
     figures["ctcvr: semi-oracle x pCVR without its latents"] = auc(semi * expit(cvr_logit), conversion)
-    bench.report(f"oracle CTR AUC with latent terms removed or inferred ({placement}, test split)",
+    bench.report(f"oracle CTR and CTCVR AUC with latent terms removed or inferred ({placement}, test split)",
                  figures, json_path)
     return figures
 

@@ -33,7 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "quality and target.countries/devices/placements (default <data.dir>/catalogue/ads.parquet)")
     p.add_argument("--users", default=None, help="users Parquet: user_id and every raw user.<feature> (default "
                    "<data.dir>/catalogue/users.parquet if present; '' skips user embeddings)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best validation evaluation's, as `train` tests it, else the latest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best validation "
+                   "evaluation's, as `train` tests it, else the latest)")
     p = sub.add_parser("index", help=COMMANDS["index"], description=COMMANDS["index"] + ". " + RETRIEVAL_KNOBS)
     p.add_argument("--embeddings", required=True, help="a folder written by `multitower export`")
     p.add_argument("--out", required=True, help="index folder (replaced atomically)")
