@@ -251,3 +251,20 @@ def test_ceiling_posteriors_match_direct_integration():
         p = 1 / (1 + np.exp(3.5 - (world._ad_quality[a] - own[a]) - q_grid))
         direct = stats.binom.logpmf(hist_clicks[a], imps[a], p)
         np.testing.assert_allclose(history[a] - history[a, 0], direct - direct[0], atol=1e-6)
+
+
+def test_generating_a_world_leaves_no_temporary_folders(tmp_path, monkeypatch):
+    """tfds looks for a new dataset's metadata on its servers and leaves an empty mkdtemp folder; we skip that."""
+    import tempfile
+
+    from multitower_jax.data.generate import generate
+    from tests.conftest import synthetic_config
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    config = synthetic_config(tmp_path / "data", "--config.synthetic.impressions.train=500",
+                              "--config.synthetic.impressions.validation=200", "--config.synthetic.impressions.test=200")
+    generate(config, tmp_path / "data")
+    assert (tmp_path / "data" / "synthetic_impressions" / "search" / "1.0.0" / "dataset_info.json").exists()
+    assert sorted(p.name for p in scratch.iterdir()) == []

@@ -130,6 +130,12 @@ def to_blocks(chunks: Iterator[Mapping[str, np.ndarray]], columns: Mapping[str, 
         yield index, emit(pending, pending_rows)
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    def initialize_from_bucket(self) -> None:
+        """A dataset not written yet: tfds would look for its metadata on TFDS's servers, and
+        leave an empty temporary folder behind each time. Ours are never there."""
+
+
 class ImpressionsBuilder(tfds.core.GeneratorBasedBuilder):
     """Impressions of one placement, split train / validation / test, from a chunk source."""
 
@@ -150,7 +156,7 @@ class ImpressionsBuilder(tfds.core.GeneratorBasedBuilder):
         store_uncompressed(Path(self.data_dir))
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description="Ad impressions as columnar blocks (multitower_jax).",
             features=block_features(self._columns, self._block_size),
