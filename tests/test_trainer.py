@@ -76,7 +76,8 @@ def test_eval_report_and_predictions(synthetic_dir, tmp_path):
     # Each row carries its impression's full int64 ids (the synthetic ids have the split in bit 41):
     # the same impressions as the stored test split, and each row's own ad and user.
     stored = _stored_split(synthetic_dir, "test")
-    assert table["impression_id"].dtype == np.int64 and table["impression_id"].max() >= 1 << 40
+    assert table["impression_id"].dtype == table["click"].dtype == table["conversion"].dtype == np.int64
+    assert table["impression_id"].max() >= 1 << 40
     assert sorted(table["impression_id"]) == sorted(stored["impression_id"])
     order = {i: r for r, i in enumerate(stored["impression_id"])}
     rows = np.array([order[i] for i in table["impression_id"]])

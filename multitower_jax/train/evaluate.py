@@ -84,8 +84,11 @@ def report(pred: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def write_predictions(pred: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """One row per impression: ids, labels, predictions and the oracle columns when present."""
+    """One row per impression: ids, labels (int64 0 / 1, as in the logs), predictions and the
+    oracle columns when present."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table({k: np.asarray(v) for k, v in pred.items()}), tmp)
+    labels = ("click", "conversion")
+    pq.write_table(pa.table({k: np.asarray(v).astype(np.int64) if k in labels else np.asarray(v)
+                             for k, v in pred.items()}), tmp)
     tmp.replace(path)
