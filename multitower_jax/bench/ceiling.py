@@ -21,6 +21,8 @@ affinity. This bench scores the test split (the impressions `eval_test.json` see
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 import numpy as np
 from scipy.special import expit, logsumexp
@@ -49,11 +51,12 @@ def run(config: ml_collections.ConfigDict, json_path: str | None = None, num: in
         figures[f"without {name}"] = auc(test["logit"] - term, click)
     figures["without all three"] = auc(test["logit"] - sum(terms.values()), click)
 
-    train = _collect(world, placement, "train", int(config.synthetic.impressions.train))
-    semi = semi_oracle(world, train, test)
+    posterior = Posterior.fit(world, _collect(world, placement, "train", int(config.synthetic.impressions.train)))
+    known = _known_logit(test, terms)
+    semi = posterior.expected_click(known, test)
     figures["semi-oracle (bias and own quality inferred)"] = auc(semi, click)
     figures["semi-oracle, without affinity"] = auc(
-        semi_oracle(world, train, test, drop_affinity=True), click)
+        posterior.expected_click(known - terms["user x ad affinity"], test), click)
     # CTCVR (conversions over all impressions): the click semi-oracle times the exact pCVR, and
     # times the pCVR without the conversion latents (the ad's own conversion quality, the user's
     # purchase propensity), which bracket a conversion-side semi-oracle.
@@ -100,39 +103,47 @@ def _latent_terms(world: World, rows: dict[str, np.ndarray]) -> dict[str, np.nda
             "user x ad affinity": 0.3 * world._affinity(user, ad, world._aff_mu, world._aff_sd)}  # noqa: SLF001
 
 
-def semi_oracle(world: World, train: dict[str, np.ndarray], test: dict[str, np.ndarray],
-                drop_affinity: bool = False, rounds: int = 3) -> np.ndarray:
-    """Posterior-expected click probability of each test impression (see the module docstring).
-
-    The user and ad posteriors are fitted in turn (``rounds`` times), each holding the other's
-    posterior mean in the train impressions' logits; the prediction integrates over both.
-    """
-    own = own_quality(world)
-    train_offset = train["logit"] - _latent_sum(world, train, own)
-    test_offset = test["logit"] - _latent_sum(world, test, own)
-    if drop_affinity:
-        test_offset = test_offset - _latent_terms(world, test)["user x ad affinity"]
-    b_grid = np.linspace(-4, 4, _GRID) * _USER_BIAS_SD
-    q_grid = np.linspace(-4, 4, _GRID) * _OWN_QUALITY_SD
-    user_prior = _user_feature_loglik(world, train, b_grid) - 0.5 * (b_grid / _USER_BIAS_SD) ** 2
-    ad_prior = _ad_history_loglik(world, own, q_grid) - 0.5 * (q_grid / _OWN_QUALITY_SD) ** 2
-    user, ad, y = train["user_id"], train["ad_id"], train["click"]
-    q_mean = np.zeros(world.num_ads)
-    for _ in range(rounds):
-        user_post = _normalize(user_prior + _click_loglik(train_offset + q_mean[ad], y, user, world.num_users, b_grid))
-        b_mean = user_post @ b_grid
-        ad_post = _normalize(ad_prior + _click_loglik(train_offset + b_mean[user], y, ad, world.num_ads, q_grid))
-        q_mean = ad_post @ q_grid
-    out = np.empty(len(test_offset))
-    for s in range(0, len(out), 4096):  # E[sigmoid(offset + b + q)] over the two posteriors
-        r = slice(s, s + 4096)
-        p = expit(test_offset[r, None, None] + b_grid[None, :, None] + q_grid[None, None, :])
-        out[r] = np.einsum("nbq,nb,nq->n", p, user_post[test["user_id"][r]], ad_post[test["ad_id"][r]])
-    return out
+def _known_logit(rows: dict[str, np.ndarray], terms: dict[str, np.ndarray]) -> np.ndarray:
+    """What the semi-oracle is handed: the oracle logit without the user bias and the ad's own quality."""
+    return rows["logit"] - terms["user click bias"] - terms["ad's own quality"]
 
 
-def _latent_sum(world: World, rows: dict[str, np.ndarray], own: np.ndarray) -> np.ndarray:
-    return world._u_bias[rows["user_id"]] + own[rows["ad_id"]]  # noqa: SLF001
+@dataclasses.dataclass(frozen=True)
+class Posterior:
+    """Grid posteriors of each user's click bias and each ad's own quality, given the train split."""
+
+    bias_grid: np.ndarray
+    user_posterior: np.ndarray  # [users, grid]
+    quality_grid: np.ndarray
+    ad_posterior: np.ndarray  # [ads, grid]
+
+    @classmethod
+    def fit(cls, world: World, train: dict[str, np.ndarray], rounds: int = 3) -> Posterior:
+        """The user and ad posteriors are fitted in turn (``rounds`` times), each holding the
+        other's posterior mean in the train impressions' logits."""
+        offset = _known_logit(train, _latent_terms(world, train))
+        b_grid = np.linspace(-4, 4, _GRID) * _USER_BIAS_SD
+        q_grid = np.linspace(-4, 4, _GRID) * _OWN_QUALITY_SD
+        user_prior = _user_feature_loglik(world, train, b_grid) - 0.5 * (b_grid / _USER_BIAS_SD) ** 2
+        ad_prior = _ad_history_loglik(world, own_quality(world), q_grid) - 0.5 * (q_grid / _OWN_QUALITY_SD) ** 2
+        user, ad, y = train["user_id"], train["ad_id"], train["click"]
+        q_mean = np.zeros(world.num_ads)
+        for _ in range(rounds):
+            user_post = _normalize(user_prior + _click_loglik(offset + q_mean[ad], y, user, world.num_users, b_grid))
+            b_mean = user_post @ b_grid
+            ad_post = _normalize(ad_prior + _click_loglik(offset + b_mean[user], y, ad, world.num_ads, q_grid))
+            q_mean = ad_post @ q_grid
+        return cls(b_grid, user_post, q_grid, ad_post)
+
+    def expected_click(self, known_logit: np.ndarray, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """E[sigmoid(known_logit + bias + own quality)] of each row over the two posteriors."""
+        out = np.empty(len(known_logit))
+        for s in range(0, len(out), 4096):
+            r = slice(s, s + 4096)
+            p = expit(known_logit[r, None, None] + self.bias_grid[None, :, None] + self.quality_grid[None, None, :])
+            out[r] = np.einsum("nbq,nb,nq->n", p, self.user_posterior[rows["user_id"][r]],
+                               self.ad_posterior[rows["ad_id"][r]])
+        return out
 
 
 def _normalize(loglik: np.ndarray) -> np.ndarray:
