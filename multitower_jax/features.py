@@ -45,6 +45,10 @@ class Categorical:
     dim: int  # embedding dimension
     encoding: Literal["ids", "hash", "vocab"] = "ids"
     vocab: tuple[str, ...] = ()
+    # Raw values seen fewer than this many times in the train split map to the out-of-vocabulary
+    # row 0 (counted in the statistics pass), so a cold id shares one trained row instead of
+    # keeping its own never-trained random one. 0 or 1: off.
+    min_count: int = 0
     type: str = "categorical"
 
     @property
@@ -179,6 +183,8 @@ def _parse_feature(path: str, name: str, raw: Any) -> Feature:
             raise SpecError(f"{path}.encoding: expected 'ids', 'hash' or 'vocab', got {feature.encoding!r}")
         if feature.encoding == "vocab" and len(feature.vocab) != feature.size:
             raise SpecError(f"{path}: vocab has {len(feature.vocab)} entries but size is {feature.size}")
+        if isinstance(feature.min_count, bool) or not isinstance(feature.min_count, int) or feature.min_count < 0:
+            raise SpecError(f"{path}.min_count: expected an integer >= 0 (0 or 1: off), got {feature.min_count!r}")
     if isinstance(feature, Text) and feature.vocab_size < 3:
         raise SpecError(f"{path}.vocab_size: needs at least 3 (pad, [CLS] and one word bucket)")
     return feature

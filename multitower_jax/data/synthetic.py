@@ -9,6 +9,13 @@ from the topic's vocabulary (search), the viewed product, the browsed category a
 recent categories, cart contents. The click logit sums user x ad taste, intent x ad topic
 match, ad quality, user propensity and context effects, so every tower carries signal, and
 ``p_click`` / ``p_convert_given_click`` are the exact Bernoulli parameters of the labels.
+
+Beyond the default features, a spec may add ``user.user_id`` and ``ad.ad_id`` (categorical,
+``ids`` or ``hash``): the entity's index, emitted like any other id. A cold-start world:
+``config.synthetic.new_users = dict(num=N, fraction=f)`` adds N users (drawn from their own RNG
+stream, with the same demographic and interest structure) who never appear in train; each
+validation and test impression comes from one of them with probability f. Without it (the
+default) the world and every impression are exactly those of earlier versions.
 """
 
 from __future__ import annotations
@@ -79,14 +86,41 @@ def _emit(f: F.Feature, x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
+# Entity ids a spec may add as features (not in the default spec): the user's / the ad's index,
+# emitted like any categorical (``ids``: index % size; ``hash``: a salted 64-bit key).
+_ID_FEATURES = {"user": "user_id", "ad": "ad_id"}
+
+
 def _check_tower(spec: F.TowerSpec, known: F.TowerSpec, where: str) -> None:
     for f in spec.features:
+        if f.name == _ID_FEATURES.get(where):
+            if f.type != "categorical":
+                raise ValueError(f"synthetic world: {where}.{f.name} is generated as categorical, "
+                                 f"the spec declares {f.type}")
+            continue
         if f.name not in known.names:
+            can = [*known.names, *([_ID_FEATURES[where]] if where in _ID_FEATURES else [])]
             raise ValueError(f"synthetic world: unknown feature {where}.{f.name!r}; it can generate "
-                             f"{list(known.names)} (drop the feature or use data.source='logs')")
+                             f"{can} (drop the feature or use data.source='logs')")
         if known[f.name].type != f.type:
             raise ValueError(f"synthetic world: {where}.{f.name} is generated as {known[f.name].type}, "
                              f"the spec declares {f.type}")
+
+
+def _new_users(raw) -> tuple[int, float]:
+    """``config.synthetic.new_users`` (absent or None: off) -> (number of new users, fraction)."""
+    raw = {} if raw is None else raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else dict(raw)
+    if unknown := sorted(set(raw) - {"num", "fraction"}):
+        raise ValueError(f"config.synthetic.new_users: unknown keys {unknown}; expected 'num' and 'fraction'")
+    num, fraction = raw.get("num", 0), raw.get("fraction", 0.0)
+    if isinstance(num, bool) or not isinstance(num, int) or num < 0:
+        raise ValueError(f"config.synthetic.new_users.num: expected an integer >= 0, got {num!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"config.synthetic.new_users.fraction: expected a number in [0, 1], got {fraction!r}")
+    if (num > 0) != (fraction > 0):
+        raise ValueError(f"config.synthetic.new_users: num and fraction are both > 0 or both 0 (off), "
+                         f"got num={num}, fraction={fraction}")
+    return num, float(fraction)
 
 
 class _GroupSampler:
@@ -111,7 +145,10 @@ class World:
 
     def __init__(self, syn: ml_collections.ConfigDict, spec: F.FeatureSpec):
         self.spec, self.seed = spec, int(syn.get("seed", 0))
-        self.num_users, self.num_ads = int(syn.num_users), int(syn.num_ads)
+        self.num_new_users, self.new_user_fraction = _new_users(syn.get("new_users"))
+        # Users [0, first_new_user) appear in every split; the new ones only in validation and test.
+        self.first_new_user = int(syn.num_users)
+        self.num_users, self.num_ads = self.first_new_user + self.num_new_users, int(syn.num_ads)
         self.num_advertisers = int(syn.num_advertisers)
         self.num_topics = int(syn.get("num_topics", 100))
         self.ad_zipf = float(syn.get("ad_popularity_exponent", 1.0))
@@ -128,10 +165,10 @@ class World:
         self.dev_camp = rng.normal(0, 0.2, (5, 5))  # device type x campaign type affinity
         self._build_vocab(self._rng(1))
         self._build_ads(self._rng(2))
-        self._build_users(self._rng(3))
+        self._build_users()
         self._build_context_tables(self._rng(4))
         pair = self._rng(5)  # standardize the taste dot product on random pairs
-        aff = self._affinity(pair.integers(0, self.num_users, 8192), pair.integers(0, self.num_ads, 8192), 0, 1)
+        aff = self._affinity(pair.integers(0, self.first_new_user, 8192), pair.integers(0, self.num_ads, 8192), 0, 1)
         self._aff_mu, self._aff_sd = float(aff.mean()), float(aff.std()) + 1e-9
         groups = np.concatenate([self._ad_topic, T + self._ad_cat, np.full(self.num_ads, T + _NCAT)])
         ads = np.tile(np.arange(self.num_ads), 3)
@@ -203,7 +240,7 @@ class World:
                                _masked(generic, rng.integers(2, 7, A)),
                                np.where(rng.random((A, 1)) < 0.5, self._w_brand + brand[:, None], -1)], 1)
         desc = np.take_along_axis(desc, np.argsort(rng.random(desc.shape), 1), 1)
-        latent = {"title": _join(self.vocab, title), "description": _join(self.vocab, desc),
+        latent = {"ad_id": np.arange(A), "title": _join(self.vocab, title), "description": _join(self.vocab, desc),
                   "advertiser_id": adv, "brand_id": brand, "campaign_type": self._ad_camp,
                   "industry_category": self._ad_cat, "historical_ctr": (clicks + 30 * 0.03) / (imps + 30),
                   "historical_cvr": (convs + 5 * 0.09) / (clicks + 5), "total_impressions": imps, "ad_age_days": age}
@@ -221,48 +258,75 @@ class World:
              + 0.3 * self._ad_quality[:, None] * rng.normal(size=f.dim) + rng.normal(0, 1.0, (A, f.dim)))
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    def _build_users(self, rng: np.random.Generator) -> None:
-        U, T = self.num_users, self.num_topics
+    def _build_users(self) -> None:
+        """Users [0, first_new_user) from one RNG stream; the new users (validation and test only)
+        from their own stream, sharing the world's demographic -> topic and country -> language
+        maps, so their features say as much about them as a returning user's do."""
+        shared: dict[str, np.ndarray] = {}
+        parts = [self._draw_users(self._rng(3), self.first_new_user, shared)]
+        if self.num_new_users:
+            parts.append(self._draw_users(self._rng(9), self.num_new_users, shared))
+        u = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self._u_device, self._u_city, self._favs, self._fav_w = u["device_type"], u["city"], u["favs"], u["fav_w"]
+        self._fav_cdf = np.cumsum(self._fav_w, 1)
+        self._u_taste, self._u_bias, self._u_buyer = u["taste"], u["bias"], u["buyer"]
+        # Who is in an impression: by activity, among the returning users (and the new ones).
+        cdfs = [np.cumsum(p["activity"]) / p["activity"].sum() for p in parts]
+        self._u_cdf, self._new_u_cdf = cdfs[0], cdfs[-1]  # (the second is only read with new users)
+        u["user_id"] = np.arange(self.num_users)
+        self._user_cols = {f"user.{f.name}": _emit(f, self._user_dense(f) if f.type == "dense" else u[f.name])
+                           for f in self.spec.user.features}
+
+    def _draw_users(self, rng: np.random.Generator, U: int, shared: dict) -> dict[str, np.ndarray]:
+        """U users' latents and raw feature values; fills `shared` (the maps every user follows)
+        on the first call and reuses it after."""
+        T, first = self.num_topics, not shared
         age = rng.choice(10, U, p=[0.02, 0.1, 0.18, 0.2, 0.16, 0.12, 0.09, 0.07, 0.04, 0.02])
         gender = rng.choice(3, U, p=[0.49, 0.48, 0.03])
         country = _zipf(rng, 200, 1.1, U)
-        language = np.where(rng.random(U) < 0.9, _zipf(rng, 50, 1.2, 200)[country], rng.integers(0, 50, U))
-        self._u_device = rng.choice(5, U, p=[0.38, 0.3, 0.22, 0.07, 0.03])  # android, ios, desktop, tablet, tv
-        self._u_city = (country * 25 + _zipf(rng, 25, 1.0, U)) % 5000  # home city, inside the country
-        demo_age, demo_gender = rng.normal(0, 0.8, (10, T)), rng.normal(0, 0.8, (3, T))
-        self._favs = np.concatenate([  # demographics shift which topics a user likes (chunked: U x T scores)
+        native = rng.random(U) < 0.9
+        if first:
+            shared["language"] = _zipf(rng, 50, 1.2, 200)  # each country's main language
+        language = np.where(native, shared["language"][country], rng.integers(0, 50, U))
+        device = rng.choice(5, U, p=[0.38, 0.3, 0.22, 0.07, 0.03])  # android, ios, desktop, tablet, tv
+        city = (country * 25 + _zipf(rng, 25, 1.0, U)) % 5000  # home city, inside the country
+        if first:
+            shared["demo_age"], shared["demo_gender"] = rng.normal(0, 0.8, (10, T)), rng.normal(0, 0.8, (3, T))
+        demo_age, demo_gender = shared["demo_age"], shared["demo_gender"]
+        favs = np.concatenate([  # demographics shift which topics a user likes (chunked: U x T scores)
             _topk(rng, demo_age[age[s:s + 65536]] + demo_gender[gender[s:s + 65536]],
                   np.full(min(65536, U - s), _NFAV), _NFAV) for s in range(0, U, 65536)])
-        self._fav_w = rng.dirichlet(np.full(_NFAV, 0.7), U)
-        self._fav_cdf = np.cumsum(self._fav_w, 1)
-        self._u_taste = (np.einsum("uf,ufk->uk", self._fav_w, self.topic_vec[self._favs])
-                         + rng.normal(0, 0.35 / np.sqrt(_K), (U, _K)))
-        self._u_bias, self._u_buyer = rng.normal(0, 0.25, U), rng.normal(0, 0.5, U)
+        fav_w = rng.dirichlet(np.full(_NFAV, 0.7), U)
+        taste = (np.einsum("uf,ufk->uk", fav_w, self.topic_vec[favs])
+                 + rng.normal(0, 0.35 / np.sqrt(_K), (U, _K)))
+        bias, buyer = rng.normal(0, 0.25, U), rng.normal(0, 0.5, U)
         activity = rng.lognormal(0, 1.0, U)
-        self._u_cdf = np.cumsum(activity) / activity.sum()
-        convs = rng.poisson(activity * 0.8 * np.exp(self._u_bias + self._u_buyer))
-        latent = {"age_bucket": age, "gender": gender, "country": country, "device_type": self._u_device,
-                  "language": language, "total_clicks_30d": rng.poisson(activity * 8 * np.exp(self._u_bias)),
-                  "total_conversions_30d": convs,
-                  "avg_order_value": np.where(convs > 0, rng.lognormal(3.5 + 0.3 * self._u_buyer, 0.6), 0.0),
-                  "days_since_last_purchase": np.minimum(rng.exponential(30 * np.exp(-self._u_buyer)), 365.0)}
-        self._user_cols = {f"user.{f.name}": _emit(f, self._user_dense(f) if f.type == "dense" else latent[f.name])
-                           for f in self.spec.user.features}
+        convs = rng.poisson(activity * 0.8 * np.exp(bias + buyer))
+        return {"favs": favs, "fav_w": fav_w, "taste": taste, "bias": bias, "buyer": buyer, "activity": activity,
+                "city": city, "age_bucket": age, "gender": gender, "country": country, "device_type": device,
+                "language": language, "total_clicks_30d": rng.poisson(activity * 8 * np.exp(bias)),
+                "total_conversions_30d": convs,
+                "avg_order_value": np.where(convs > 0, rng.lognormal(3.5 + 0.3 * buyer, 0.6), 0.0),
+                "days_since_last_purchase": np.minimum(rng.exponential(30 * np.exp(-buyer)), 365.0)}
 
     def _user_dense(self, f: F.Dense) -> np.ndarray:
         """Interest vectors: a linear view of a noisy observation of the user's taste and favourite
         topics (plus a stale past interest), so they inform but do not reveal the latents."""
-        rng, U = self._rng(7, f.dim), self.num_users
+        rng = self._rng(7, f.dim)
         topic_proj, taste_proj = rng.normal(size=(self.num_topics, f.dim)), rng.normal(size=(_K, f.dim))
-        noise_sd, out = 0.6 * self._u_taste.std(), np.empty((U, f.dim), np.float32)
-        for s in range(0, U, 65536):  # in slices, so millions of users fit in memory
-            u = slice(s, min(s + 65536, U))
-            m = u.stop - s
-            x = 2.0 * (self._u_taste[u] + rng.normal(0, noise_sd, (m, _K))) @ taste_proj
-            x += 0.3 * topic_proj[rng.integers(0, self.num_topics, m)] + rng.normal(0, 0.5, x.shape)
-            for j in range(_NFAV):
-                x += self._fav_w[u, j, None] * rng.lognormal(0, 0.5, (m, 1)) * topic_proj[self._favs[u, j]]
-            out[u] = x / np.sqrt(f.dim)
+        noise_sd = 0.6 * self._u_taste[: self.first_new_user].std()
+        out = np.empty((self.num_users, f.dim), np.float32)
+        for first, stop in ((0, self.first_new_user), (self.first_new_user, self.num_users)):
+            if first:  # the new users: the same projections, their own draws
+                rng = self._rng(7, f.dim, 1)
+            for s in range(first, stop, 65536):  # in slices, so millions of users fit in memory
+                u = slice(s, min(s + 65536, stop))
+                m = u.stop - s
+                x = 2.0 * (self._u_taste[u] + rng.normal(0, noise_sd, (m, _K))) @ taste_proj
+                x += 0.3 * topic_proj[rng.integers(0, self.num_topics, m)] + rng.normal(0, 0.5, x.shape)
+                for j in range(_NFAV):
+                    x += self._fav_w[u, j, None] * rng.lognormal(0, 0.5, (m, 1)) * topic_proj[self._favs[u, j]]
+                out[u] = x / np.sqrt(f.dim)
         return out
 
     def _build_context_tables(self, rng: np.random.Generator) -> None:
@@ -366,7 +430,12 @@ class World:
         i = np.arange(start, start + n)
         ts = self._timestamps(split, i, num, rng)
         hour, dow = (ts // 3600) % 24, ((ts - EPOCH) // 86400) % 7
-        user = np.minimum(np.searchsorted(self._u_cdf, rng.random(n), side="right"), self.num_users - 1)
+        user = np.minimum(np.searchsorted(self._u_cdf, rng.random(n), side="right"), self.first_new_user - 1)
+        if self.num_new_users and split != "train":  # the cold start: its own stream, the rest unchanged
+            cold = self._rng(200 + p_idx, s_idx, start // _BLOCK)
+            is_new = cold.random(n) < self.new_user_fraction
+            new = np.minimum(np.searchsorted(self._new_u_cdf, cold.random(n), side="right"), self.num_new_users - 1)
+            user = np.where(is_new, self.first_new_user + new, user)
         fav = self._favs[user, (rng.random(n)[:, None] > self._fav_cdf[user]).sum(1).clip(max=_NFAV - 1)]
         intent = np.where(rng.random(n) < 0.6, fav, rng.integers(0, self.num_topics, n))
         icat = self.topic_cat[intent]
