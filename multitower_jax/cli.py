@@ -97,7 +97,9 @@ def _log_devices() -> None:
 
 def entry() -> int:
     """The `multitower` program: first re-executes itself with glibc's malloc set to keep freed
-    memory (see `hostmem`: a third of a CPU training step was page faults), then `main`."""
+    memory (see `hostmem`: a third of a CPU training step was page faults; CPU backend only),
+    then `main`. Without an accelerator, JAX is told to use the CPU (no libtpu probing)."""
+    hostmem.prefer_cpu_without_accelerator()
     hostmem.reexec_with_retained_memory()
     return main()
 

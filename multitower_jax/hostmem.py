@@ -12,10 +12,16 @@ The tunables are read when a process starts, so the `multitower` command re-exec
 once with them (`reexec_with_retained_memory`). In your own program, start Python with
 ``GLIBC_TUNABLES=`` set to `tunables()`. ``MULTITOWER_RETAIN_HOST_MEMORY=0`` keeps glibc's
 defaults. Other C libraries ignore the setting, and nothing re-executes there.
+
+The tunables are for XLA:CPU only: on a TPU (or GPU) host the step's buffers live on the
+device, and one malloc arena would serialize grain's, orbax's and the runtime's threads. So
+nothing re-executes where the backend is not the CPU (`backend_is_cpu`), decided without
+initializing JAX: from ``JAX_PLATFORMS`` when it is set, else from the accelerators attached.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -33,12 +39,60 @@ def tunables(current: str = "") -> str:
     return ":".join(items + [f"{k}={v}" for k, v in TUNABLES.items() if k not in have])
 
 
+# Google's PCI vendor id and the device ids of its TPU chips (as jax._src.hardware_utils lists
+# them: v3, v4, v5p, v5e, v6e, TPU7x); NVIDIA and AMD GPUs show as device files.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = {"0x0027", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def tpu_chips_attached(pci_root: str = "/sys/bus/pci/devices") -> int:
+    """TPU chips on this host's PCI bus (0 on a CPU-only machine), read from sysfs."""
+    chips = 0
+    for vendor in glob.glob(os.path.join(pci_root, "*", "vendor")):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() != _GOOGLE_PCI_VENDOR:
+                    continue
+            with open(os.path.join(os.path.dirname(vendor), "device")) as f:
+                chips += f.read().strip() in _TPU_PCI_DEVICES
+        except OSError:
+            continue
+    return chips
+
+
+def accelerator_attached() -> bool:
+    """A TPU chip or a GPU on this host (what JAX would pick over the CPU)."""
+    return tpu_chips_attached() > 0 or any(os.path.exists(f) for f in _GPU_DEVICE_FILES)
+
+
+def backend_is_cpu(environ: dict[str, str] | None = None) -> bool:
+    """Whether JAX will compute on the CPU here: the first of ``JAX_PLATFORMS`` when it is set,
+    else no accelerator attached. Decided without importing or initializing JAX."""
+    environ = os.environ if environ is None else environ
+    platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms[0] == "cpu"
+    return not accelerator_attached()
+
+
+def prefer_cpu_without_accelerator() -> None:
+    """On a host with no accelerator and no ``JAX_PLATFORMS``, set it to "cpu".
+
+    With the `tpu` extra installed, JAX would otherwise load libtpu in every process, look for
+    a TPU, log errors, and hold libtpu's lock file (/tmp/libtpu_lockfile), so a second
+    `multitower` process on the machine could not load it (`multitower compile` needs it)."""
+    if not os.environ.get("JAX_PLATFORMS") and not accelerator_attached():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def reexec_with_retained_memory() -> None:
     """Re-execute this process with `tunables()` in GLIBC_TUNABLES, unless they are set
-    already, disabled, or the C library is not glibc. Call it first thing in a program's
-    entry point, before anything is printed or started: it does not return when it execs."""
+    already, disabled, the C library is not glibc, or JAX's backend here is not the CPU
+    (`backend_is_cpu`). Call it first thing in a program's entry point, before anything is
+    printed or started: it does not return when it execs."""
     if (os.environ.get("MULTITOWER_RETAIN_HOST_MEMORY", "1") == "0" or _REEXECUTED in os.environ
-            or platform.libc_ver()[0] != "glibc"):
+            or platform.libc_ver()[0] != "glibc" or not backend_is_cpu()):
         return
     current = os.environ.get("GLIBC_TUNABLES", "")
     wanted = tunables(current)

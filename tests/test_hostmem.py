@@ -49,3 +49,29 @@ def test_reexec_keeps_freed_memory_and_can_be_turned_off():
     assert tunables == hostmem.tunables() and faults < 100
     tunables, faults_off = run(MULTITOWER_RETAIN_HOST_MEMORY="0")
     assert tunables == "" and faults_off > 10_000
+
+
+def test_backend_is_cpu_follows_jax_platforms_then_the_attached_accelerators(tmp_path, monkeypatch):
+    assert hostmem.backend_is_cpu({"JAX_PLATFORMS": "cpu"})
+    assert not hostmem.backend_is_cpu({"JAX_PLATFORMS": "tpu"})
+    assert not hostmem.backend_is_cpu({"JAX_PLATFORMS": "tpu,cpu"})
+    # A fake sysfs: one v5e chip (Google vendor 0x1ae0, device 0x0063) and an unrelated device.
+    for name, vendor, device in (("0000:00:04.0", "0x1ae0", "0x0063"), ("0000:00:05.0", "0x8086", "0x0063")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vendor").write_text(vendor + "\n")
+        (tmp_path / name / "device").write_text(device + "\n")
+    assert hostmem.tpu_chips_attached(str(tmp_path)) == 1
+    monkeypatch.setattr(hostmem, "accelerator_attached", lambda: True)
+    assert not hostmem.backend_is_cpu({})
+    monkeypatch.setattr(hostmem, "accelerator_attached", lambda: False)
+    assert hostmem.backend_is_cpu({})
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc tunables")
+def test_no_reexec_where_the_backend_is_not_the_cpu(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("_MULTITOWER_REEXECUTED", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("re-executed on a TPU backend"))
+    hostmem.reexec_with_retained_memory()  # returns: nothing to do on a TPU host
+    assert "GLIBC_TUNABLES" not in os.environ
