@@ -4,6 +4,8 @@ Files are streamed in chunks, columns renamed (``config.data.logs.columns``: our
 by tower), converted to `schema.raw_columns` and checked with vectorized Arrow / numpy operations (a row
 is looked up only when something is wrong), split by time and mixed by a seeded bounded shuffle buffer.
 `ingest` builds next to ``out_dir`` and swaps in only a complete dataset: a failure keeps the old one.
+Features ``user.user_id`` / ``ad.ad_id`` (categorical) read the impression's own user / ad id column
+unless ``config.data.logs.columns`` maps them elsewhere.
 """
 
 from __future__ import annotations
@@ -270,8 +272,13 @@ def _plan(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str
     if unknown := sorted(set(names) - set(everything)):
         raise LogError(f"config.data.logs.columns: unknown columns {unknown}; ours are {list(everything)}")
     names.setdefault("timestamp", logs.time_column or "timestamp")
+    first_columns = _file_columns(*files[0])
+    for feature, meta in (("user.user_id", "user_id"), ("ad.ad_id", "ad_id")):
+        # An id feature reads the impression's own user / ad id column unless mapped elsewhere.
+        if feature in everything and feature not in names and feature not in first_columns:
+            names[feature] = names.get(meta, meta)
     names = {c: names.get(c, c) for c in everything}
-    with_oracle = all(names[c] in _file_columns(*files[0]) for c in schema.ORACLE_COLUMNS)
+    with_oracle = all(names[c] in first_columns for c in schema.ORACLE_COLUMNS)
     try:
         start = {k: int(logs[k]) if isinstance(logs[k], int | float) else _text_seconds(str(logs[k]))
                  for k in ("validation_start", "test_start")}

@@ -11,7 +11,9 @@ reads which shard, so with a fixed ``data.num_shards`` the same run sees the sam
 on 1 process or on many. Evaluation shards are padded to one batch count (rows ``valid == 0``)
 so every process runs the same number of collective steps. Evaluation batches also carry
 ``batch[HOST_IDS]``: the rows' int64 impression, user and ad ids, which never go to a device
-(JAX holds 32-bit integers), for the predictions file.
+(JAX holds 32-bit integers), for the predictions file, and whether the row's user and ad were
+seen in the train split (`SEEN_COLUMNS`, 0 / 1, from the statistics pass), for the report's
+seen / unseen segments.
 
 Every random choice is a function of (seed, shard, position in the shard's stream), so
 restoring the grain iterator state resumes with exactly the batches that would have come next.
@@ -38,8 +40,10 @@ from multitower_jax.data import builders
 from multitower_jax.data.preprocess import (STATS_FILE, FeatureStats, Preprocessor, StatsError, compute_stats,
                                             pool_stats)
 
-HOST_IDS = "ids"  # evaluation batches: {column: int64[B]} of ID_COLUMNS, kept on the host
+HOST_IDS = "ids"  # evaluation batches: {column: int64[B]} of ID_COLUMNS and SEEN_COLUMNS, kept on the host
 ID_COLUMNS = ("impression_id", "user_id", "ad_id")
+SEEN_COLUMNS = ("seen_user", "seen_ad")  # 1: the row's user / ad is in the train split (no seen_user
+                                         # with statistics written before they kept user ids)
 
 
 def data_source(config: ml_collections.ConfigDict, placement: str, split: str):
@@ -114,6 +118,9 @@ class _BlockProcessor:
         out["valid"] = np.ones(len(out["click"]), np.float32)
         if self.keep_ids:  # the full 64-bit ids, for the predictions file; they stay on the host
             out[HOST_IDS] = {k: np.asarray(block[k], np.int64) for k in ID_COLUMNS if k in block}
+            stats = self.preprocessor.stats
+            seen = {"seen_user": stats.seen_users(block["user_id"]), "seen_ad": stats.seen_ads(block["ad_id"])}
+            out[HOST_IDS].update({k: v.astype(np.int64) for k, v in seen.items() if v is not None})
         return out
 
 

@@ -1,12 +1,16 @@
 """Raw impression columns -> model-ready arrays (ids, normalization, tokenization), vectorized per block.
 
 Normalization statistics come from the training split only (`compute_stats`) and are saved in
-the workdir, so training, evaluation and serving normalize identically.
+the workdir, so training, evaluation and serving normalize identically. The same pass counts
+ads and users (which rows of an evaluation come from entities seen in train) and, for
+categorical features with ``min_count > 1``, the raw values, so values rarer than that in train
+map to the out-of-vocabulary row 0 everywhere (training, evaluation, export, serving).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import json
 import os
@@ -19,7 +23,8 @@ from multitower_jax.data import schema
 from multitower_jax.data.tokenizer import HashTokenizer
 
 STATS_FILE = "feature_stats.json"
-AD_FREQ_FILE = "ad_frequency.npz"
+AD_FREQ_FILE = "ad_frequency.npz"  # ad ids and counts, and the user ids, of the train split
+KEPT_VALUES_FILE = "kept_values.npz"  # per min_count feature: its raw values seen >= min_count times
 _EPS = 1e-6
 
 
@@ -27,16 +32,52 @@ class StatsError(ValueError):
     """Feature statistics are missing, stale or malformed."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ValueCounts:
+    """The train counts of one categorical column's raw values: sorted distinct ``values`` and
+    their ``counts``, for a feature with ``min_count``; values seen fewer than ``floor`` times are
+    left out (1: none; saved statistics keep only the values the min_count keeps)."""
+
+    values: np.ndarray  # int64[n], sorted
+    counts: np.ndarray  # int64[n]
+    min_count: int
+    floor: int = 1
+
+
 class FeatureStats:
-    """Mean/std of every numeric column (raw and log1p) and ad frequencies, from the train split."""
+    """Mean/std of every numeric column (raw and log1p), ad frequencies, the user ids and the
+    counts of the raw values of ``min_count`` features, all from the train split.
+
+    ``user_ids`` is None for statistics written before they were kept (evaluation then cannot
+    tell seen from unseen users)."""
 
     def __init__(self, numeric: Mapping[str, Mapping[str, float]], ad_ids: np.ndarray,
-                 ad_counts: np.ndarray, num_rows: int):
+                 ad_counts: np.ndarray, num_rows: int, user_ids: np.ndarray | None = None,
+                 value_counts: Mapping[str, ValueCounts] | None = None):
         self.numeric = {k: dict(v) for k, v in numeric.items()}
         order = np.argsort(ad_ids)
         self.ad_ids = np.asarray(ad_ids, np.int64)[order]
         self.ad_counts = np.asarray(ad_counts, np.int64)[order]
         self.num_rows = int(num_rows)
+        self.user_ids = None if user_ids is None else np.unique(np.asarray(user_ids, np.int64))
+        self.value_counts = dict(value_counts or {})
+
+    def seen_users(self, user_id: np.ndarray) -> np.ndarray | None:
+        """bool per row: is the user in the train split (None: unknown, old statistics)."""
+        return None if self.user_ids is None else _member(self.user_ids, user_id)
+
+    def seen_ads(self, ad_id: np.ndarray) -> np.ndarray:
+        """bool per row: is the ad in the train split."""
+        return _member(self.ad_ids, ad_id)
+
+    def kept_values(self, column: str, min_count: int) -> np.ndarray:
+        """The sorted raw values of `column` seen at least `min_count` times in train."""
+        vc = self.value_counts.get(column)
+        if vc is None or vc.floor > min_count:
+            have = "no value counts" if vc is None else f"value counts for min_count >= {vc.floor} only"
+            raise StatsError(f"the feature statistics have {have} for {column!r}, which has min_count={min_count}; "
+                             f"recompute them (delete {STATS_FILE} from the workdir)")
+        return vc.values[vc.counts >= min_count]
 
     def mean_std(self, column: str, feature: F.Numeric) -> tuple[float, float]:
         if column not in self.numeric:
@@ -60,16 +101,33 @@ class FeatureStats:
         _atomic_write(workdir / STATS_FILE, json.dumps(
             {"num_rows": self.num_rows, "numeric": self.numeric}, indent=2, sort_keys=True).encode())
         buffer = io.BytesIO()  # np.savez(path) would open the path with the local file system
-        np.savez(buffer, ad_ids=self.ad_ids, ad_counts=self.ad_counts)
+        users = {} if self.user_ids is None else {"user_ids": self.user_ids}
+        np.savez(buffer, ad_ids=self.ad_ids, ad_counts=self.ad_counts, **users)
         _atomic_write(workdir / AD_FREQ_FILE, buffer.getvalue())
+        if self.value_counts:  # only the values a min_count keeps: they are all a run needs
+            arrays = {}
+            for column, vc in self.value_counts.items():
+                keep = vc.counts >= vc.min_count
+                arrays.update({f"values:{column}": vc.values[keep], f"counts:{column}": vc.counts[keep],
+                               f"floor:{column}": np.int64(max(vc.floor, vc.min_count))})
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **arrays)
+            _atomic_write(workdir / KEPT_VALUES_FILE, buffer.getvalue())
 
     @classmethod
     def load(cls, workdir: str | os.PathLike) -> FeatureStats:
         workdir = epath.Path(workdir)
         try:
             meta = json.loads((workdir / STATS_FILE).read_text())
+            value_counts = {}
+            if (workdir / KEPT_VALUES_FILE).exists():  # absent: no feature had min_count > 1
+                with np.load(io.BytesIO((workdir / KEPT_VALUES_FILE).read_bytes())) as z:
+                    for column in (k.split(":", 1)[1] for k in z.files if k.startswith("values:")):
+                        floor = int(z[f"floor:{column}"])
+                        value_counts[column] = ValueCounts(z[f"values:{column}"], z[f"counts:{column}"], floor, floor)
             with np.load(io.BytesIO((workdir / AD_FREQ_FILE).read_bytes())) as z:
-                return cls(meta["numeric"], z["ad_ids"], z["ad_counts"], meta["num_rows"])
+                return cls(meta["numeric"], z["ad_ids"], z["ad_counts"], meta["num_rows"],
+                           user_ids=z["user_ids"] if "user_ids" in z.files else None, value_counts=value_counts)
         except (OSError, KeyError, ValueError) as e:
             raise StatsError(f"cannot read feature statistics in {workdir}: {e}") from None
 
@@ -96,9 +154,53 @@ def pool_stats(parts: Iterable[FeatureStats]) -> FeatureStats:
         mean, lmean = sx / n, sl / n
         numeric[column] = {"mean": float(mean), "std": float(np.sqrt(max(sxx / n - mean * mean, 0.0))),
                            "log1p_mean": float(lmean), "log1p_std": float(np.sqrt(max(sll / n - lmean * lmean, 0.0)))}
-    ids, inverse = np.unique(np.concatenate([p.ad_ids for p in parts]), return_inverse=True)
-    counts = np.bincount(inverse, np.concatenate([p.ad_counts for p in parts]).astype(np.float64), len(ids))
-    return FeatureStats(numeric, ids, counts.astype(np.int64), sum(p.num_rows for p in parts))
+    ids, counts = _merge_counts([p.ad_ids for p in parts], [p.ad_counts for p in parts])
+    users = None if any(p.user_ids is None for p in parts) else np.unique(np.concatenate([p.user_ids for p in parts]))
+    value_counts = {}  # a value's count is its count over every part that has the column
+    for column in dict.fromkeys(c for p in parts for c in p.value_counts):
+        have = [p.value_counts[column] for p in parts if column in p.value_counts]
+        values, counts = _merge_counts([v.values for v in have], [v.counts for v in have])
+        value_counts[column] = ValueCounts(values, counts, max(v.min_count for v in have), max(v.floor for v in have))
+    return FeatureStats(numeric, ids, counts, sum(p.num_rows for p in parts), users, value_counts)
+
+
+def _member(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """bool per element of x: is it in `sorted_values` (sorted, distinct int64)."""
+    x = np.asarray(x, np.int64)
+    if not len(sorted_values):
+        return np.zeros(x.shape, bool)
+    pos = np.minimum(np.searchsorted(sorted_values, x), len(sorted_values) - 1)
+    return sorted_values[pos] == x
+
+
+def _merge_counts(values: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, summed counts) of several (values, counts) lists."""
+    if not values:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    distinct, inverse = np.unique(np.concatenate(values).astype(np.int64), return_inverse=True)
+    weights = np.concatenate(counts).astype(np.float64)  # exact: counts stay far below 2^53
+    return distinct, np.bincount(inverse.reshape(-1), weights, len(distinct)).astype(np.int64)
+
+
+class _CountAccumulator:
+    """Counts the distinct values of a stream of int64 arrays; memory O(distinct values)."""
+
+    def __init__(self):
+        self.values: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+        self.merged = self.pending = 0  # distinct values after the last merge, entries added since
+
+    def add(self, x: np.ndarray) -> None:
+        values, counts = np.unique(np.asarray(x, np.int64), return_counts=True)
+        self.values.append(values)
+        self.counts.append(counts)
+        self.pending += len(values)
+        if self.pending > max(self.merged, 1 << 18):  # merge when the parts outgrow the total: amortized O(n log n)
+            values, counts = self.result()
+            self.values, self.counts, self.merged, self.pending = [values], [counts], len(values), 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return _merge_counts(self.values, self.counts)
 
 
 def _atomic_write(path: epath.Path, data: bytes) -> None:
@@ -110,13 +212,18 @@ def _atomic_write(path: epath.Path, data: bytes) -> None:
 def compute_stats(blocks: Iterable[Mapping[str, np.ndarray]], spec: F.FeatureSpec, placement: str) -> FeatureStats:
     """One streaming pass over raw training blocks (float64 accumulators)."""
     numeric_cols = [c for c, f in spec.columns(placement).items() if isinstance(f, F.Numeric)]
+    min_counts = {c: f.min_count for c, f in spec.columns(placement).items()
+                  if isinstance(f, F.Categorical) and f.min_count > 1}
     acc = {c: np.zeros(4) for c in numeric_cols}  # sum x, sum x^2, sum log1p x, sum log1p^2
-    ad_counts: collections.Counter = collections.Counter()
+    ads, users = _CountAccumulator(), _CountAccumulator()
+    values = {c: _CountAccumulator() for c in min_counts}  # the raw values, before hashing
     n = 0
     for block in blocks:
         n += len(block["ad_id"])
-        ids, counts = np.unique(block["ad_id"], return_counts=True)
-        ad_counts.update(dict(zip(ids.tolist(), counts.tolist())))
+        ads.add(block["ad_id"])
+        users.add(block["user_id"])
+        for c, counter in values.items():
+            counter.add(block[c])
         for c in numeric_cols:
             x = block[c].astype(np.float64)
             lx = np.log1p(np.maximum(x, 0.0))
@@ -130,16 +237,17 @@ def compute_stats(blocks: Iterable[Mapping[str, np.ndarray]], spec: F.FeatureSpe
             "mean": float(mean), "std": float(np.sqrt(max(ss / n - mean * mean, 0.0))),
             "log1p_mean": float(lmean), "log1p_std": float(np.sqrt(max(lss / n - lmean * lmean, 0.0))),
         }
-    ids = np.fromiter(ad_counts.keys(), np.int64, len(ad_counts))
-    counts = np.fromiter(ad_counts.values(), np.int64, len(ad_counts))
-    return FeatureStats(numeric, ids, counts, n)
+    value_counts = {c: ValueCounts(*counter.result(), min_counts[c]) for c, counter in values.items()}
+    return FeatureStats(numeric, *ads.result(), n, user_ids=users.result()[0], value_counts=value_counts)
 
 
 class Preprocessor:
     """Turns one raw columnar block into a model batch fragment (see `schema` for both formats).
 
     One transform per column is built up front, so a block costs a handful of vectorized numpy
-    operations per column. Keeps running counts of out-of-vocabulary ids and truncated texts.
+    operations per column. Keeps running counts of out-of-vocabulary ids, of ids mapped to the
+    out-of-vocabulary row for being rarer than their feature's ``min_count`` in train, and of
+    truncated texts.
     """
 
     def __init__(self, spec: F.FeatureSpec, placement: str, stats: FeatureStats):
@@ -150,6 +258,7 @@ class Preprocessor:
             for tower, tower_spec in self.towers.items()
         }
         self.oov_counts: collections.Counter = collections.Counter()
+        self.rare_counts: collections.Counter = collections.Counter()
         self.truncated_counts: collections.Counter = collections.Counter()
         self.rows_seen = 0
 
@@ -157,25 +266,27 @@ class Preprocessor:
         return {
             "rows": self.rows_seen,
             "oov": dict(sorted(self.oov_counts.items())),
+            "below_min_count": dict(sorted(self.rare_counts.items())),
             "truncated_texts": dict(sorted(self.truncated_counts.items())),
         }
 
     def _transform(self, column: str, f: F.Feature):
         """raw column -> model input, for one feature."""
-        if isinstance(f, F.Categorical) and f.encoding == "hash":
-            size = np.uint64(f.size)
-            return lambda raw: (schema.mix64(raw) % size).astype(np.int32) + 1
-        if isinstance(f, F.Categorical | F.MultiHot):
-            size, pad_is_valid = f.size, isinstance(f, F.MultiHot)
+        if isinstance(f, F.Categorical) and f.min_count > 1:
+            ids_of, kept = self._categorical(column, f), self.stats.kept_values(column, f.min_count)
 
-            def ids(raw):
-                ids = raw.astype(np.int32) + 1  # vocab / ids -> 1..size; -1 (unknown, pad) -> 0
-                out_of_range = (ids > size) | (ids < (0 if pad_is_valid else 1))
-                if out_of_range.any():
-                    self.oov_counts[column] += int(np.count_nonzero(out_of_range))
-                    ids[out_of_range] = 0
+            def frequent_ids(raw):
+                ids = ids_of(raw)
+                rare = ~_member(kept, raw)  # the raw value, before hashing: buckets do not pool counts
+                if rare.any():
+                    self.rare_counts[column] += int(np.count_nonzero(rare & (ids > 0)))
+                    ids[rare] = 0
                 return ids
-            return ids
+            return frequent_ids
+        if isinstance(f, F.Categorical):
+            return self._categorical(column, f)
+        if isinstance(f, F.MultiHot):
+            return self._ids(column, f.size, pad_is_valid=True)
         if isinstance(f, F.Numeric):
             mean, std = self.stats.mean_std(column, f) if f.standardize else (0.0, 1.0 - _EPS)
             shift, scale = np.float32(mean), np.float32(1.0 / (std + _EPS))
@@ -194,6 +305,22 @@ class Preprocessor:
         if isinstance(f, F.Dense):
             return lambda raw: raw  # float16 as stored: half the bytes to the device; the model casts
         raise TypeError(f"unknown feature {f!r}")
+
+    def _categorical(self, column: str, f: F.Categorical):
+        if f.encoding == "hash":
+            size = np.uint64(f.size)
+            return lambda raw: (schema.mix64(raw) % size).astype(np.int32) + 1
+        return self._ids(column, f.size, pad_is_valid=False)
+
+    def _ids(self, column: str, size: int, pad_is_valid: bool):
+        def ids(raw):
+            ids = raw.astype(np.int32) + 1  # vocab / ids -> 1..size; -1 (unknown, pad) -> 0
+            out_of_range = (ids > size) | (ids < (0 if pad_is_valid else 1))
+            if out_of_range.any():
+                self.oov_counts[column] += int(np.count_nonzero(out_of_range))
+                ids[out_of_range] = 0
+            return ids
+        return ids
 
     def __call__(self, block: Mapping[str, np.ndarray]) -> dict:
         n = len(block["click"])

@@ -48,7 +48,8 @@ def collect(predict_fn, params, batches, mesh, desc: str | None = None) -> dict[
         batch.update(ids)
         valid = np.asarray(batch["valid"]) > 0
         row = {k: np.asarray(v)[valid] for k, v in out.items()}
-        for key in (*pipeline.ID_COLUMNS, "click", "conversion", "p_click", "p_convert_given_click"):
+        for key in (*pipeline.ID_COLUMNS, *pipeline.SEEN_COLUMNS, "click", "conversion", "p_click",
+                    "p_convert_given_click"):
             if key in batch:
                 row[key] = np.asarray(batch[key])[valid]
         for key, value in row.items():
@@ -80,6 +81,36 @@ def report(pred: Mapping[str, np.ndarray]) -> dict[str, Any]:
         out.update(metrics.binary_report("oracle_cvr", pred["p_convert_given_click"][clicked], conversion[clicked]))
         out.update(metrics.binary_report("oracle_ctcvr", oracle_ctcvr, click * conversion))
         out["oracle_cvr_entire_space_auc"] = metrics.auc(pred["p_convert_given_click"], conversion)
+    out.update(seen_report(pred))
+    return out
+
+
+def seen_report(pred: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """AUCs over the rows whose user (ad) was seen in the train split and over the rest.
+
+    Needs the rows' ``seen_user`` / ``seen_ad`` flags (`pipeline.SEEN_COLUMNS`, from the
+    statistics pass); a flag that is absent gives no keys. For each of ``user`` and ``ad``:
+    ``num_examples_{seen,unseen}_<x>``, ``num_clicks_{seen,unseen}_<x>``, and
+    ``ctr_auc_{seen,unseen}_<x>`` (also ``ctcvr_`` with a CVR head, ``oracle_ctr_`` on synthetic
+    data). An AUC is None (JSON null) where the segment is empty or has a single class.
+    """
+    click = np.asarray(pred["click"]) > 0.5
+    scores = {"ctr": (pred["pctr"], click)}
+    if "pctcvr" in pred:
+        scores["ctcvr"] = (pred["pctcvr"], click & (np.asarray(pred["conversion"]) > 0.5))
+    if "p_click" in pred:
+        scores["oracle_ctr"] = (pred["p_click"], click)
+    out: dict[str, Any] = {}
+    for entity in ("user", "ad"):
+        if f"seen_{entity}" not in pred:
+            continue
+        seen = np.asarray(pred[f"seen_{entity}"]) > 0
+        for segment, rows in ((f"seen_{entity}", seen), (f"unseen_{entity}", ~seen)):
+            out[f"num_examples_{segment}"] = int(rows.sum())
+            out[f"num_clicks_{segment}"] = int(click[rows].sum())
+            for name, (score, label) in scores.items():
+                auc = metrics.auc(np.asarray(score)[rows], label[rows])
+                out[f"{name}_auc_{segment}"] = None if np.isnan(auc) else auc
     return out
 
 
