@@ -346,3 +346,32 @@ def test_the_input_pipeline_reads_ingested_logs(tmp_path):
     batch = next(iter(pipeline.make_dataset(config, spec, stats, placement="search", split="train", train=False)))
     assert batch["context"]["filters"].shape == (32, 3) and batch["user"]["tier"].shape == (32,)
     assert batch["valid"].sum() > 0 and set(np.unique(batch["user"]["tier"])) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_id_features_read_the_impression_id_columns(tmp_path, fmt):
+    """user.user_id / ad.ad_id need no mapping: they read the logs' user / ad id columns (renamed
+    ones too); a file column of the feature's own name, or an explicit mapping, wins."""
+    config, spec = make_config([tmp_path / f"a.{fmt}"], columns={"user_id": "uid"})
+    config.features.user.user_id = dict(type="categorical", size=64, dim=4, encoding="hash", min_count=2)
+    config.features.ad.ad_id = dict(type="categorical", size=64, dim=4)
+    spec = F.parse_spec(config.features)
+    cols = make_rows(spec, 80, seed=11)
+    del cols["user.user_id"], cols["ad.ad_id"]
+    write(tmp_path / f"a.{fmt}", cols, rename={"user_id": "uid"})
+    logs.ingest(config, spec, tmp_path / "data")
+    got = read_back(tmp_path / "data", "train")
+    np.testing.assert_array_equal(got["user.user_id"], got["user_id"])
+    np.testing.assert_array_equal(got["ad.ad_id"], got["ad_id"])
+    order = np.argsort(got["impression_id"])
+    want = schema.stable_hash64(np.array(cols["user_id"])[split_of(np.array(cols["timestamp"])) == 0])
+    np.testing.assert_array_equal(got["user_id"][order], want)  # the file's strings, hashed
+
+    config.data.logs.columns = {"user_id": "uid", "ad": {"ad_id": "other_ad"}}
+    cols["other_ad"] = [(a * 7) % 64 for a in cols["ad_id"]]
+    cols["user.user_id"] = [f"x{u}" for u in cols["user_id"]]
+    write(tmp_path / f"a.{fmt}", cols, rename={"user_id": "uid"})
+    logs.ingest(config, spec, tmp_path / "data")
+    got = read_back(tmp_path / "data", "train")
+    np.testing.assert_array_equal(got["ad.ad_id"], (got["ad_id"] * 7) % 64)
+    assert not np.isin(got["user.user_id"], got["user_id"]).any()  # "x<id>" hashes to other keys

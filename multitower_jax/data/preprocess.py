@@ -185,6 +185,8 @@ def _merge_counts(values: list[np.ndarray], counts: list[np.ndarray]) -> tuple[n
 class _CountAccumulator:
     """Counts the distinct values of a stream of int64 arrays; memory O(distinct values)."""
 
+    MERGE_AT = 1 << 18  # pending entries that trigger a merge, at least
+
     def __init__(self):
         self.values: list[np.ndarray] = []
         self.counts: list[np.ndarray] = []
@@ -195,7 +197,7 @@ class _CountAccumulator:
         self.values.append(values)
         self.counts.append(counts)
         self.pending += len(values)
-        if self.pending > max(self.merged, 1 << 18):  # merge when the parts outgrow the total: amortized O(n log n)
+        if self.pending > max(self.merged, self.MERGE_AT):  # merge when the parts outgrow the total: amortized O(n log n)
             values, counts = self.result()
             self.values, self.counts, self.merged, self.pending = [values], [counts], len(values), 0
 
