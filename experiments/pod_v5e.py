@@ -35,4 +35,7 @@ from experiments import pod_base
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return pod_base.pod_config(chips=16, processes=4, model=4, rows_per_replica=4096)
+    config = pod_base.pod_config(chips=16, processes=4, model=4, rows_per_replica=4096)
+    # The slice `multitower compile --config experiments/pod_v5e.py` compiles for (v5litepod-16).
+    config.tpu = ml_collections.ConfigDict(dict(topology="v5e:4x4", chip_config_name="default", num_slices=1))
+    return config

@@ -32,4 +32,7 @@ from experiments import pod_base
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return pod_base.pod_config(chips=64, processes=16, model=1, rows_per_replica=1024)
+    config = pod_base.pod_config(chips=64, processes=16, model=1, rows_per_replica=1024)
+    # The slice `multitower compile --config experiments/pod_v5p.py` compiles for (v5p-128).
+    config.tpu = ml_collections.ConfigDict(dict(topology="v5:4x4x4", chip_config_name="default", num_slices=1))
+    return config

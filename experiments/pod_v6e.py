@@ -33,4 +33,7 @@ from experiments import pod_base
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return pod_base.pod_config(chips=32, processes=8, model=2, rows_per_replica=2048)
+    config = pod_base.pod_config(chips=32, processes=8, model=2, rows_per_replica=2048)
+    # The slice `multitower compile --config experiments/pod_v6e.py` compiles for (v6e-32).
+    config.tpu = ml_collections.ConfigDict(dict(topology="v6e:4x8", chip_config_name="default", num_slices=1))
+    return config

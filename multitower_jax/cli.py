@@ -20,6 +20,8 @@ COMMANDS = {
              "request p50/p99 over a --num-ads index, K=500, top-20), `bench ceiling` (oracle AUC without each latent term "
              "no feature reveals, and with the user bias and ad quality inferred from the train split: what the "
              "synthetic world lets a model reach)",
+    "compile": "compile the train step, eval step and scorer for the config's TPU topology on this machine "
+               "(needs the tpu extra): per-chip HBM, FLOPs, collectives and a roofline step-time estimate",
 }
 BENCHES = ("input", "train", "retrieve", "score", "serve", "ceiling")
 
@@ -69,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=128, help="bench retrieve: embedding dimension")
     p.add_argument("--queries", type=int, default=2_000, help="bench retrieve: number of queries; bench score, "
                    "bench serve: number of timed requests")
+    p = add("compile")
+    p.add_argument("--topology", default=None, help="TPU topology, e.g. v5e:2x2, v5:4x4x4 (v5p), v6e:4x8 "
+                   "(default: config.tpu.topology)")
+    p.add_argument("--num-slices", type=int, default=None, help="slices (default: config.tpu.num_slices or 1)")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
     return parser
 
 
@@ -82,9 +89,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from multitower_jax.retrieval.targeting import TargetingError
     from multitower_jax.calibration import CalibrationError
     from multitower_jax.serving.commands import user_errors as serving_errors
+    from multitower_jax.train.aot import CompileError
 
     return (ConfigError, LogError, StatsError, SpecError, CalibrationError, distributed.DistributedError,
-            IndexMismatchError, CatalogueError,
+            IndexMismatchError, CatalogueError, CompileError,
             TargetingError, *serving_errors(), FileNotFoundError, FileExistsError)
 
 
@@ -199,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
 
             _log_devices()
             bench_train.run(config, args.json)
+        elif args.command == "compile":
+            from multitower_jax.train import aot
+
+            aot.run(config, args.topology, args.num_slices, args.json)
         elif args.command == "bench" and args.what == "ceiling":
             from multitower_jax.bench import ceiling as bench_ceiling
 

@@ -3,6 +3,13 @@
 Parameters carry logical axis names (e.g. an embedding table is ("vocab", "embed")); the
 rules in ``config.sharding.rules`` map each name to a mesh axis or to None (replicated), so
 sharding a large table along "model" is a config change.
+
+The batch is split over every device, ``("data", "model")`` together (`BATCH_AXES`): no
+device repeats another's rows, so the dense compute is never duplicated, whatever the mesh.
+The device order comes from `mesh_utils.create_device_mesh` (neighbours on the TPU torus are
+neighbours in the mesh); with several processes, each process's devices form one contiguous
+block of the mesh (`create_hybrid_device_mesh` with a process per granule), so each feeds
+consecutive rows of the global batch and gathers come back in process order.
 """
 
 from __future__ import annotations
@@ -14,15 +21,17 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "model")
+BATCH_AXES = ("data", "model")  # the batch's rows are split over every device
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
     """A ("data", "model") mesh; ``config.mesh.data = -1`` takes every device not used by "model"."""
-    devices = jax.devices() if devices is None else devices
+    devices = list(jax.devices() if devices is None else devices)
     model = int(config.mesh.model)
     data = int(config.mesh.data)
     if data == -1:
@@ -30,9 +39,29 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
     if data * model != len(devices):
         raise ValueError(f"config.mesh: data={config.mesh.data} x model={model} does not match "
                          f"the {len(devices)} devices")
-    grid = np.asarray(devices, dtype=object).reshape(data, model)
+    # Every data replica's model devices on one process (checked on the devices in process
+    # order, before mesh_utils arranges them within each process).
+    by_process = sorted(devices, key=lambda d: d.process_index)
+    check_replicas_within_processes(np.asarray(by_process, dtype=object).reshape(data, model))
+    grid = device_grid(data, model, devices)
     check_replicas_within_processes(grid)
     return Mesh(grid, AXES)
+
+
+def device_grid(data: int, model: int, devices: list) -> np.ndarray:
+    """The (data, model) device array from `mesh_utils`: on one process `create_device_mesh`;
+    on several, each process's devices are one block of ``data / processes`` rows, laid out by
+    `create_device_mesh` within the process (`create_hybrid_device_mesh`, a process per granule)."""
+    processes = sorted({d.process_index for d in devices})
+    if len(processes) == 1:
+        return mesh_utils.create_device_mesh((data, model), devices, allow_split_physical_axes=True)
+    if data % len(processes):
+        per_process = len(devices) // len(processes)
+        raise ValueError(f"config.mesh: data={data} must be a multiple of the {len(processes)} processes, so each "
+                         f"process's {per_process} devices hold whole data replicas (mesh.model={model} must "
+                         f"divide {per_process})")
+    return mesh_utils.create_hybrid_device_mesh((data // len(processes), model), (len(processes), 1), devices,
+                                                process_is_granule=True, allow_split_physical_axes=True)
 
 
 def check_replicas_within_processes(grid: np.ndarray) -> None:
@@ -60,7 +89,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
+    """Rows over every device of the mesh (`BATCH_AXES`), in the mesh's row-major device order."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -68,6 +98,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch: Mapping, mesh: Mesh) -> Any:
-    """This process's rows -> one global jax.Array per leaf, sharded along "data"."""
+    """This process's rows -> one global jax.Array per leaf, sharded over every device."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

@@ -39,9 +39,12 @@ from multitower_jax.train.data_checkpoint import DataRestore, DataSave
 class Trainer:
     """Everything a run needs, built once: model, optimizer, mesh, shardings, jitted functions."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, devices: list | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path | None, devices: list | None = None):
+        """`devices`: the mesh's (default: every device; `multitower compile` passes a TPU
+        topology's). With no `workdir` nothing is read from disk: the model, state and step
+        functions exist (to compile them ahead of time), but not the data pipeline."""
         self.config = config
-        self.workdir = epath.Path(workdir)  # a local folder or gs://bucket/...
+        self.workdir = None if workdir is None else epath.Path(workdir)  # a local folder or gs://bucket/...
         self.spec = F.parse_spec(config.features)
         # Every placement trains its own context tower, fusion and heads on its own batches; the
         # user and ad towers are shared. The first placement is the primary one: calibration,
@@ -53,7 +56,7 @@ class Trainer:
         self.loss_config = losses.LossConfig.from_config(config)
         self.mesh = sharding.make_mesh(config, devices)
         self.rules = sharding.logical_rules(config)
-        self.stats = pipeline.load_or_compute_stats(config, self.spec, self.workdir)
+        self.stats = None if workdir is None else pipeline.load_or_compute_stats(config, self.spec, self.workdir)
 
         boxed = jax.eval_shape(self._init_boxed_state, self._key(0))
         self.state_shardings = sharding.state_shardings(boxed, self.mesh, self.rules)
@@ -106,7 +109,7 @@ class Trainer:
             dropout_rng = rng if i == 0 else jax.random.fold_in(rng, i)  # one placement: as before
             out = self.model.apply({"params": params}, batches[placement], placement, train=True,
                                    rngs={"dropout": dropout_rng})
-            return losses.total_loss(out, batches[placement], self.loss_config, self.mesh)
+            return losses.total_loss(out, batches[placement], self.loss_config, self.mesh, sharding.BATCH_AXES)
 
         def loss_fn(params):
             if len(self.placements) == 1:
