@@ -1,0 +1,115 @@
+"""`multitower compile`: the tiny config compiled for a TPU v5e 2x2 slice on this CPU (libtpu, the
+`tpu` extra): the batch is split over every chip, tables sharded over "model" hold a quarter of
+their rows per chip, an over-large config fails with a clear out-of-memory error."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from multitower_jax import cli
+from multitower_jax.train import aot, roofline
+from tests.conftest import QUICKSTART, TINY_MODEL, tiny_config
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install -e '.[tpu]')")
+SHARDED = ["--config.mesh.data=1", "--config.mesh.model=4", "--config.model.vocab_multiple=4",
+           "--config.sharding.rules=(('vocab', 'model'), ('embed', None), ('embed_in', None), "
+           "('mlp', None), ('heads', None), ('kv', None), ('pos', None))"]
+
+
+@pytest.fixture(scope="module")
+def v5e_2x2():
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu not installed (pip install -e '.[tpu]')")
+    return aot.topology_devices(aot.tpu_settings(tiny_config("unused"), "v5e:2x2"))
+
+
+def _train_step(config, devices):
+    programs = aot.compile_programs(config, devices, programs=("train_step",))
+    return programs["trainer"], programs["train_step"]
+
+
+@needs_libtpu
+def test_every_chip_takes_a_quarter_of_the_batch_and_of_the_sharded_tables(v5e_2x2, tmp_path):
+    one_trainer, one = _train_step(tiny_config(tmp_path, *TINY_MODEL), v5e_2x2[:1])
+    # mesh data=1 x model=4: the tables' rows are split over "model", and so is the batch.
+    four_trainer, four = _train_step(tiny_config(tmp_path, *TINY_MODEL, *SHARDED), v5e_2x2)
+    assert dict(four_trainer.mesh.shape) == {"data": 1, "model": 4}
+    flops_one, flops_four = aot.cost(one)["flops"], aot.cost(four)["flops"]
+    assert flops_four == pytest.approx(flops_one / 4, rel=0.10), (flops_one, flops_four)
+
+    tables = aot.tables(four_trainer)
+    assert len(tables) >= 5
+    for name, t in tables.items():
+        assert t["bytes_per_chip"] * 4 == t["bytes"], name
+    # The compiled program's arguments per chip are the state's shards plus a quarter of the
+    # batch: the tables are not replicated behind the shardings' back.
+    def per_chip(tree):
+        return sum(aot._per_chip_bytes(x) for x in __import__("jax").tree.leaves(tree))
+
+    state_one, state_four = per_chip(one_trainer.abstract_state), per_chip(four_trainer.abstract_state)
+    table_bytes = sum(t["bytes"] for t in tables.values())
+    # Parameters and Adam's two moments: 3 copies of every table, 3/4 of each gone per chip.
+    assert state_one - state_four == pytest.approx(3 * 3 / 4 * table_bytes, rel=0.02)
+    args_one, args_four = aot.memory(one)["argument_bytes"], aot.memory(four)["argument_bytes"]
+    assert args_four < args_one - 2 * table_bytes
+
+
+@needs_libtpu
+def test_compile_command_writes_the_report(v5e_2x2, tmp_path):
+    out = tmp_path / "report.json"
+    args = ["compile", "--config", str(QUICKSTART), "--topology", "v5e:2x2", "--json", str(out),
+            "--config.data.batch_size=256", "--config.data.eval_batch_size=256", *TINY_MODEL]
+    assert cli.main(args) == 0
+    report = json.loads(out.read_text())
+    for key in ("topology", "num_chips", "peak_hbm_bytes_per_chip", "hbm_bytes_per_chip", "flops_per_chip",
+                "collective_bytes_per_step", "estimated_step_seconds", "estimated_examples_per_sec_per_chip",
+                "estimated_mfu", "bound_by"):
+        assert key in report, key
+    assert report["topology"] == "v5e:2x2" and report["num_chips"] == 4
+    assert report["hbm_bytes_per_chip"] == 16 * 2**30 and 0 < report["peak_hbm_bytes_per_chip"] < 2**30
+    assert report["bound_by"] in ("compute", "hbm", "ici") and 0 < report["estimated_mfu"] <= 1
+    assert report["estimated_examples_per_sec_per_chip"] == pytest.approx(
+        256 / 4 / report["estimated_step_seconds"], rel=1e-9)
+    # Data parallel: the gradients are all-reduced over the 4 chips.
+    assert report["programs"]["train_step"]["collectives"]["all-reduce"]["bytes"] > 0
+    assert set(report["programs"]) == {"train_step", "eval_step", "scorer"}
+
+
+@needs_libtpu
+def test_an_over_large_config_fails_with_a_clear_out_of_memory_error(v5e_2x2, tmp_path):
+    # 100M advertiser rows x 16 x 4 bytes = 6.4 GB of parameters, 4x that with Adam and the
+    # gradient: more than a v5e chip's 16 GiB when replicated.
+    config = tiny_config(tmp_path, *TINY_MODEL, "--config.features.ad.advertiser_id.size=100000000")
+    with pytest.raises(aot.CompileError) as e:
+        aot.compile_programs(config, v5e_2x2, programs=("train_step",))
+    message = str(e.value)
+    assert "does not fit in a chip's HBM" in message and "embed_advertiser_id" in message
+    assert "('vocab', 'model')" in message and "--config.mesh.model=" in message
+
+
+def test_without_libtpu_the_command_says_how_to_get_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(aot.CompileError, match=r"pip install -e '\.\[tpu\]'"):
+        aot.topology_devices({"topology": "v5e:2x2"})
+
+
+def test_collectives_are_read_from_hlo_text():
+    hlo = "\n".join([
+        "%all-reduce.1 = f32[256,16]{0,1:T(8,128)} all-reduce(%fusion.2), channel_id=5, replica_groups={}",
+        "%all-reduce.2 = (f32[10]{0}, bf16[4,8]{1,0}) all-reduce(%a, %b), channel_id=6",
+        "%all-gather.9 = bf16[4,64,16]{1,2,0} all-gather(%p), channel_id=2, dimensions={0}",
+        "%all-gather.11 = bf16[4,64,16]{1,2,0} all-gather(%q), channel_id=2, dimensions={0}",  # a clone
+        "%ags = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%r), channel_id=9",
+        "%agd = f32[8,8]{1,0} all-gather-done(%ags)",
+        "%fusion.3 = f32[4] fusion(%all-reduce.1), kind=kLoop",
+    ])
+    found = roofline.collectives(hlo)
+    assert found["all-reduce"] == {"count": 2, "bytes": 256 * 16 * 4 + 40 + 64}
+    assert found["all-gather"] == {"count": 2, "bytes": 4 * 64 * 16 * 2 + 8 * 8 * 4}
+    est = roofline.estimate(197e12, 0.0, {}, roofline.CHIPS["v5e"], 1000)
+    assert est["bound_by"] == "compute" and est["estimated_step_seconds"] == pytest.approx(1.0)
+    assert est["estimated_mfu"] == pytest.approx(1.0) and np.isclose(est["estimated_examples_per_sec_per_chip"], 1000)
