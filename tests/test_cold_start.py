@@ -174,6 +174,11 @@ def test_min_count_maps_rare_values_to_the_oov_row(tmp_path):
                                    preprocess.compute_stats([raw_block(uid_b, key_b, 3)], spec, "search")])
     uid_counts = collections.Counter(np.concatenate([uid_a, uid_b]).tolist())
     key_counts = collections.Counter(np.concatenate([key_a, key_b]).tolist())
+    # the pooled ad frequencies and user ids are those of all the rows
+    ad_ids = np.concatenate([b["ad_id"] for b in blocks_a] + [raw_block(uid_b, key_b, 3)["ad_id"]])
+    ad_counts = collections.Counter(ad_ids.tolist())
+    assert stats.ad_ids.tolist() == sorted(ad_counts) and stats.ad_counts.tolist() == [ad_counts[a] for a in sorted(ad_counts)]
+    assert stats.user_ids.tolist() == sorted(set((np.concatenate([uid_a, uid_b]) + 100).tolist()))
     # what every later split looks up: train values and values never seen
     test = raw_block(np.arange(-1, 14), np.concatenate([np.unique(key_a)[:10], [5, 6, 7, 8, 9]]), 4)
 

@@ -154,14 +154,14 @@ def pool_stats(parts: Iterable[FeatureStats]) -> FeatureStats:
         mean, lmean = sx / n, sl / n
         numeric[column] = {"mean": float(mean), "std": float(np.sqrt(max(sxx / n - mean * mean, 0.0))),
                            "log1p_mean": float(lmean), "log1p_std": float(np.sqrt(max(sll / n - lmean * lmean, 0.0)))}
-    ids, counts = _merge_counts([p.ad_ids for p in parts], [p.ad_counts for p in parts])
+    ad_ids, ad_counts = _merge_counts([p.ad_ids for p in parts], [p.ad_counts for p in parts])
     users = None if any(p.user_ids is None for p in parts) else np.unique(np.concatenate([p.user_ids for p in parts]))
     value_counts = {}  # a value's count is its count over every part that has the column
     for column in dict.fromkeys(c for p in parts for c in p.value_counts):
         have = [p.value_counts[column] for p in parts if column in p.value_counts]
         values, counts = _merge_counts([v.values for v in have], [v.counts for v in have])
         value_counts[column] = ValueCounts(values, counts, max(v.min_count for v in have), max(v.floor for v in have))
-    return FeatureStats(numeric, ids, counts, sum(p.num_rows for p in parts), users, value_counts)
+    return FeatureStats(numeric, ad_ids, ad_counts, sum(p.num_rows for p in parts), users, value_counts)
 
 
 def _member(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
