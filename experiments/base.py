@@ -77,6 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.share_text_encoder = True  # one encoder for query and ad text, or one per tower
     config.model.dtype = "float32"  # compute dtype ("bfloat16" on TPU); parameters stay float32
     config.model.vocab_multiple = 1  # pad embedding-table rows to a multiple (of mesh.model, to shard them)
+    config.model.embed_init = "normal"  # embedding rows N(0, 1) per element, or "unit" (row norm ~1)
+    config.model.tower_output = "relu"  # towers end Dense -> LayerNorm -> ReLU, or "layernorm" (both signs)
     config.model.text = ml_collections.ConfigDict()
     config.model.text.dim = 128
     config.model.text.num_layers = 2
@@ -86,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.text.pooling = "mean"  # or "cls" (a [CLS] token is prepended)
     config.model.text.norm = "pre"  # LayerNorm before ("pre") or after ("post") each sublayer
     config.model.text.dropout = 0.1
+    # "lsa": the token table starts from LSA of the train split's texts (train/text_init.py), or "random"
+    config.model.text.init = "random"
 
     # loss = alpha * ranking + beta * retrieval (in-batch sampled softmax over Q = E_user + E_context).
     config.loss = ml_collections.ConfigDict()
@@ -96,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.logq_correction = True  # subtract log q(ad) from in-batch candidates' logits
     config.loss.ctr_weight = 0.7  # head "ctr_cvr": 0.7 * BCE(click) + 0.3 * BCE(conversion | click)
     config.loss.cvr_weight = 0.3
+    config.loss.retrieval_positives = "clicks"  # or "impressions": every shown ad is its row's positive
 
     # AdamW, linear warm-up init_lr -> peak_lr, then cosine decay to end_lr over decay_steps.
     config.optim = ml_collections.ConfigDict()
@@ -105,6 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 10_000
     config.optim.decay_steps = 1_000_000  # after the warm-up; counted in optimizer updates
     config.optim.weight_decay = 1e-5  # not on biases and LayerNorm parameters
+    # Decoupled weight decay of the embedding tables; None: the same as weight_decay.
+    config.optim.embedding_weight_decay = ml_collections.config_dict.placeholder(float)
     config.optim.clip_norm = 1.0  # global gradient norm; 0 disables clipping
     config.optim.accumulation_steps = 1  # > 1: one update every k micro-batches (optax.MultiSteps)
 

@@ -23,7 +23,8 @@ def jit(fn, **kwargs):
 
 
 # Compiled once each: op-by-op dispatch would compile every primitive separately.
-_STATIC = ("head", "ctr_weight", "cvr_weight", "temperature", "logq_correction", "l2_normalize", "mesh", "config")
+_STATIC = ("head", "ctr_weight", "cvr_weight", "temperature", "logq_correction", "l2_normalize", "mesh", "config",
+           "positives")
 
 
 class _Jitted:
@@ -258,3 +259,16 @@ def test_retrieval_loss_sharded_keeps_a_local_block_of_rows():
     np.testing.assert_allclose(float(sharded(*args)), want, rtol=1e-5)
     rows = jax.device_put(args, NamedSharding(mesh, P("data")))
     np.testing.assert_allclose(float(sharded(*rows)), want, rtol=1e-5)
+
+
+def test_retrieval_loss_over_every_impression_matches_the_numpy_softmax():
+    e_user, e_context, e_ad, batch = retrieval_inputs()
+    got = losses.retrieval_loss(e_user, e_context, e_ad, batch, 0.1, True, True, positives="impressions")
+    every_row = np.ones_like(batch["click"])  # each impression's own ad is its positive, clicked or not
+    expected = np_retrieval_loss(e_user, e_context, e_ad, batch["ad_id"], batch["ad_log_q"], every_row,
+                                 batch["weight"], 0.1, True, True)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    clicks_only = losses.retrieval_loss(e_user, e_context, e_ad, batch, 0.1, True, True)
+    assert abs(float(clicks_only) - expected) > 1e-3  # the two choices differ on this batch
+    with pytest.raises(ValueError, match="positives"):
+        eager.retrieval_loss(e_user, e_context, e_ad, batch, 0.1, True, True, positives="views")

@@ -399,3 +399,30 @@ def test_validate_config_checks_text_loss_and_optim():
     config.optim.accumulation_steps = 0
     with pytest.raises(ValueError, match="config.optim.accumulation_steps"):
         validate_config(config)
+
+
+@pytest.mark.parametrize("dim", [4, 64])
+def test_unit_embedding_init_gives_rows_of_norm_one_whatever_the_width(dim):
+    table = layers.embed(2000, dim, init="unit").init(jax.random.key(0), jnp.zeros(1, jnp.int32))
+    rows = np.asarray(nn.meta.unbox(table)["params"]["embedding"])
+    np.testing.assert_allclose(np.mean(np.sum(rows**2, axis=1)), 1.0, rtol=0.05)  # E|row|^2 = dim * (1/dim)
+    legacy = layers.embed(2000, dim).init(jax.random.key(0), jnp.zeros(1, jnp.int32))
+    legacy_rows = np.asarray(nn.meta.unbox(legacy)["params"]["embedding"])
+    np.testing.assert_allclose(np.mean(np.sum(legacy_rows**2, axis=1)), dim, rtol=0.05)
+
+
+def test_layernorm_tower_output_keeps_both_signs_and_relu_output_does_not():
+    outputs = {}
+    for mode in ("relu", "layernorm"):
+        config = tiny_config()
+        config.model.tower_output = mode
+        spec, model, _ = make(config)
+        variables = init_params(model, jax.random.key(0))
+        batch = fake.random_batch(spec, "search", 64, seed=1)
+        outputs[mode] = np.asarray(model.apply(variables, batch["ad"], method=model.embed_ad))
+    assert outputs["relu"].min() >= 0.0
+    e = outputs["layernorm"]
+    assert (e < 0).mean() > 0.3
+    # At init (LayerNorm scale 1, bias 0) every row is standardized: mean 0, variance 1.
+    np.testing.assert_allclose(e.mean(axis=1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(e.var(axis=1), 1.0, rtol=1e-2)

@@ -60,16 +60,16 @@ def np_adamw(params, grads, lrs, weight_decay, clip_norm, decays, b1=0.9, b2=0.9
             m[k] = b1 * m[k] + (1 - b1) * gk
             v[k] = b2 * v[k] + (1 - b2) * gk * gk
             update = (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
-            if decays[k]:
-                update = update + weight_decay * p[k]
+            rate = weight_decay if decays[k] is True else float(decays[k])  # a number: its own rate
+            update = update + rate * p[k]
             p[k] = p[k] - lr * update
     return p
 
 
-@pytest.mark.parametrize("boxed", [False, True])
-def test_adamw_matches_a_numpy_reference(boxed):
+@pytest.mark.parametrize("boxed, embedding_decay", [(False, None), (True, None), (True, 2.0)])
+def test_adamw_matches_a_numpy_reference(boxed, embedding_decay):
     config = config_with(init_lr=0.01, peak_lr=0.1, end_lr=0.001, warmup_steps=2, decay_steps=4,
-                         weight_decay=0.5, clip_norm=1.0)
+                         weight_decay=0.5, clip_norm=1.0, embedding_weight_decay=embedding_decay)
     rng = np.random.default_rng(0)
     flat = {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=(2,)), "scale": rng.normal(size=(2,)),
             "embedding": rng.normal(size=(4, 2))}
@@ -90,7 +90,8 @@ def test_adamw_matches_a_numpy_reference(boxed):
         params, state = step(params, state, tree(g))
     schedule = optim.learning_rate_schedule(config)
     expected = np_adamw(flat, grads, [float(schedule(t)) for t in range(3)], 0.5, 1.0,
-                        decays={"kernel": True, "embedding": True, "bias": False, "scale": False})
+                        decays={"kernel": True, "embedding": True if embedding_decay is None else embedding_decay,
+                                "bias": False, "scale": False})
     got = nn.meta.unbox(params)
     got = {"kernel": got["dense"]["kernel"], "bias": got["dense"]["bias"], "scale": got["layer_norm"]["scale"],
            "embedding": got["embed"]["embedding"]}
@@ -106,6 +107,12 @@ def test_decay_mask_spares_biases_and_layer_norm():
     assert mask["block"]["dense"] == {"kernel": True, "bias": False}
     assert mask["block"]["layer_norm"] == {"scale": False, "bias": False}
     assert mask["attention"]["query"] == {"kernel": True, "bias": False}  # a 2-D bias is still a bias
+
+
+def test_embedding_mask_selects_the_tables_and_dense_mask_the_kernels():
+    params = {"embed_country": {"embedding": np.ones((3, 2))}, "dense": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}}
+    assert optim.embedding_mask(params) == {"embed_country": {"embedding": True}, "dense": {"kernel": False, "bias": False}}
+    assert optim.dense_decay_mask(params) == {"embed_country": {"embedding": False}, "dense": {"kernel": True, "bias": False}}
 
 
 def test_accumulating_k_micro_batches_equals_one_big_batch_step():

@@ -29,8 +29,20 @@ Dtype = Any
 #   heads    attention heads;  kv  per-head width;  pos  learned positions
 LOGICAL_AXES = ("vocab", "embed", "embed_in", "mlp", "heads", "kv", "pos")
 
-DEFAULT_EMBED_INIT = nn.initializers.normal(stddev=1.0)
 DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
+# How embedding rows start: "unit" draws N(0, 1/dim) per element, so a row has norm ~1 whatever
+# its width and a 64-d id does not drown a 128-d image vector (norm 1) in the tower's first
+# layer; "normal" draws N(0, 1) per element (row norm ~sqrt(dim)), as nn.Embed does.
+EMBED_INITS = ("unit", "normal")
+
+
+def embedding_init(features: int, mode: str = "normal") -> nn.initializers.Initializer:
+    """The initializer of an embedding table `features` wide (see `EMBED_INITS`)."""
+    if mode == "unit":
+        return nn.initializers.normal(stddev=1.0 / math.sqrt(features))
+    if mode == "normal":
+        return nn.initializers.normal(stddev=1.0)
+    raise ValueError(f"embedding init: expected one of {EMBED_INITS}, got {mode!r}")
 
 
 def _mix32(h: Array) -> Array:
@@ -122,44 +134,53 @@ def padded_rows(num_embeddings: int, multiple: int) -> int:
 
 
 def embed(num_embeddings: int, features: int, name: str | None = None, dtype: Dtype = jnp.float32,
-          vocab_multiple: int = 1) -> nn.Embed:
-    """nn.Embed whose table is named ("vocab", "embed"), rows padded to `vocab_multiple`."""
+          vocab_multiple: int = 1, init: str = "normal") -> nn.Embed:
+    """nn.Embed whose table is named ("vocab", "embed"), rows padded to `vocab_multiple`,
+    initialized by `embedding_init(features, init)`."""
     return nn.Embed(
         padded_rows(num_embeddings, vocab_multiple),
         features,
         dtype=dtype,
-        embedding_init=partitioned(DEFAULT_EMBED_INIT, ("vocab", "embed")),
+        embedding_init=partitioned(embedding_init(features, init), ("vocab", "embed")),
         name=name,
     )
 
 
 class Block(nn.Module):
-    """Dense -> LayerNorm -> ReLU -> Dropout, the seeds' unit of every tower and the fusion MLP."""
+    """Dense -> LayerNorm -> ReLU -> Dropout, the seeds' unit of every tower and the fusion MLP;
+    with `activation=False`, Dense -> LayerNorm only (an output that keeps both signs)."""
 
     features: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    activation: bool = True
 
     @nn.compact
     def __call__(self, x_BxI: Array, train: bool = False) -> Array:
         h_BxO = dense(self.features, "dense", self.dtype)(x_BxI)
         h_BxO = layer_norm("layer_norm", self.dtype)(h_BxO)
+        if not self.activation:
+            return h_BxO
         h_BxO = nn.relu(h_BxO)
         # Dropout draws from the "dropout" RNG stream, only when training.
         return Dropout(self.dropout_rate)(h_BxO, deterministic=not train)
 
 
 class MLP(nn.Module):
-    """A stack of `Block`s, one per entry of `hidden_sizes`."""
+    """A stack of `Block`s, one per entry of `hidden_sizes`; `final_activation=False` ends the
+    last one at its LayerNorm (the seeds' towers: embeddings of both signs)."""
 
     hidden_sizes: Sequence[int]
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    final_activation: bool = True
 
     @nn.compact
     def __call__(self, x_BxI: Array, train: bool = False) -> Array:
+        last = len(self.hidden_sizes) - 1
         for i, width in enumerate(self.hidden_sizes):
-            x_BxI = Block(width, self.dropout_rate, self.dtype, name=f"block_{i}")(x_BxI, train)
+            activation = self.final_activation or i < last
+            x_BxI = Block(width, self.dropout_rate, self.dtype, activation, name=f"block_{i}")(x_BxI, train)
         return x_BxI
 
 
@@ -195,6 +216,7 @@ class FeatureEmbedding(nn.Module):
     spec: F.TowerSpec
     dtype: Dtype = jnp.float32
     vocab_multiple: int = 1
+    embed_init: str = "normal"
 
     @property
     def output_dim(self) -> int:
@@ -210,10 +232,12 @@ class FeatureEmbedding(nn.Module):
                 raise KeyError(f"tower {self.spec.name!r}: batch has no feature {f.name!r}; got {sorted(features)}")
             x = jnp.asarray(features[f.name])
             if isinstance(f, F.Categorical):
-                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype, self.vocab_multiple)
+                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype, self.vocab_multiple,
+                              self.embed_init)
                 parts.append(table(x.astype(jnp.int32)))
             elif isinstance(f, F.MultiHot):
-                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype, self.vocab_multiple)
+                table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype, self.vocab_multiple,
+                              self.embed_init)
                 ids_BxM = x.astype(jnp.int32)
                 parts.append(masked_mean(table(ids_BxM), ids_BxM > 0))
             elif isinstance(f, F.Numeric):

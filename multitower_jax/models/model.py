@@ -34,6 +34,7 @@ Array = jax.Array
 Batch = Mapping[str, Any]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TOWER_OUTPUTS = ("relu", "layernorm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,8 @@ class ModelConfig:
     text: TextSettings = TextSettings()
     dtype: str = "float32"
     vocab_multiple: int = 1  # embedding-table rows are padded to a multiple of this
+    embed_init: str = "normal"  # embedding tables' initialization (`layers.EMBED_INITS`)
+    tower_output: str = "relu"  # "relu": towers end Dense -> LayerNorm -> ReLU; "layernorm": at the LayerNorm
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
@@ -89,11 +92,13 @@ class ModelConfig:
             text=TextSettings(**{k: m.text[k] for k in dataclasses.asdict(TextSettings())}),
             dtype=str(m.dtype),
             vocab_multiple=int(m.get("vocab_multiple", 1)),
+            embed_init=str(m.get("embed_init", "normal")),
+            tower_output=str(m.get("tower_output", "relu")),
         )
 
 
 def _text_config(settings: TextSettings, specs: list[F.TowerSpec], dtype: Any,
-                 vocab_multiple: int = 1) -> TextEncoderConfig:
+                 vocab_multiple: int = 1, embed_init: str = "normal") -> TextEncoderConfig:
     """One encoder for the given towers: vocabulary and positions cover all of them."""
     return TextEncoderConfig(
         vocab_size=layers.padded_rows(max(towers_lib.text_vocab_size(s) for s in specs), vocab_multiple),
@@ -107,6 +112,7 @@ def _text_config(settings: TextSettings, specs: list[F.TowerSpec], dtype: Any,
         norm=settings.norm,
         dropout_rate=settings.dropout,
         dtype=dtype,
+        embed_init=embed_init,
     )
 
 
@@ -132,13 +138,14 @@ class MultiTowerModel(nn.Module):
         if cfg.share_text_encoder and with_text:
             # One encoder (and one token table) for query and ad text: queries and titles
             # land in one space, which is what the context.ad dot product compares.
-            shared = TextEncoder(_text_config(cfg.text, with_text, dtype, cfg.vocab_multiple))
+            shared = TextEncoder(_text_config(cfg.text, with_text, dtype, cfg.vocab_multiple, cfg.embed_init))
         self.text_encoder = shared
 
         def tower(spec: F.TowerSpec, hidden: tuple[int, ...], dropout: float) -> towers_lib.Tower:
             own = (None if shared is not None or not spec.of_type("text")
-                   else _text_config(cfg.text, [spec], dtype, cfg.vocab_multiple))
-            return towers_lib.Tower(spec, hidden + (cfg.embed_dim,), dropout, shared, own, dtype, cfg.vocab_multiple)
+                   else _text_config(cfg.text, [spec], dtype, cfg.vocab_multiple, cfg.embed_init))
+            return towers_lib.Tower(spec, hidden + (cfg.embed_dim,), dropout, shared, own, dtype, cfg.vocab_multiple,
+                                    cfg.embed_init, cfg.tower_output == "relu")
 
         self.user_tower = tower(self.user_spec, cfg.user_hidden, cfg.tower_dropout)
         self.ad_tower = tower(self.ad_spec, cfg.ad_hidden, cfg.tower_dropout)
@@ -287,6 +294,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(m.fusion, "model.fusion", FUSIONS)
     _choice(m.head, "model.head", HEADS)
     _choice(m.dtype, "model.dtype", tuple(DTYPES))
+    _choice(m.get("embed_init", "normal"), "model.embed_init", layers.EMBED_INITS)
+    _choice(m.get("tower_output", "relu"), "model.tower_output", TOWER_OUTPUTS)
     if not _positive_int(m.get("vocab_multiple", 1)):
         _fail("model.vocab_multiple", "a positive integer", m.get("vocab_multiple"))
     if not isinstance(m.share_text_encoder, bool):
@@ -301,11 +310,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(t.get("pooling"), "model.text.pooling", ("mean", "cls"))
     _choice(t.get("norm"), "model.text.norm", ("pre", "post"))
     _rate(t.get("dropout"), "model.text.dropout")
+    _choice(t.get("init", "random"), "model.text.init", ("random", "lsa"))
 
     loss = config.loss
     for key in ("alpha", "beta", "ctr_weight", "cvr_weight"):
         _positive_number(loss.get(key), f"loss.{key}", allow_zero=True)
     _positive_number(loss.get("temperature"), "loss.temperature")
+    _choice(loss.get("retrieval_positives", "clicks"), "loss.retrieval_positives", ("clicks", "impressions"))
     for key in ("logq_correction", "l2_normalize"):
         if not isinstance(loss.get(key), bool):
             _fail(f"loss.{key}", "true or false", loss.get(key))
@@ -319,6 +330,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not _positive_int(o.get("decay_steps")):
         _fail("optim.decay_steps", "a positive integer", o.get("decay_steps"))
     _positive_number(o.get("weight_decay"), "optim.weight_decay", allow_zero=True)
+    if o.get("embedding_weight_decay") is not None:
+        _positive_number(o.get("embedding_weight_decay"), "optim.embedding_weight_decay", allow_zero=True)
     _positive_number(o.get("clip_norm"), "optim.clip_norm", allow_zero=True)
     if not _positive_int(o.get("accumulation_steps")):
         _fail("optim.accumulation_steps", "a positive integer", o.get("accumulation_steps"))

@@ -40,6 +40,7 @@ class TextEncoderConfig:
     norm: str = "pre"  # "pre" | "post" LayerNorm placement
     dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32
+    embed_init: str = "normal"  # the token table's (`layers.EMBED_INITS`)
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
@@ -130,7 +131,7 @@ class TextEncoder(nn.Module):
             mask_BxL = jnp.concatenate([jnp.ones((batch, 1), bool), mask_BxL], axis=1)
         length = tokens_BxL.shape[1]
 
-        token_table = layers.embed(cfg.vocab_size, cfg.dim, "token_embed", cfg.dtype)
+        token_table = layers.embed(cfg.vocab_size, cfg.dim, "token_embed", cfg.dtype, init=cfg.embed_init)
         x_BxLxD = token_table(tokens_BxL)
         if cfg.positional == "learned":
             table_size = cfg.max_len + (1 if cfg.pooling == "cls" else 0)

@@ -62,6 +62,8 @@ class Tower(nn.Module):
     text_config: TextEncoderConfig | None = None
     dtype: Dtype = jnp.float32
     vocab_multiple: int = 1
+    embed_init: str = "normal"  # `layers.EMBED_INITS`
+    output_activation: bool = True  # False: the last block ends at its LayerNorm (both signs)
 
     @nn.compact
     def __call__(self, features: Mapping[str, Array], train: bool = False) -> Array:
@@ -76,6 +78,8 @@ class Tower(nn.Module):
             tokens_BxL = jnp.concatenate([jnp.asarray(features[f.name]) for f in texts], axis=1)
             parts.append(encoder(tokens_BxL, train=train).astype(self.dtype))
         if len(texts) < len(self.spec.features):
-            parts.append(layers.FeatureEmbedding(self.spec, self.dtype, self.vocab_multiple, name="features")(features))
+            parts.append(layers.FeatureEmbedding(self.spec, self.dtype, self.vocab_multiple, self.embed_init,
+                                                 name="features")(features))
         x_BxI = jnp.concatenate(parts, axis=-1)
-        return layers.MLP(tuple(self.hidden_sizes), self.dropout_rate, self.dtype, name="mlp")(x_BxI, train)
+        return layers.MLP(tuple(self.hidden_sizes), self.dropout_rate, self.dtype, self.output_activation,
+                          name="mlp")(x_BxI, train)

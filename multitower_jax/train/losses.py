@@ -37,6 +37,7 @@ class LossConfig:
     logq_correction: bool = True
     ctr_weight: float = 0.7
     cvr_weight: float = 0.3
+    retrieval_positives: str = "clicks"  # "clicks" | "impressions": the rows whose ad is a positive
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossConfig:
@@ -51,6 +52,7 @@ class LossConfig:
             logq_correction=bool(loss.logq_correction),
             ctr_weight=float(loss.ctr_weight),
             cvr_weight=float(loss.cvr_weight),
+            retrieval_positives=str(loss.get("retrieval_positives", "clicks")),
         )
 
 
@@ -167,10 +169,16 @@ def retrieval_logits(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, a
     return jnp.where(duplicate_BxG, _MASKED_LOGIT, logits_BxG)
 
 
+RETRIEVAL_POSITIVES = ("clicks", "impressions")
+
+
 def retrieval_loss(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, batch: Mapping[str, Any],
                    temperature: float, logq_correction: bool = True, l2_normalize: bool = True,
-                   mesh: Mesh | None = None, data_axis: str | tuple[str, ...] = "data") -> Array:
-    """In-batch sampled softmax (seeds, eq. 5.2) over clicked impressions, importance-weighted."""
+                   mesh: Mesh | None = None, data_axis: str | tuple[str, ...] = "data",
+                   positives: str = "clicks") -> Array:
+    """In-batch sampled softmax (seeds, eq. 5.2), importance-weighted, over the clicked impressions
+    (`positives="clicks"`) or over every impression (the ad server's choice as the positive: it
+    teaches query-ad relevance from every row, not only from the few clicked ones)."""
     logits_BxG = retrieval_logits(e_user_BxD, e_context_BxD, e_ad_BxD, batch["ad_id"], batch.get("ad_log_q"),
                                   temperature, logq_correction, l2_normalize, mesh, data_axis)
     size = logits_BxG.shape[0]
@@ -178,7 +186,11 @@ def retrieval_loss(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, bat
     col_G = _constrain(jnp.arange(size), mesh, P())
     positive_B = jnp.sum(jnp.where(row_B[:, None] == col_G[None, :], logits_BxG, 0.0), axis=1)
     nll_B = jax.nn.logsumexp(logits_BxG, axis=1) - positive_B
-    weights_B = jnp.asarray(batch["click"], jnp.float32) * jnp.asarray(batch["weight"], jnp.float32)
+    weights_B = jnp.asarray(batch["weight"], jnp.float32)
+    if positives == "clicks":
+        weights_B = jnp.asarray(batch["click"], jnp.float32) * weights_B
+    elif positives != "impressions":
+        raise ValueError(f"retrieval positives: expected one of {RETRIEVAL_POSITIVES}, got {positives!r}")
     return weighted_mean(nll_B, weights_B)
 
 
@@ -190,7 +202,8 @@ def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any], config: L
     metrics = dict(metrics, ranking_loss=ranking)
     if config.beta > 0:
         retrieval = retrieval_loss(outputs["e_user"], outputs["e_context"], outputs["e_ad"], batch,
-                                   config.temperature, config.logq_correction, config.l2_normalize, mesh, data_axis)
+                                   config.temperature, config.logq_correction, config.l2_normalize, mesh, data_axis,
+                                   config.retrieval_positives)
         total = total + config.beta * retrieval
         metrics["retrieval_loss"] = retrieval
     metrics["loss"] = total

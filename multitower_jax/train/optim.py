@@ -33,17 +33,32 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
+# nn.Embed's table parameter: embedding tables get their own weight decay (`embedding_weight_decay`).
+EMBEDDING_NAMES = ("embedding",)
+
+
+def _last_name(path: tuple) -> str | None:
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return names[-1] if names else None
+
+
 def decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay: kernels and embedding tables.
 
     Works on raw and on `nn.Partitioned`-boxed parameter trees (the box is a pytree node).
     """
+    return jax.tree_util.tree_map_with_path(lambda path, _: _last_name(path) not in NO_DECAY_NAMES, params)
 
-    def decays(path: tuple, _: Any) -> bool:
-        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return not names or names[-1] not in NO_DECAY_NAMES
 
-    return jax.tree_util.tree_map_with_path(decays, params)
+def dense_decay_mask(params: Any) -> Any:
+    """True for the decayed parameters that are not embedding tables (kernels)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _last_name(path) not in NO_DECAY_NAMES + EMBEDDING_NAMES, params)
+
+
+def embedding_mask(params: Any) -> Any:
+    """True for embedding tables (token, categorical and multi-hot ids)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _last_name(path) in EMBEDDING_NAMES, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -53,8 +68,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     parts = []
     if float(o.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(o.clip_norm)))
-    parts.append(optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
-                             weight_decay=float(o.weight_decay), mask=decay_mask))
+    embedding_decay = o.get("embedding_weight_decay", None)
+    if embedding_decay is None:  # one decoupled weight decay for kernels and tables
+        parts.append(optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+                                 weight_decay=float(o.weight_decay), mask=decay_mask))
+    else:  # AdamW with its own decay rate for the embedding tables
+        parts += [optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                  optax.add_decayed_weights(float(o.weight_decay), mask=dense_decay_mask),
+                  optax.add_decayed_weights(float(embedding_decay), mask=embedding_mask),
+                  optax.scale_by_learning_rate(learning_rate_schedule(config))]
     tx = optax.chain(*parts)
     steps = int(o.accumulation_steps)
     if steps > 1:

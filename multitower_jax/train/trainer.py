@@ -32,7 +32,7 @@ from multitower_jax import features as F
 from multitower_jax.data import builders, pipeline
 from multitower_jax.data.generate import generate
 from multitower_jax.models import model as model_lib
-from multitower_jax.train import evaluate, losses, optim, sharding
+from multitower_jax.train import evaluate, losses, optim, sharding, text_init
 from multitower_jax.train.data_checkpoint import DataRestore, DataSave
 
 
@@ -59,7 +59,8 @@ class Trainer:
         self.stats = None if workdir is None else pipeline.load_or_compute_stats(config, self.spec, self.workdir)
 
         boxed = jax.eval_shape(self._init_boxed_state, self._key(0))
-        self.state_shardings = sharding.state_shardings(boxed, self.mesh, self.rules)
+        self.state_shardings = sharding.state_shardings(boxed, self.mesh, self.rules,
+                                                        int(config.sharding.get("large_table_bytes", 0) or 0))
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), self.state_shardings)
         batch_sharding = sharding.batch_sharding(self.mesh)
@@ -84,7 +85,32 @@ class Trainer:
     def init_state(self) -> dict[str, Any]:
         """The initial state, created directly with its shardings (never materialized whole)."""
         init = jax.jit(lambda rng: nn.unbox(self._init_boxed_state(rng)), out_shardings=self.state_shardings)
-        return init(self._key(int(self.config.seed)))
+        state = init(self._key(int(self.config.seed)))
+        if self.config.model.text.get("init", "random") == "lsa":
+            state["params"] = self._lsa_token_tables(state["params"])
+        return state
+
+    def _lsa_token_tables(self, params: Any) -> Any:
+        """`params` with every token table warm-started by LSA of the train texts (`text_init`),
+        its rows scaled to the norm the table's initialization gives a row."""
+        blocks = (block for p in self.placements
+                  for block in pipeline.raw_blocks(pipeline.data_source(self.config, p, "train")))
+        towers = {name: spec for p in self.placements for name, spec in self.spec.towers(p).items()}
+        documents = text_init.tower_documents(blocks, towers)
+        vocab_size = max(f.vocab_size for spec in towers.values() for f in spec.of_type("text"))
+        fitted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        def replace(path: tuple, table: jax.Array) -> jax.Array:
+            if text_init.TOKEN_TABLE not in [getattr(k, "key", None) for k in path]:
+                return table
+            dim = table.shape[1]
+            if dim not in fitted:
+                fitted[dim] = text_init.lsa_token_table(documents, vocab_size, dim, int(self.config.seed))
+            lsa_VxD, seen_V = fitted[dim]
+            row_norm = np.sqrt(dim) if self.config.model.get("embed_init", "normal") == "normal" else 1.0
+            return text_init.warm_start(table, row_norm * lsa_VxD, seen_V)
+
+        return jax.tree_util.tree_map_with_path(replace, params)
 
     def _key(self, seed: int) -> jax.Array:
         # Dropout draws tens of millions of bits per step; threefry costs seconds per step on a
