@@ -6,13 +6,14 @@ a slice by four rules (the README's "Scaling notes" explain them):
 
 * **Global batch** = ``rows_per_replica x mesh.data``. ``config.data.batch_size`` is the global
   batch; each of the slice's JAX processes (one per TPU VM) feeds ``batch_size / processes`` rows.
-* **Mesh** ``data x model = chips``. ``model > 1`` shards every embedding table row-wise over
-  ``model`` devices (rule ``("vocab", "model")``, rows padded to ``model.vocab_multiple``); the
-  batch is split over ``data`` only, so the ``model`` devices of one data replica run the same
-  rows. ``model`` must divide the 4 chips of a TPU VM, so a replica never spans two processes.
-  Size it by memory: the tables cost 16 bytes per row x dim in training (float32 parameters,
-  gradient, Adam's two moments), here 15.4 GB; take the smallest ``model`` that puts them well
-  under half a chip's HBM: 1 on v5p (95 GB), 2 on v6e (32 GB), 4 on v5e (16 GB).
+* **Mesh** ``data x model = chips``, laid out by ``mesh_utils``; the batch is split over every
+  chip (``data`` and ``model`` together), so no chip repeats another's rows. Tables of at least
+  ``sharding.large_table_bytes`` (64 MiB: the advertiser and brand ids) are row-sharded over
+  every chip with their Adam moments; ``model > 1`` also shards the smaller tables row-wise over
+  ``model`` devices (rule ``("vocab", "model")``). Rows are padded to ``model.vocab_multiple``
+  (128). ``model`` must divide the 4 chips of a TPU VM, so a replica never spans two processes.
+  ``multitower compile --config <pod config>`` compiles the step for the config's slice
+  (``config.tpu``) on any machine and reports its HBM, FLOPs, collectives and a step-time estimate.
 * **Learning rate**: square-root scaling from the reference run (``base.py``: batch 1,024,
   peak 1e-4, end 1e-5): ``peak_lr = 1e-4 * sqrt(batch / 1024)``, ``end_lr`` by the same
   factor. For Adam the update size is set by the learning rate, not by the gradient's scale, and
@@ -94,8 +95,14 @@ def pod_config(*, chips: int, processes: int, model: int, rows_per_replica: int,
     for name, buckets in AD_ID_BUCKETS.items():
         config.features.ad[name].size = buckets
     config.model.dtype = "bfloat16"  # bf16 compute; parameters and Adam moments stay float32
+    # Table rows padded to a multiple of every model size and chip count used (1 ... 128).
+    config.model.vocab_multiple = 128
+    # Tables of 64 MiB and more (the advertiser and brand ids: 2.6 and 1.3 GB) are row-sharded
+    # over every chip together with their Adam moments (`sharding.state_shardings`): each chip
+    # holds, updates and reduces 1/chips of them, so there is no replicated dense table step and
+    # no full-table gradient all-reduce. Smaller tables follow the rules below.
+    config.sharding.large_table_bytes = 64 << 20
     if model > 1:
-        config.model.vocab_multiple = 128  # table rows padded to a multiple of every model size used
         config.sharding.rules = tuple(("vocab", "model") if name == "vocab" else (name, axis)
                                       for name, axis in config.sharding.rules)
 

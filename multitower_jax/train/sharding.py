@@ -82,10 +82,28 @@ def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], .
     return tuple((str(name), axis) for name, axis in config.sharding.rules)
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, rules) -> Any:
-    """NamedShardings for a (boxed) state pytree: logical names -> mesh axes, the rest replicated."""
+def state_shardings(abstract_state: Any, mesh: Mesh, rules, large_table_bytes: int = 0) -> Any:
+    """NamedShardings for a (boxed) state pytree: logical names -> mesh axes, the rest replicated.
+
+    With `large_table_bytes` > 0, every array whose first logical axis is "vocab" (an embedding
+    table, and so also its optimizer moments, which carry the same names) and that holds at
+    least that many bytes is row-sharded over *every* device (`BATCH_AXES`) whatever the rules
+    say, when its rows divide evenly (pad them with ``model.vocab_multiple``). Each chip then
+    holds, updates and reduces only its 1/N of a large table; smaller tables follow the rules."""
     specs = nn.get_partition_spec(abstract_state)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    if not large_table_bytes:
+        return shardings
+    leaves = nn.unbox(abstract_state)
+
+    def choose(leaf, spec, sharding):
+        big = (isinstance(spec, P) and len(spec) > 0 and spec[0] == "vocab" and hasattr(leaf, "shape")
+               and int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize >= large_table_bytes)
+        if big and leaf.shape[0] % mesh.devices.size == 0:
+            return NamedSharding(mesh, P(BATCH_AXES, *([None] * (len(leaf.shape) - 1))))
+        return sharding
+
+    return jax.tree.map(choose, leaves, specs, shardings, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
