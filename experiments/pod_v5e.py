@@ -1,8 +1,9 @@
-"""The search model on a TPU v5e (v5litepod-16) slice: 16 chips on 4 TPU VMs, tables sharded 4 ways.
+"""The search model on a TPU v5e (v5litepod-16) slice: 16 chips on 4 TPU VMs, large tables over all chips.
 
 Global batch 16,384 (4,096 rows per data replica = per VM), mesh data=4 x model=4: a v5e chip
-has 16 GB of HBM, so the tables' 15.4 GB of training state must be sharded; over the 4 chips of
-each VM it is 3.8 GB per chip. Learning rate by the square-root rule of ``pod_base.py``: peak
+has 16 GB of HBM, so the tables' 15.4 GB of training state must be sharded: the advertiser and
+brand tables (over ``sharding.large_table_bytes``) over all 16 chips with their Adam moments, the
+smaller ones over the 4 "model" chips of each VM; the batch is split over all 16 chips. Learning rate by the square-root rule of ``pod_base.py``: peak
 1e-4 x sqrt(16,384 / 1,024) = 4e-4, warm-up 1,000 updates (the reference's 10.24M examples
 would be only 625), cosine decay to step 10,000; bf16 compute; checkpoints every 1,000 steps.
 

@@ -1,8 +1,10 @@
-"""The search model on a TPU v5p-128 slice: 64 chips on 16 TPU VMs, embedding tables replicated.
+"""The search model on a TPU v5p-128 slice: 64 chips on 16 TPU VMs, large tables over all chips.
 
-Global batch 65,536 (1,024 rows per chip, 4,096 per VM), mesh data=64 x model=1: the tables'
-15.4 GB of training state (parameters, gradient, Adam moments) fit well within a v5p chip's
-95 GB, so nothing is sharded and no chip repeats another's rows. Learning rate by the
+Global batch 65,536 (1,024 rows per chip, 4,096 per VM), mesh data=64 x model=1: no chip repeats
+another's rows. The advertiser and brand tables (over ``sharding.large_table_bytes``) are
+row-sharded over the 64 chips with their Adam moments, so no chip holds, updates or all-reduces a
+whole 2.6 GB table; the small tables are replicated (``multitower compile --config
+experiments/pod_v5p.py`` reports the compiled step per chip). Learning rate by the
 square-root rule of ``pod_base.py``: peak 1e-4 x sqrt(65,536 / 1,024) = 8e-4 (end 8e-5),
 warm-up 1,000 updates, cosine decay to step 10,000; bf16 compute; checkpoints every 1,000 steps.
 

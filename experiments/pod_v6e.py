@@ -1,9 +1,9 @@
-"""The search model on a TPU v6e-32 slice: 32 chips on 8 TPU VMs, tables sharded 2 ways.
+"""The search model on a TPU v6e-32 slice: 32 chips on 8 TPU VMs, large tables over all chips.
 
 Global batch 32,768 (2,048 rows per data replica, 4,096 per VM), mesh data=16 x model=2: a v6e
-chip has 32 GB of HBM, so the tables' 15.4 GB of training state is halved to 7.7 GB per chip by
-sharding every embedding table row-wise over the 2 "model" chips (rule ("vocab", "model"), rows
-padded to a multiple of 128). Learning rate by the square-root rule of ``pod_base.py``: peak
+chip has 32 GB of HBM: the advertiser and brand tables (over ``sharding.large_table_bytes``) are
+row-sharded over all 32 chips with their Adam moments, the smaller ones over the 2 "model" chips
+(rule ("vocab", "model"), rows padded to a multiple of 128); the batch is split over all 32 chips. Learning rate by the square-root rule of ``pod_base.py``: peak
 1e-4 x sqrt(32,768 / 1,024) = 5.66e-4, warm-up 1,000 updates, cosine decay to step 10,000; bf16
 compute; checkpoints every 1,000 steps.
 
