@@ -113,3 +113,40 @@ def test_collectives_are_read_from_hlo_text():
     est = roofline.estimate(197e12, 0.0, {}, roofline.CHIPS["v5e"], 1000)
     assert est["bound_by"] == "compute" and est["estimated_step_seconds"] == pytest.approx(1.0)
     assert est["estimated_mfu"] == pytest.approx(1.0) and np.isclose(est["estimated_examples_per_sec_per_chip"], 1000)
+
+
+def test_large_tables_are_row_sharded_over_every_device_and_the_step_is_unchanged(tmp_path):
+    """On the 8 fake CPU devices (no libtpu): tables of at least `sharding.large_table_bytes` and
+    their Adam moments hold 1/8 of their rows per device, smaller ones stay replicated, and one
+    train step (dropout on) gives the single-device step's parameters."""
+    import jax
+
+    from multitower_jax.data import fake
+    from multitower_jax.train import sharding
+    from multitower_jax.train.trainer import Trainer
+
+    dropout = ["--config.model.tower_dropout=0.2", "--config.model.fusion_dropout=0.3", "--config.model.text.dropout=0.1"]
+    config = tiny_config(tmp_path, *TINY_MODEL, *dropout, "--config.model.vocab_multiple=8")
+    config.sharding.large_table_bytes = 100_000  # the advertiser and brand tables: 520 x 64 x 4 bytes
+    one, eight = Trainer(config, None, devices=jax.devices()[:1]), Trainer(config, None, devices=jax.devices()[:8])
+    table = ("ad_tower", "features", "embed_advertiser_id", "embedding")
+    small = ("context_towers_search", "features", "embed_city", "embedding")
+
+    def get(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tree
+
+    state1, state8 = one.init_state(), eight.init_state()
+    big = get(state8["params"], table)
+    assert big.shape == (520, 64) and {s.data.shape for s in big.addressable_shards} == {(65, 64)}
+    assert {s.data.shape for s in get(state8["params"], small).addressable_shards} == {get(state8["params"], small).shape}
+    moments = [x for x in jax.tree.leaves(state8["opt_state"]) if getattr(x, "shape", None) == (520, 64)]
+    assert len(moments) >= 4 and all({s.data.shape for s in m.addressable_shards} == {(65, 64)} for m in moments)
+
+    batch = fake.random_batch(one.spec, "search", 256, seed=3)
+    new1, m1 = one.train_step(state1, {"search": sharding.shard_batch(batch, one.mesh)})
+    new8, m8 = eight.train_step(state8, {"search": sharding.shard_batch(batch, eight.mesh)})
+    np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"]), rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new1["params"]), jax.tree.leaves(new8["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
