@@ -131,6 +131,14 @@ def _assert_same_params(a: dict[str, np.ndarray], b: dict[str, np.ndarray], tol:
         np.testing.assert_allclose(a[name], b[name], rtol=tol, atol=tol, err_msg=name)
 
 
+# Across process layouts, after several steps. The same Adam effect, milder, reaches the rows of
+# rarely seen ids: a near-zero gradient's rounding noise becomes a visible share of its update
+# (seen: one element of the 8,224 of a city table off by 3.3e-5, on parameters of ~0.1 with
+# unit-norm embeddings). A wrong batch, shard or restored state moves parameters by O(lr) = 3e-3
+# per step and the AUC by far more than one pair of tied-close predictions (~1e-5).
+LAYOUT_TOL, LAYOUT_AUC_TOL = 1e-4, 1e-4
+
+
 def test_two_processes_match_one_process(experiment, runs):
     _, config = experiment
     two, one = runs
@@ -138,11 +146,11 @@ def test_two_processes_match_one_process(experiment, runs):
     assert steps2 == steps1 == list(range(1, STEPS))  # one line per step, read one step late
     np.testing.assert_allclose(losses2, losses1, rtol=1e-5, atol=1e-5)
     assert losses2[-5:].mean() < losses2[:5].mean()
-    _assert_same_params(_params(config, two, STEPS), _params(config, one, STEPS), tol=1e-5)
+    _assert_same_params(_params(config, two, STEPS), _params(config, one, STEPS), tol=LAYOUT_TOL)
     # Only process 0 writes reports; both evaluate the same gathered test split.
     report2, report1 = (json.loads((w / "eval_test.json").read_text()) for w in (two, one))
     assert report2["num_examples"] == report1["num_examples"] == 2000
-    assert report2["ctr_auc"] == pytest.approx(report1["ctr_auc"], abs=1e-5)
+    assert report2["ctr_auc"] == pytest.approx(report1["ctr_auc"], abs=LAYOUT_AUC_TOL)
     # The iterator position is saved per data shard, whichever process read the shard.
     for workdir in (two, one):
         data_dir = workdir / "checkpoints" / str(STEPS) / "data"
@@ -270,9 +278,9 @@ def test_stopped_and_killed_runs_resume_on_any_number_of_processes(experiment, r
     (steps, resumed), (straight_steps, straight) = _losses(workdir), _losses(two)
     assert steps == straight_steps  # in order, once each: what the killed leg logged late is dropped
     np.testing.assert_allclose(resumed, straight, rtol=1e-5, atol=1e-5)
-    _assert_same_params(_params(config, workdir, STEPS), _params(config, two, STEPS), tol=1e-5)
+    _assert_same_params(_params(config, workdir, STEPS), _params(config, two, STEPS), tol=LAYOUT_TOL)
     report, straight_report = (json.loads((w / "eval_test.json").read_text()) for w in (workdir, two))
-    assert report["ctr_auc"] == pytest.approx(straight_report["ctr_auc"], abs=1e-5)
+    assert report["ctr_auc"] == pytest.approx(straight_report["ctr_auc"], abs=LAYOUT_AUC_TOL)
 
 
 def test_resume_a_four_device_checkpoint_on_two_devices(synthetic_dir, tmp_path):
