@@ -14,10 +14,10 @@ the test rows (and of the validation rows) are cold; nearly every ad is in train
 Ids seen fewer than `min_count` = 2 times in train share the out-of-vocabulary row 0, which is
 also what every new user gets, so that row is trained on rare users rather than left random.
 Measured at 1,000 steps (`--config.train.num_steps=1000 --config.optim.decay_steps=900`, one
-seed, the model of commit c3c4d08; 1 h 44 min each, side by side on 2 CPU cores shared with other
-jobs): test CTR AUC on
-unseen-user rows 0.714 with the ids vs 0.723 without (paired 95 % CI of the difference -0.019 to
-+0.001), all rows 0.712 vs 0.719, oracle 0.820. The ids do not help the cold rows yet.
+seed, the model of commit c3c4d08; 1 h 44 min each, side by side on 2 CPU cores shared with
+other jobs): test CTR AUC on unseen-user rows 0.714 with the ids vs 0.723 without (paired 95 %
+CI of the difference -0.019 to +0.001), all rows 0.712 vs 0.719, oracle 0.820. The ids do not
+help the cold rows yet.
 """
 
 import ml_collections
