@@ -12,7 +12,11 @@ COMMANDS = {
     "generate": "write the built-in synthetic world (TFDS ArrayRecord splits + catalogues)",
     "ingest": "turn your impression logs (Parquet / CSV / JSONL) into TFDS ArrayRecord splits",
     "train": "train the model (resumes from the workdir's latest checkpoint), then evaluate on test",
-    "evaluate": "evaluate a trained workdir on a split: writes <workdir>/eval_<split>.json",
+    "evaluate": "evaluate a trained workdir on a split: writes <workdir>/eval_<split>.json (and prints the model "
+                "next to the baselines when <workdir>/eval_baseline.json is there)",
+    "baseline": "fit the built-in baselines (per-id smoothed rates, logistic regression on hashed ids, words and "
+                "crosses, LightGBM trees when installed) on the workdir's train split, tune them on validation, "
+                "score a split: writes <workdir>/eval_baseline.json with eval_test.json's keys",
     "calibrate": "fit calibrators per head on validation, report ECE / log loss / AUC before and after on "
                  "test: writes <workdir>/calibration.json, calibration_report.json, reliability_<head>.png",
     "bench": "benchmarks: `bench input` (input pipeline examples/s), `bench train` (step examples/s, fraction of peak), "
@@ -46,12 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     p = add("train")
     p.add_argument("--workdir", required=True,
                    help="checkpoints, metrics.jsonl, tensorboard/, eval_test.json (a folder or gs://bucket/path)")
+    p.add_argument("--seeds", default=None,
+                   help="e.g. 0,1,2: one run per seed in <workdir>/seed_<s> with config.seed and config.data.shuffle_seed "
+                        "set to s (init, dropout, batch order and downsampling vary; the data is the same, generated "
+                        "once into <workdir>/data when config.data.dir is empty), then <workdir>/seeds_summary.json: "
+                        "each metric's mean, std, min, max and spread over the seeds")
     distributed.add_flags(p)
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"], description=COMMANDS["evaluate"])
     p.add_argument("--workdir", required=True, help="a workdir written by `multitower train`")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--predictions", default=None, help="also write one row per impression to this Parquet file")
     distributed.add_flags(p)
+    p = sub.add_parser("baseline", help=COMMANDS["baseline"], description=COMMANDS["baseline"] + ". Settings: "
+                       "--config.baselines.* (run=('rates','lr','gbdt'), lr.C, gbdt.max_train_rows, ...)")
+    p.add_argument("--workdir", required=True, help="a workdir with config.json (from train), or a folder written by "
+                   "generate / ingest; eval_baseline.json is written into it")
+    p.add_argument("--split", default="test", choices=("validation", "test"))
+    p.add_argument("--config", default=None, help="an experiment file to use instead of <workdir>/config.json")
     p = sub.add_parser("calibrate", help=COMMANDS["calibrate"], description=COMMANDS["calibrate"] + ". Methods "
                        "and bins: --config.calibration.ctr=isotonic|platt|temperature|identity, .cvr=..., "
                        ".ctcvr=product|..., .ece_bins=15")
@@ -83,6 +98,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from multitower_jax.config import ConfigError
     from multitower_jax.data.logs import LogError
     from multitower_jax.data.preprocess import StatsError
+    from multitower_jax.baselines import BaselineError
     from multitower_jax.features import SpecError
     from multitower_jax.retrieval.export import CatalogueError
     from multitower_jax.retrieval.index import IndexMismatchError
@@ -91,7 +107,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from multitower_jax.serving.commands import user_errors as serving_errors
     from multitower_jax.train.aot import CompileError
 
-    return (ConfigError, LogError, StatsError, SpecError, CalibrationError, distributed.DistributedError,
+    return (ConfigError, LogError, BaselineError, StatsError, SpecError, CalibrationError, distributed.DistributedError,
             IndexMismatchError, CatalogueError, CompileError,
             TargetingError, *serving_errors(), FileNotFoundError, FileExistsError)
 
@@ -136,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             from multitower_jax.calibration import workflow
 
             config = workflow.workdir_config(args.workdir, rest)
+        elif args.command == "baseline":  # the workdir's config (or --config) with the baselines section
+            from multitower_jax.baselines import settings as baseline_settings
+
+            config = baseline_settings.baseline_config(args.workdir, args.config, rest)
         elif args.command in ("export", "index", "retrieve-eval", "rank", "export-scorer"):
             config = None  # they read the workdir's (or the export's) config themselves
         else:
@@ -161,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
             report = logs.ingest(config, features.parse_spec(config.features), args.out)
             config_lib.write_resolved(config, args.out)
             print(json.dumps(report, indent=2))
+        elif args.command == "train" and args.seeds:
+            from multitower_jax.train import seeds
+
+            _log_devices()
+            summary = seeds.train_seeds(config, args.workdir, seeds.parse_seeds(args.seeds))
+            if "metrics" in summary:
+                print(seeds.table(summary))
+                print(f"wrote {args.workdir}/{seeds.SUMMARY_FILE}")
+            else:  # a run was stopped by a signal
+                print(json.dumps(summary, indent=2))
         elif args.command == "train":
             from multitower_jax.train import trainer
 
@@ -174,6 +204,17 @@ def main(argv: list[str] | None = None) -> int:
 
             result = trainer.evaluate_workdir(config, args.workdir, args.split, args.predictions)
             print(json.dumps(result, indent=2))
+            from multitower_jax.baselines import report as baseline_report
+
+            table = baseline_report.comparison(result, args.workdir, args.split)
+            if table:
+                print(table, file=sys.stderr)
+        elif args.command == "baseline":
+            from multitower_jax.baselines import commands as baseline_commands
+
+            report = baseline_commands.run(config, args.workdir, args.split)
+            print(baseline_commands.summary(report))
+            print(f"wrote {args.workdir}/{baseline_commands.RESULT_FILE} ({report['seconds']:.0f} s)")
         elif args.command == "calibrate":
             result = workflow.calibrate_workdir(config, args.workdir)
             print(json.dumps(result, indent=2))

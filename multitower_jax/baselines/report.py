@@ -1,0 +1,40 @@
+"""The model next to the baselines: what `multitower evaluate` prints when the workdir has an
+``eval_baseline.json`` (written by `multitower baseline`). Light: no learner is imported."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+RESULT_FILE = "eval_baseline.json"
+# report key -> column header (cvr_entire_space_auc: pCVR ranking conversions over every impression)
+KEYS = {"ctr_auc": "ctr_auc", "ctr_logloss": "ctr_logloss", "ctcvr_auc": "ctcvr_auc", "cvr_auc": "cvr_auc",
+        "cvr_entire_space_auc": "cvr_all_auc"}
+
+
+def load(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    from etils import epath  # noqa: PLC0415
+
+    path = epath.Path(workdir) / RESULT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _cell(value: Any) -> str:
+    return f"{value:>12.4f}" if isinstance(value, int | float) and not math.isnan(value) else f"{'-':>12}"
+
+
+def comparison(model: dict[str, Any], workdir: str | os.PathLike, split: str) -> str | None:
+    """A table of the model's report and every baseline's on the same split; a note when the
+    baselines were scored on another split; None when there are none."""
+    baselines = load(workdir)
+    if baselines is None:
+        return None
+    if baselines.get("split") != split:
+        return (f"({RESULT_FILE} scores the {baselines.get('split')} split, not {split}: rerun "
+                f"`multitower baseline --workdir {workdir} --split {split}` to compare)")
+    rows = [f"{split:<24}" + "".join(f"{h:>12}" for h in KEYS.values())]
+    for name, report in [("model", model), *baselines["baselines"].items()]:
+        rows.append(f"{name:<24}" + "".join(_cell(report.get(k)) for k in KEYS))
+    return "\n".join(rows)
