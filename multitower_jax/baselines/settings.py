@@ -44,7 +44,7 @@ def defaults() -> ml_collections.ConfigDict:
     # Hashed features seen fewer times in train are dropped (rare crosses are mostly noise, and
     # L-BFGS's cost per iteration grows with the number of weights: 3 halves it on the quickstart).
     c.lr.min_count = 3
-    c.lr.C = (0.03, 0.1, 0.3)  # inverse L2 strength, chosen on validation AUC (warm-started path)
+    c.lr.C = (0.003, 0.01, 0.03)  # inverse L2 strength, chosen per head on validation AUC
     c.lr.max_iter = 300
     c.lr.tol = 1e-4
 
