@@ -153,8 +153,8 @@ def test_text_encoder_shared_or_separate(share, expected):
     assert "text_encoder" not in p["context_towers_category_browse"]  # no text there
 
 
-def test_fusion_input_widths_for_concat_and_dot():
-    for fusion, width in (("concat", 48), ("dot", 51)):
+def test_fusion_input_widths_for_concat_dot_and_product():
+    for fusion, width in (("concat", 48), ("dot", 51), ("product", 96)):
         config = tiny_config(fusion=fusion)
         model = build_model(config, F.parse_spec(config.features))
         p = params_of(jax.eval_shape(lambda r, m=model: init_params(m, r), jax.random.key(0)))
@@ -171,6 +171,13 @@ def test_pattern_b_appends_the_three_pairwise_dot_products():
     np.testing.assert_allclose(x[:, 13], np.einsum("bd,bd->b", u, c), rtol=1e-6)
     np.testing.assert_allclose(x[:, 14], np.einsum("bd,bd->b", c, a), rtol=1e-6)
     assert np.asarray(interaction_features(u, c, a, "concat")).shape == (5, 12)
+
+
+def test_product_fusion_appends_the_three_elementwise_products():
+    rng = np.random.default_rng(1)
+    u, c, a = (rng.normal(size=(5, 4)).astype(np.float32) for _ in range(3))
+    x = np.asarray(interaction_features(u, c, a, "product"))
+    np.testing.assert_allclose(x, np.concatenate([u, c, a, u * a, u * c, c * a], axis=1), rtol=1e-6)
 
 
 # --- layers -------------------------------------------------------------------------------
@@ -372,7 +379,7 @@ def test_random_batch_follows_the_batch_contract():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("fusion", "x", "config.model.fusion: expected 'concat' or 'dot', got 'x'"),
+    ("fusion", "x", "config.model.fusion: expected 'concat' or 'dot' or 'product', got 'x'"),
     ("head", "cvr", "config.model.head"),
     ("tower_dropout", 1.5, "config.model.tower_dropout"),
     ("user_hidden", (256, -1), "config.model.user_hidden"),

@@ -45,7 +45,7 @@ def inputs(b, n, seed=0):
             rng.uniform(0.5, 1.5, (b, n)).astype(np.float32))
 
 
-@pytest.mark.parametrize("fusion", ["dot", "concat"])
+@pytest.mark.parametrize("fusion", ["dot", "concat", "product"])
 @pytest.mark.parametrize("head", ["ctr", "ctr_cvr", "esmm"])
 def test_factorized_equals_score_embeddings_and_ranks_by_ecpm(fusion, head):
     config, model, params = fusion_model(fusion, head)

@@ -4,6 +4,9 @@ Pattern A ("concat"): [E_user, E_context, E_ad] -> MLP.
 Pattern B ("dot"): the same plus the pairwise dot products user.ad, user.context and
 context.ad, which are the terms of the retrieval score (E_user + E_context) . E_ad; giving
 them to the MLP explicitly ties scoring to retrieval.
+"product": [E_user, E_context, E_ad] plus the elementwise products user*ad, user*context and
+context*ad, so the first layer learns its own weighted bilinear forms between towers (the dots
+are their unweighted sums): explicit cross-tower interactions such as device x campaign.
 The MLP is 256 -> 128 -> 64 of Dense -> LayerNorm -> ReLU -> Dropout(0.3) blocks.
 """
 
@@ -21,7 +24,7 @@ from multitower_jax.models import layers
 Array = jax.Array
 Dtype = Any
 
-FUSIONS = ("concat", "dot")
+FUSIONS = ("concat", "dot", "product")
 
 
 def pairwise_dots(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array) -> Array:
@@ -37,10 +40,12 @@ def pairwise_dots(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array) -> A
 
 
 def interaction_features(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, mode: str) -> Array:
-    """The fusion MLP's input: [B, 3D] for "concat", [B, 3D + 3] for "dot"."""
+    """The fusion MLP's input: [B, 3D] for "concat", [B, 3D + 3] for "dot", [B, 6D] for "product"."""
     parts = [e_user_BxD, e_context_BxD, e_ad_BxD]
     if mode == "dot":
         parts.append(pairwise_dots(e_user_BxD, e_context_BxD, e_ad_BxD))
+    elif mode == "product":  # row order: user*ad, user*context, context*ad (as pairwise_dots)
+        parts += [e_user_BxD * e_ad_BxD, e_user_BxD * e_context_BxD, e_context_BxD * e_ad_BxD]
     elif mode != "concat":
         raise ValueError(f"fusion: expected one of {FUSIONS}, got {mode!r}")
     return jnp.concatenate(parts, axis=-1)

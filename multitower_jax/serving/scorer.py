@@ -7,7 +7,13 @@ The first fusion layer is factorized. Its input is [u, c, a] (+ [u.a, u.c, c.a] 
               `------- once per request -------'  `per ad'  `--- two D-dots per candidate ---'
 
 `a W_a` is computed once per ad at export time (`ad_part`), so a candidate costs two D-wide dot
-products and an H-wide add instead of a (3D + 3) x H matmul row. The rest of the fusion MLP and
+products and an H-wide add instead of a (3D + 3) x H matmul row. For "product" the input adds
+[u*a, u*c, c*a] and
+
+    (u*a) W_ua + (c*a) W_ca = a (diag(u) W_ua + diag(c) W_ca)
+                                 `---- a D x H matrix per request ----'
+
+so a candidate costs one D x H matvec (instead of a 6D x H one) and an H-wide add. The rest of the fusion MLP and
 the heads run through the model's own modules (`layers.Block`, `layer_norm`, `Heads`), so they
 cannot drift from training. The calibrators run inside the same compiled function.
 
@@ -48,7 +54,7 @@ class Calibrator(Protocol):
 class ScorerSpec:
     """The static description of one placement's scorer (what the compiled function depends on)."""
 
-    fusion: str  # "concat" | "dot"
+    fusion: str  # "concat" | "dot" | "product"
     fusion_hidden: tuple[int, ...]
     head: str  # "ctr" | "ctr_cvr" | "esmm"
     embed_dim: int
@@ -63,17 +69,19 @@ class ScorerSpec:
 
 
 def split_first_layer(fusion_params: Params, mode: str, embed_dim: int) -> dict[str, Array]:
-    """Slice the first fusion Dense kernel [(3D [+3]) x H] into its user/context/ad/dot parts."""
+    """Slice the first fusion Dense kernel [(3D [+3 | +3D]) x H] into its user/context/ad/cross parts."""
     d = embed_dim
     dense = fusion_params["mlp"]["block_0"]["dense"]
     kernel, bias = jnp.asarray(dense["kernel"], jnp.float32), jnp.asarray(dense["bias"], jnp.float32)
-    expected = 3 * d + (3 if mode == "dot" else 0)
+    expected = 3 * d + {"dot": 3, "product": 3 * d}.get(mode, 0)
     if kernel.shape[0] != expected:
         raise ValueError(f"fusion kernel has {kernel.shape[0]} input rows; fusion {mode!r} with "
                          f"embed_dim {d} needs {expected}")
     parts = {"w_user": kernel[:d], "w_context": kernel[d:2 * d], "w_ad": kernel[2 * d:3 * d], "bias": bias}
     if mode == "dot":  # row order of fusion.pairwise_dots: user.ad, user.context, context.ad
         parts.update(w_ua=kernel[3 * d], w_uc=kernel[3 * d + 1], w_ca=kernel[3 * d + 2])
+    elif mode == "product":  # row order of fusion.interaction_features: user*ad, user*context, context*ad
+        parts.update(w_ua=kernel[3 * d:4 * d], w_uc=kernel[4 * d:5 * d], w_ca=kernel[5 * d:6 * d])
     return parts
 
 
@@ -125,6 +133,10 @@ def score_candidates(params: Params, calibration: Calibrator | None, spec: Score
         ca_BxN = jnp.einsum("bnd,bd->bn", a, c)
         x_BxNxH = (x_BxNxH + r_BxH_dot[:, None, :] + ua_BxN[..., None] * parts["w_ua"]
                    + ca_BxN[..., None] * parts["w_ca"])
+    elif spec.fusion == "product":
+        r_BxH_uc = (u * c) @ parts["w_uc"]
+        m_BxDxH = u[:, :, None] * parts["w_ua"] + c[:, :, None] * parts["w_ca"]
+        x_BxNxH = x_BxNxH + r_BxH_uc[:, None, :] + jnp.einsum("bnd,bdh->bnh", a, m_BxDxH)
     b, n, h = x_BxNxH.shape
     fused = _mlp_tail(fusion_params, spec, x_BxNxH.reshape(b * n, h))
     out = Heads(spec.head, jnp.float32).apply({"params": head_params}, fused)
