@@ -150,3 +150,42 @@ def test_large_tables_are_row_sharded_over_every_device_and_the_step_is_unchange
     np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"]), rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new1["params"]), jax.tree.leaves(new8["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_bytes_breakdown_counts_tile_padded_operands_and_results_by_phase_and_part():
+    """`roofline.bytes_breakdown` on a hand-written compiled module: fused and reducer computations
+    are not counted on their own, async "-done" halves and tuples are free, T(8,128) tiles pad
+    the two minor dims, a copy inherits its producer's component; the sums are worked by hand."""
+    enc = "jit(_train_step)/{}(MultiTowerModel){}/MultiTowerModel.embed_ad/ad_tower/text_encoder/layer_0/mul"
+    hlo = "\n".join([
+        "%fused_computation.1 (p0: f32[4,8]) -> f32[4,8] {",
+        "  %p0 = f32[4,8]{1,0} parameter(0)",
+        "  ROOT %neg.1 = f32[4,8]{1,0} negate(%p0)",
+        "}",
+        "%add (a: bf16[], b: bf16[]) -> bf16[] {",
+        "  %a = bf16[] parameter(0)",
+        "  %b = bf16[] parameter(1)",
+        "  ROOT %add.0 = bf16[] add(%a, %b)",
+        "}",
+        "ENTRY %main (param.1: f32[4,8], param.2: bf16[16,48]) -> (f32[4,8], bf16[16,48]) {",
+        "  %param.1 = f32[4,8]{1,0:T(8,128)} parameter(0)",
+        "  %param.2 = bf16[16,48]{1,0} parameter(1)",
+        f'  %fusion.1 = f32[4,8]{{1,0:T(8,128)}} fusion(%param.1), kind=kLoop, calls=%fused_computation.1, '
+        f'metadata={{op_name="{enc.format("jvp", "")}"}}',
+        f'  %fusion.2 = f32[4,8]{{1,0}} fusion(%fusion.1), kind=kLoop, calls=%fused_computation.1, '
+        f'metadata={{op_name="{enc.format("transpose(jvp", ")")}"}}',
+        "  %copy-start.1 = (f32[4,8]{1,0}, f32[4,8]{1,0:S(1)}, u32[]{:S(2)}) copy-start(%fusion.2)",
+        "  %copy-done.1 = f32[4,8]{1,0:S(1)} copy-done(%copy-start.1)",
+        "  %all-reduce.1 = bf16[16,48]{1,0} all-reduce(%param.2), channel_id=1, to_apply=%add",
+        '  %add.5 = f32[4,8]{1,0} add(%copy-done.1, %fusion.2), metadata={op_name="jit(_train_step)/add"}',
+        "  ROOT %tuple.1 = (f32[4,8]{1,0}, bf16[16,48]{1,0}) tuple(%add.5, %all-reduce.1)",
+        "}",
+    ])
+    b = roofline.bytes_breakdown(hlo)
+    padded = 8 * 128 * 4  # f32[4,8] in T(8,128) tiles
+    plain = 4 * 8 * 4
+    assert b["by_phase"] == {"forward": 2 * padded, "backward": padded + plain, "copy": 2 * plain,
+                             "collective": 2 * 16 * 48 * 2, "update": 3 * plain}
+    assert b["by_component"] == {"ad_tower/text_encoder": 3 * padded + 3 * plain, "collective": 2 * 16 * 48 * 2,
+                                 "optimizer": 3 * plain}
+    assert b["total"] == 3 * padded + 6 * plain + 2 * 16 * 48 * 2

@@ -12,7 +12,8 @@ of a TPU slice without the slice; the mesh is built from them exactly as `train`
 
 No data is read: batches are ShapeDtypeStructs of the feature spec's shapes. Per chip it reports
 HBM (argument, output, temp, peak) against the chip's capacity, FLOPs and bytes accessed
-(`cost_analysis`), the collectives of the compiled HLO, and a roofline estimate (`roofline`).
+(`cost_analysis`) and where they go (`roofline.bytes_breakdown`: by phase and model component),
+the collectives of the compiled HLO, and a roofline estimate (`roofline`).
 Out of memory is a `CompileError` that names the largest parameters and the rule that splits them.
 """
 
@@ -172,16 +173,13 @@ def _compile_scorer(config, trainer, device) -> Any:
 
     settings = ServingSettings.from_config(config)
     m = ModelConfig.from_config(config)
-    spec = scorer_lib.ScorerSpec(fusion=m.fusion, fusion_hidden=tuple(m.fusion_hidden), head=m.head,
-                                 embed_dim=m.embed_dim, objective=settings.objective,
-                                 ctr_weight=float(settings.ctr_weight), cvr_weight=float(settings.cvr_weight),
-                                 top_n=settings.top_n)
+    spec = scorer_lib.ScorerSpec.from_model(m, settings)
     one = jax.sharding.SingleDeviceSharding(device)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                           scorer_lib.placement_params(trainer.abstract_state["params"], trainer.placement))
     b = max(settings.batch_buckets)
     n = bucket_for(settings.num_candidates, settings.buckets)
-    d, h = m.embed_dim, m.fusion_hidden[0]
+    d, h = m.embed_dim, spec.ad_part_width
     f32 = np.float32
     shapes = [((b, d), f32), ((b, d), f32), ((b, n, d), f32), ((b, n, h), f32), ((b, n), f32), ((b, n), f32),
               ((b, n), np.bool_)]
@@ -210,8 +208,9 @@ def cost(compiled) -> dict[str, float]:
 
 def analyze(compiled, chip: roofline.Chip, examples_per_chip: float) -> dict[str, Any]:
     mem, cst = memory(compiled), cost(compiled)
-    found = roofline.collectives(compiled.as_text())
-    return {"memory": mem, **cst, "collectives": found,
+    text = compiled.as_text()
+    found = roofline.collectives(text)
+    return {"memory": mem, **cst, "collectives": found, "bytes_breakdown": roofline.bytes_breakdown(text),
             "collective_bytes": float(sum(v["bytes"] for v in found.values())),
             **roofline.estimate(cst["flops"], cst["bytes_accessed"], found, chip, examples_per_chip)}
 
@@ -284,6 +283,12 @@ def summary(report: dict[str, Any]) -> str:
     t = report["programs"]["train_step"]
     kinds = ", ".join(f"{k} x{int(v['count'])} {v['bytes'] / 1e6:,.1f} MB" for k, v in t["collectives"].items())
     lines.append(f"train step collectives (per chip, result bytes): {kinds or 'none'}")
+    b = t["bytes_breakdown"]
+    if b["total"]:
+        parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in list(b["by_component"].items())[:5])
+        phases = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in b["by_phase"].items())
+        lines.append(f"train step bytes accessed per chip, GB, from the HLO ({b['total'] / 1e9:.2f} GB found of "
+                     f"{t['bytes_accessed'] / 1e9:.2f}): by part {parts}; by phase {phases}")
     lines.append(f"train step: peak HBM {100 * report['peak_hbm_fraction']:.1f}% of the chip, estimated "
                  f"{1e3 * report['estimated_step_seconds']:.3f} ms (compute {1e3 * report['compute_seconds']:.3f}, "
                  f"HBM {1e3 * report['hbm_seconds']:.3f}, ICI {1e3 * report['ici_seconds']:.3f}), "

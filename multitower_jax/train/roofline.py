@@ -133,3 +133,123 @@ def estimate(flops: float, hbm_bytes: float, found: dict[str, dict[str, float]],
         "estimated_mfu": flops / step / chip.peak_bf16_flops,
         "bound_by": max(seconds, key=seconds.get),
     }
+
+
+# -- where a compiled step's HBM bytes go -------------------------------------------------------
+
+_TILED_ARRAY = re.compile(r"\b(?P<dtype>[a-z]+\d*[a-z0-9]*)\[(?P<dims>[\d,]*)\](?P<layout>\{[^}]*\})?")
+_HLO_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%(?P<name>\S+)\s+=\s+(?P<shape>.*?)\s+(?P<op>[a-z][a-z0-9\-]*)\("
+                              r"(?P<rest>.*)$")
+_CALLED = re.compile(r"\b(?:calls|to_apply)=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_MODULE = re.compile(r"MultiTowerModel\.\w+/(\w+)(?:/(\w+))?")
+# Instructions that move no data of their own (their operands' bytes are counted where produced
+# and consumed); the async "-done" halves are counted at their "-start".
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id",
+         "while", "conditional", "call", "opt-barrier", "copy-done", "all-reduce-done", "all-gather-done",
+         "collective-permute-done", "async-done", "send-done", "recv-done"}
+
+
+def _tiled_bytes(shape: str) -> float:
+    """Bytes of an HLO shape as laid out: dims padded to the layout's first tile (``T(8,128)``:
+    the second-minor dim to 8, the minor dim to 128; TPU layouts pad small dims this way)."""
+    total = 0.0
+    for m in _TILED_ARRAY.finditer(shape):
+        if m["dtype"] not in _DTYPE_BYTES:
+            continue
+        dims = [int(d) for d in filter(None, m["dims"].split(","))]
+        layout = (m["layout"] or "{}")[1:-1]
+        minor_to_major = [int(x) for x in layout.split(":")[0].split(",") if x.strip().isdigit()]
+        tile = re.search(r"T\(([\d,]+)\)", layout)
+        if tile and minor_to_major and dims:
+            sizes = [int(x) for x in tile[1].split(",")]
+            for k, dim in enumerate(minor_to_major[:len(sizes)]):
+                dims[dim] = -(-dims[dim] // sizes[-1 - k]) * sizes[-1 - k]
+        n = 1
+        for d in dims:
+            n *= d
+        total += n * _DTYPE_BYTES[m["dtype"]]
+    return total
+
+
+def _part(op: str, op_name: str) -> tuple[str, str]:
+    """(phase, component) of an instruction, from its opcode and JAX's op_name metadata."""
+    base = op.removesuffix("-start")
+    if base in COLLECTIVES:
+        phase = "collective"
+    elif base == "copy":
+        phase = "copy"  # layout changes and prefetches between memory spaces
+    elif "transpose(jvp(" in op_name:
+        phase = "backward"
+    elif "jvp(" in op_name:
+        phase = "forward"
+    elif op_name:
+        phase = "update"  # after the gradient: the optimizer, the metrics
+    else:
+        phase = "unattributed"
+    m = _MODULE.search(op_name)
+    if m:
+        component = m[1] + (f"/{m[2]}" if m[2] else "")
+    elif "jvp()" in op_name or "jvp(jit(" in op_name:
+        component = "loss"
+    else:
+        component = "optimizer" if phase == "update" else ""
+    return phase, component
+
+
+def bytes_breakdown(hlo_text: str) -> dict[str, Any]:
+    """Bytes each instruction of a compiled (per-device) HLO module reads and writes, summed by
+    phase (forward, backward, update, collective, copy) and by model component (from JAX's
+    op_name metadata: "ad_tower/text_encoder", "loss", "optimizer", ...).
+
+    Each instruction outside fused computations counts its operands' and its result's bytes,
+    padded to the layout's tiles, as XLA's cost analysis counts "bytes accessed"; the sum is
+    close to (not equal to) `cost_analysis()`'s, which sees inside fusions. Instructions in loop
+    bodies are counted once. It tells where the bytes go, not how many there are."""
+    computations: dict[str, list] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            current = re.match(r"^(?:ENTRY\s+)?%?(\S+)", line)[1]
+            computations[current] = []
+            continue
+        m = _HLO_INSTRUCTION.match(line)
+        if m and current is not None:
+            computations[current].append(m)
+    nested = {called for body in computations.values() for m in body for called in _CALLED.findall(m["rest"])
+              if m["op"] not in ("while", "conditional", "call")}
+    shapes = {m["name"]: m["shape"] for body in computations.values() for m in body}
+    producers = {m["name"]: m for body in computations.values() for m in body}
+    names: dict[str, str] = {}
+
+    def op_name_of(name: str, depth: int = 0) -> str:
+        """The instruction's op_name, or (copies and other compiler-made instructions carry
+        none) the nearest one up its first-operand chain."""
+        if name not in names:
+            m = producers.get(name)
+            found = _OP_NAME.search(m["rest"]) if m else None
+            if found or m is None or depth > 20:
+                names[name] = found[1] if found else ""
+            else:
+                first = re.search(r"%([\w.\-]+)", m["rest"].split(")", 1)[0])
+                names[name] = op_name_of(first[1], depth + 1) if first else ""
+        return names[name]
+
+    by_phase: dict[str, float] = {}
+    by_component: dict[str, float] = {}
+    by_both: dict[str, float] = {}
+    for name, body in computations.items():
+        if name in nested:
+            continue
+        for m in body:
+            if m["op"] in _FREE:
+                continue
+            operands = re.findall(r"%([\w.\-]+)", m["rest"].split(")", 1)[0])
+            read = sum(_tiled_bytes(shapes.get(o, "")) for o in operands)
+            written = read if m["op"] == "copy-start" else _tiled_bytes(m["shape"])
+            phase, component = _part(m["op"], op_name_of(m["name"]))
+            for table, key in ((by_phase, phase), (by_component, component or phase), (by_both, f"{phase}: {component}")):
+                table[key] = table.get(key, 0.0) + read + written
+    order = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
+    return {"total": sum(by_phase.values()), "by_phase": order(by_phase), "by_component": order(by_component),
+            "by_phase_and_component": order(by_both)}
