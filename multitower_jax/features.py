@@ -49,6 +49,10 @@ class Categorical:
     # row 0 (counted in the statistics pass), so a cold id shares one trained row instead of
     # keeping its own never-trained random one. 0 or 1: off.
     min_count: int = 0
+    # In training, this fraction of rows sees the out-of-vocabulary row 0 instead of its id, so
+    # the towers learn to score a row from its other features when the id is cold (what every
+    # unseen id gets at serving time). 0: off.
+    oov_rate: float = 0.0
     type: str = "categorical"
 
     @property
@@ -185,6 +189,9 @@ def _parse_feature(path: str, name: str, raw: Any) -> Feature:
             raise SpecError(f"{path}: vocab has {len(feature.vocab)} entries but size is {feature.size}")
         if isinstance(feature.min_count, bool) or not isinstance(feature.min_count, int) or feature.min_count < 0:
             raise SpecError(f"{path}.min_count: expected an integer >= 0 (0 or 1: off), got {feature.min_count!r}")
+        rate = feature.oov_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+            raise SpecError(f"{path}.oov_rate: expected a fraction in [0, 1), got {rate!r}")
     if isinstance(feature, Text) and feature.vocab_size < 3:
         raise SpecError(f"{path}.vocab_size: needs at least 3 (pad, [CLS] and one word bucket)")
     return feature

@@ -210,6 +210,22 @@ def test_feature_embedding_matches_a_numpy_reference():
     np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
+def test_oov_rate_sends_that_fraction_of_training_rows_to_row_zero_and_none_in_eval():
+    spec = F.TowerSpec("t", (F.Categorical("user_id", size=50, dim=4, oov_rate=0.25),))
+    module = FeatureEmbedding(spec)
+    ids = {"user_id": np.arange(1, 4001, dtype=np.int32) % 50 + 1}  # never 0 itself
+    variables = random_params(lambda r: module.init(r, ids))
+    table = np.asarray(params_of(variables)["embed_user_id"]["embedding"])
+    eval_out = np.asarray(module.apply(variables, ids))
+    np.testing.assert_allclose(eval_out, table[ids["user_id"]], rtol=1e-6)  # eval: every row its own id
+    out = np.asarray(module.apply(variables, ids, train=True, rngs={"dropout": jax.random.key(3)}))
+    cold = np.all(out == table[0], axis=1)
+    np.testing.assert_allclose(out[~cold], table[ids["user_id"][~cold]], rtol=1e-6)
+    assert abs(cold.mean() - 0.25) < 0.03  # 4,000 rows: s.d. of the fraction ~0.007
+    with pytest.raises(F.SpecError, match=r"features.user.user_id.oov_rate: expected a fraction in \[0, 1\)"):
+        F._parse_feature("features.user.user_id", "user_id", dict(type="categorical", size=5, dim=2, oov_rate=1.5))
+
+
 def test_sinusoidal_positions_match_the_seeds_worked_example():
     table = sinusoidal_positions(4, 4)
     np.testing.assert_allclose(table[1], [0.841, 0.540, 0.010, 1.000], atol=1e-3)

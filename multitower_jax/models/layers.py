@@ -211,6 +211,8 @@ class FeatureEmbedding(nn.Module):
     dense float32[B, dim] -> passed through;
     multi_hot int32[B, max_items] (ids + 1, 0 = pad) -> mean of the embeddings of the real items.
     Text features are left to the tower, which owns (or shares) a text encoder.
+    In training, a categorical feature with `oov_rate` > 0 sends that fraction of rows to row 0
+    (drawn from the "dropout" rng stream).
     """
 
     spec: F.TowerSpec
@@ -223,7 +225,7 @@ class FeatureEmbedding(nn.Module):
         return sum(feature_width(f) for f in self.spec.features if not isinstance(f, F.Text))
 
     @nn.compact
-    def __call__(self, features: Mapping[str, Array]) -> Array:
+    def __call__(self, features: Mapping[str, Array], train: bool = False) -> Array:
         parts = []
         for f in self.spec.features:
             if isinstance(f, F.Text):
@@ -234,7 +236,11 @@ class FeatureEmbedding(nn.Module):
             if isinstance(f, F.Categorical):
                 table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype, self.vocab_multiple,
                               self.embed_init)
-                parts.append(table(x.astype(jnp.int32)))
+                ids_B = x.astype(jnp.int32)
+                if train and f.oov_rate > 0:
+                    cold_B = jax.random.bernoulli(self.make_rng("dropout"), f.oov_rate, ids_B.shape)
+                    ids_B = jnp.where(cold_B, 0, ids_B)
+                parts.append(table(ids_B))
             elif isinstance(f, F.MultiHot):
                 table = embed(f.num_embeddings, f.dim, f"embed_{f.name}", self.dtype, self.vocab_multiple,
                               self.embed_init)

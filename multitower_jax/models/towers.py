@@ -79,7 +79,7 @@ class Tower(nn.Module):
             parts.append(encoder(tokens_BxL, train=train).astype(self.dtype))
         if len(texts) < len(self.spec.features):
             parts.append(layers.FeatureEmbedding(self.spec, self.dtype, self.vocab_multiple, self.embed_init,
-                                                 name="features")(features))
+                                                 name="features")(features, train))
         x_BxI = jnp.concatenate(parts, axis=-1)
         return layers.MLP(tuple(self.hidden_sizes), self.dropout_rate, self.dtype, self.output_activation,
                           name="mlp")(x_BxI, train)
