@@ -7,6 +7,8 @@ import json
 import sys
 
 from multitower_jax import distributed, hostmem
+from multitower_jax.retrieval import commands as retrieval_commands  # export, index, retrieve-eval
+from multitower_jax.serving import commands as serving_commands  # rank, export-scorer
 
 COMMANDS = {
     "generate": "write the built-in synthetic world (TFDS ArrayRecord splits + catalogues)",
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="a workdir written by `multitower train`")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--predictions", default=None, help="also write one row per impression to this Parquet file")
+    retrieval_commands.add_allow_flag(p)
     distributed.add_flags(p)
     p = sub.add_parser("baseline", help=COMMANDS["baseline"], description=COMMANDS["baseline"] + ". Settings: "
                        "--config.baselines.* (run=('rates','lr','gbdt'), lr.C, gbdt.max_train_rows, ...)")
@@ -72,11 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                        ".ctcvr=product|..., .ece_bins=15")
     p.add_argument("--workdir", required=True, help="a workdir written by `multitower train` (written into)")
     distributed.add_flags(p)
-    from multitower_jax.retrieval import commands as retrieval_commands  # export, index, retrieve-eval
-
     retrieval_commands.add_parsers(sub)
-    from multitower_jax.serving import commands as serving_commands  # rank, export-scorer
-
     serving_commands.add_parsers(sub)
     p = add("bench")
     p.add_argument("what", choices=BENCHES, help="what to benchmark")
@@ -96,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from multitower_jax.config import ConfigError
+    from multitower_jax.run_identity import RunMismatchError
+    from multitower_jax.workdir import WorkdirError
     from multitower_jax.data.logs import LogError
     from multitower_jax.data.preprocess import StatsError
     from multitower_jax.baselines import BaselineError
@@ -106,9 +107,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from multitower_jax.calibration import CalibrationError
     from multitower_jax.serving.commands import user_errors as serving_errors
     from multitower_jax.train.aot import CompileError
+    from multitower_jax.train.trainer import CheckpointError
 
     return (ConfigError, LogError, BaselineError, StatsError, SpecError, CalibrationError, distributed.DistributedError,
-            IndexMismatchError, CatalogueError, CompileError,
+            IndexMismatchError, CatalogueError, CompileError, CheckpointError, RunMismatchError, WorkdirError,
             TargetingError, *serving_errors(), FileNotFoundError, FileExistsError)
 
 
@@ -166,21 +168,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "generate":
-            from multitower_jax.data.generate import generate
+            from multitower_jax.data.generate import generate_command
 
-            config.data.dir = args.out
-            summary = generate(config, args.out)
-            config_lib.write_resolved(config, args.out)
-            print(json.dumps(summary, indent=2))
-            print(f"wrote {args.out} (use --config.data.dir={args.out})")
+            generate_command(config, args.out)
         elif args.command == "ingest":
-            from multitower_jax import features
-            from multitower_jax.data import logs
+            from multitower_jax.data.logs import ingest_command
 
-            config.data.dir = args.out
-            report = logs.ingest(config, features.parse_spec(config.features), args.out)
-            config_lib.write_resolved(config, args.out)
-            print(json.dumps(report, indent=2))
+            ingest_command(config, args.out)
         elif args.command == "train" and args.seeds:
             from multitower_jax.train import seeds
 
@@ -202,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from multitower_jax.train import trainer
 
-            result = trainer.evaluate_workdir(config, args.workdir, args.split, args.predictions)
+            result = trainer.evaluate_workdir(config, args.workdir, args.split, args.predictions,
+                                              allow_other_run=args.allow_other_run)
             print(json.dumps(result, indent=2))
             from multitower_jax.baselines import report as baseline_report
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import importlib.util
 import json
 import os
@@ -21,6 +22,7 @@ import ml_collections
 from etils import epath
 
 from multitower_jax import features as features_lib
+from multitower_jax import fileio
 
 OVERRIDE_PREFIX = "--config."
 
@@ -234,6 +236,19 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
                  "(rows are padded to it so each device holds an equal slice; e.g. 128)", multiple)
 
 
+# The config sections that decide what an embedding means; training knobs do not.
+FINGERPRINT_SECTIONS = ("features", "model", "loss")
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+    """A short stable hash of the config sections that define the model's inputs and outputs
+    (the architecture, not the weights: that is `run_identity`'s job)."""
+    resolved = json.loads(to_json(config))
+    part = {k: resolved.get(k) for k in FINGERPRINT_SECTIONS}
+    part["placements"] = resolved["data"]["placements"]
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
@@ -242,11 +257,7 @@ def write_resolved(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     """Write the resolved config as ``<workdir>/config.json`` (atomically; a local folder or gs://...)."""
     workdir = epath.Path(workdir)  # pathlib.Path would turn gs://bucket/run into the local gs:/bucket/run
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(to_json(config))
-    tmp.replace(path)
-    return path
+    return fileio.write_text(workdir / "config.json", to_json(config))
 
 
 def from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -5,14 +5,14 @@
 
 Export, retrieval and serving all start here, so they agree on which checkpoint and which
 preprocessing they use. ``fingerprint`` identifies the model architecture and feature spec
-(not the weights): artifacts built from one model refuse to load against another.
+(not the weights): artifacts built from one model refuse to load against another. ``identity``
+names the training run and its parameter shapes (`run_identity`): artifacts built from another
+run of the same model are refused too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +21,13 @@ from etils import epath
 
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
+from multitower_jax import run_identity
+from multitower_jax import workdir as workdir_lib
 from multitower_jax.data.preprocess import FeatureStats, Preprocessor
 from multitower_jax.models import model as model_lib
 
-# The config sections that decide what an embedding means; training knobs do not.
-FINGERPRINT_SECTIONS = ("features", "model", "loss")
-
-
-def fingerprint(config: ml_collections.ConfigDict) -> str:
-    """A short stable hash of the sections that define the model's inputs and outputs."""
-    resolved = json.loads(config_lib.to_json(config))
-    part = {k: resolved.get(k) for k in FINGERPRINT_SECTIONS}
-    part["placements"] = resolved["data"]["placements"]
-    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+FINGERPRINT_SECTIONS = config_lib.FINGERPRINT_SECTIONS
+fingerprint = config_lib.fingerprint
 
 
 @dataclasses.dataclass
@@ -45,10 +39,20 @@ class Trained:
     stats: FeatureStats
     step: int
     workdir: epath.Path
+    run: dict[str, Any] | None = None  # <workdir>/run.json; None for workdirs trained before it existed
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.config)
+
+    @property
+    def identity(self) -> dict[str, str] | None:
+        """What artifacts built from these parameters record (`run_identity.stamp`): the run id,
+        and the digest of the parameter shapes actually restored."""
+        if self.run is None:
+            return None
+        return {"run_id": self.run["run_id"],
+                "params_digest": run_identity.shapes_digest(run_identity.param_shapes(self.params))}
 
     @property
     def embed_dim(self) -> int:
@@ -66,7 +70,7 @@ def load_trained(workdir: str | Path, step: int | None = None,
     `step`, that checkpoint's."""
     from multitower_jax.train import trainer as trainer_lib  # heavy: optimizer, mesh, orbax
 
-    workdir = epath.Path(workdir)  # a local folder or gs://... (pathlib would make gs:// local)
+    workdir = epath.Path(workdir_lib.absolute(workdir))  # a local folder or gs://... (pathlib would make gs:// local)
     if not (workdir / "config.json").is_file():
         raise FileNotFoundError(f"{workdir / 'config.json'} not found: is {workdir} a `multitower train` workdir?")
     config = config_lib.apply_overrides(config_lib.from_json(workdir / "config.json"), overrides)
@@ -74,4 +78,4 @@ def load_trained(workdir: str | Path, step: int | None = None,
     trainer = trainer_lib.Trainer(config, workdir)
     params, step = trainer.restore_final(step)
     return Trained(config=config, spec=trainer.spec, model=trainer.model, params=params,
-                   stats=trainer.stats, step=step, workdir=workdir)
+                   stats=trainer.stats, step=step, workdir=workdir, run=run_identity.read(workdir))

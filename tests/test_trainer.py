@@ -158,7 +158,8 @@ def test_resumed_run_tests_the_best_parameters_and_keeps_its_early_stopping_prog
     from multitower_jax.inference import load_trained
 
     again = trainer_lib.evaluate_workdir(synthetic_config(synthetic_dir, *common), resumed, "test")
-    assert again["step"] == 4 and again["ctr_auc"] == pytest.approx(b["ctr_auc"], abs=1e-9)
+    assert again["params_step"] == 4 and again["step"] == 8 and again["params_from"] == "best"
+    assert again["ctr_auc"] == pytest.approx(b["ctr_auc"], abs=1e-9)
     assert load_trained(resumed).step == 4 and load_trained(resumed, step=8).step == 8
 
 

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from multitower_jax import config as config_lib
+from multitower_jax import fileio, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -261,22 +262,17 @@ jax.export.register_pytree_node_serialization(
 
 def save(calibration: Calibration, workdir: str | os.PathLike, **extra: Any) -> epath.Path:
     """Write ``<workdir>/calibration.json`` atomically (temp file, then rename)."""
-    path = epath.Path(workdir) / FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(calibration.to_json(**extra), indent=1))
-    tmp.replace(path)
-    return path
+    return fileio.write_json(epath.Path(workdir) / FILE, calibration.to_json(**extra), indent=1)
 
 
 def exists(workdir: str | os.PathLike) -> bool:
     return (epath.Path(workdir) / FILE).is_file()
 
 
-def load(workdir: str | os.PathLike) -> Calibration:
+def load(workdir: str | os.PathLike, allow_other_run: bool = False) -> Calibration:
     """The workdir's calibration; identity (plus any downsampling correction) with a notice when
-    `multitower calibrate` has not been run. Refuses a file fitted for another model."""
-    from multitower_jax.inference import fingerprint  # noqa: PLC0415 (imports the trainer lazily)
-
+    `multitower calibrate` has not been run. Refuses a file fitted for another model, or for
+    another training run than the workdir's (`run_identity`; `allow_other_run` only warns)."""
     workdir = epath.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.is_file():
@@ -294,10 +290,12 @@ def load(workdir: str | os.PathLike) -> Calibration:
     except json.JSONDecodeError as e:
         raise CalibrationError(f"{path}: not valid JSON ({e})") from None
     cal = Calibration.from_json(data, str(path))
-    expected = fingerprint(config)
+    expected = config_lib.fingerprint(config)
     if data.get("fingerprint") not in (None, expected):
         raise CalibrationError(f"{path} was fitted for model {data['fingerprint']}, but {config_path} describes "
                                f"model {expected}; run `multitower calibrate --workdir {workdir}` again")
+    run_identity.check(data.get("run"), run_identity.stamp(run_identity.read(workdir)), str(path),
+                       allow_other_run=allow_other_run)
     if set(cal.heads) != set(heads_of(config)):
         raise CalibrationError(f"{path} calibrates heads {cal.heads}, the model has {heads_of(config)}")
     latest = _latest_checkpoint_step(workdir)

@@ -20,6 +20,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from multitower_jax import config as config_lib
+from multitower_jax import fileio, run_identity
 from multitower_jax.calibration import core, fitting, metrics, plot
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,6 @@ def evaluation_metrics(pred: Mapping[str, np.ndarray], cal: core.Calibration,
 
 def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Fit on the validation split, report on test, save the calibration, draw the diagrams."""
-    from multitower_jax.inference import fingerprint  # noqa: PLC0415 (heavy imports)
     from multitower_jax.train import evaluate, trainer as trainer_lib  # noqa: PLC0415
 
     workdir = epath.Path(workdir)
@@ -122,10 +123,9 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
                 title=f"{head} on test ({cal.method(head)}, fitted on validation; {bins} equal-mass bins)")
             diagrams[head] = str(path)
         result["diagrams"] = diagrams
-        tmp = workdir / f".{REPORT_FILE}.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(workdir / REPORT_FILE)
-        core.save(cal, workdir, fingerprint=fingerprint(config), step=step,
+        fileio.write_json(workdir / REPORT_FILE, result)
+        core.save(cal, workdir, fingerprint=config_lib.fingerprint(config), step=step,
+                  run=run_identity.stamp(run_identity.read(workdir)),
                   fitted_on={"split": "validation", "examples": fitted_on}, fallbacks=fallbacks)
     result["calibration"] = str(workdir / core.FILE)
     return result
@@ -140,8 +140,6 @@ def _diagram_inputs(pred: Mapping[str, np.ndarray], cal: core.Calibration) -> di
 def workdir_config(workdir: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """A workdir's resolved config plus overrides; the calibration section gets its defaults first,
     so workdirs trained before it existed take ``--config.calibration.*`` overrides too."""
-    from multitower_jax import config as config_lib  # noqa: PLC0415
-
     path = epath.Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a `multitower train` workdir?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from multitower_jax import config as config_lib
 from multitower_jax import features as F
+from multitower_jax import workdir as workdir_lib
 from multitower_jax.data import builders
 from multitower_jax.data.synthetic import World
 
@@ -66,4 +69,17 @@ def generate(config: ml_collections.ConfigDict, out: str | os.PathLike) -> dict:
         summary[placement] = {"rows": {s: int(sizes[s]) for s in builders.SPLITS},
                               "seconds": round(time.perf_counter() - start, 1)}
     write_catalogues(world, out)
+    return summary
+
+
+def generate_command(config: ml_collections.ConfigDict, out: str | os.PathLike) -> dict:
+    """`multitower generate --out D`: refuses a training workdir as D (before writing anything),
+    generates, and writes D/config.json with ``data.dir`` recorded as an absolute path."""
+    workdir_lib.refuse_training_workdir(out, "generate")
+    out = workdir_lib.absolute(out)
+    config.data.dir = out
+    summary = generate(config, out)
+    config_lib.write_resolved(config, out)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out} (use --config.data.dir={out})")
     return summary

@@ -34,7 +34,10 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
+from multitower_jax import config as config_lib
 from multitower_jax import features as F
+from multitower_jax import fileio
+from multitower_jax import workdir as workdir_lib
 from multitower_jax.data import builders, schema
 from multitower_jax.data.tokenizer import HashTokenizer
 
@@ -254,7 +257,35 @@ def _read(path: Path, fmt: str, wanted: list[str], group: int) -> Iterator[pa.Re
             table = pjson.read_json(path, read_options=pjson.ReadOptions(block_size=16 << 20))  # fewer, larger batches
             yield from table.select(wanted).to_batches(max_chunksize=CHUNK_ROWS)
     except pa.ArrowInvalid as e:
-        raise LogError(f"{path}: cannot read as {fmt}: {e}") from None
+        raise LogError(f"{path}: cannot read as {fmt}: {_located(path, fmt, e)}") from None
+
+
+def _located(path: Path, fmt: str, error: Exception) -> str:
+    """Arrow's read error with the 1-based line it is about: Arrow counts JSON rows from 0 within a
+    block and names a CSV column by number only, so the file is scanned (only on this error path)
+    for the first line that does not decode or parse."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if fmt not in ("csv", "jsonl"):
+        return message
+    header = _file_columns(path, fmt) if fmt == "csv" else []
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            for number, raw in enumerate(stream.read().split(b"\n"), start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    return f"line {number}: not UTF-8 text (byte {e.start + 1} of the line; save the file as UTF-8)"
+                if fmt == "jsonl" and line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as e:
+                        return f"line {number}: not a JSON object ({e.msg} at character {e.colno})"
+    except OSError:
+        return message
+    column = re.search(r"column #(\d+)", message)
+    if column and int(column.group(1)) < len(header):
+        return f"{message} (column {header[int(column.group(1))]!r})"
+    return message
 
 
 def _plan(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str) -> _Plan:
@@ -369,6 +400,10 @@ def _read_split(plan: _Plan, seed: int, split: str, report: dict, seen: dict) ->
     def chunks() -> Iterator[dict[str, np.ndarray]]:
         for file_index, (path, fmt) in enumerate(plan.files):
             have = _file_columns(path, fmt)
+            if not have:
+                raise LogError(f"{path}: the file is empty (expected " + ("a header line, then one impression per "
+                               "line)" if fmt == "csv" else "one JSON object per line)" if fmt == "jsonl" else
+                               "columns)"))
             for ours, theirs in plan.names.items():
                 if ours in plan.columns and ours != "impression_id" and theirs not in have:
                     raise LogError(f"{path}: missing column {theirs!r} (our column {ours!r}; map another file "
@@ -453,4 +488,18 @@ def ingest(config: ml_collections.ConfigDict, spec: F.FeatureSpec, out_dir: str 
         if (tmp / "previous").exists() and not target.exists():  # the swap failed: put the old dataset back
             (tmp / "previous").rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def ingest_command(config: ml_collections.ConfigDict, out: str | os.PathLike) -> dict:
+    """`multitower ingest --out D`: refuses a training workdir as D (before reading anything),
+    ingests, and writes D/config.json with ``data.dir`` and ``data.logs.paths`` recorded absolute."""
+    workdir_lib.refuse_training_workdir(out, "ingest")
+    out = workdir_lib.absolute(out)
+    config.data.dir = out
+    paths = config.data.logs.paths
+    config.data.logs.paths = tuple(workdir_lib.absolute(p) for p in ((paths,) if isinstance(paths, str) else paths))
+    report = ingest(config, F.parse_spec(config.features), out)
+    config_lib.write_resolved(config, out)
+    print(json.dumps(report, indent=2))
     return report

@@ -11,6 +11,7 @@ import ml_collections
 from etils import epath
 
 from multitower_jax import config as config_lib
+from multitower_jax import run_identity
 from multitower_jax.retrieval import settings as settings_lib
 
 COMMANDS = {
@@ -39,12 +40,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings", required=True, help="a folder written by `multitower export`")
     p.add_argument("--out", required=True, help="index folder (replaced atomically)")
     p.add_argument("--workdir", default=None, help="take config.retrieval from this workdir's config.json "
-                   "(default: the workdir recorded in the export, if it is there)")
+                   "(default: the workdir recorded in the export, if it is there); given, the export must come "
+                   "from this workdir's training run")
+    add_allow_flag(p)
     p = sub.add_parser("retrieve-eval", help=COMMANDS["retrieve-eval"], description=COMMANDS["retrieve-eval"])
     p.add_argument("--workdir", required=True, help="the trained workdir the index was built from")
     p.add_argument("--index", required=True, help="a folder written by `multitower index`")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--max-queries", type=int, default=20_000, help="evaluate on at most this many clicked impressions")
+    add_allow_flag(p)
+
+
+def add_allow_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(run_identity.ALLOW_FLAG, action="store_true", help="use artifacts (index, export, calibration, "
+                   "scorer) built from another training run than the workdir's (refused by default)")
 
 
 def _workdir_config(workdir: str | Path, overrides) -> ml_collections.ConfigDict:
@@ -84,6 +93,9 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
         from multitower_jax.retrieval import index as index_lib
 
         manifest = index_lib.read_manifest(args.embeddings, "multitower-export")
+        if args.workdir:
+            run_identity.check(manifest.get("run"), run_identity.stamp(run_identity.read(args.workdir)),
+                               f"export {args.embeddings}", allow_other_run=args.allow_other_run)
         workdir = args.workdir or manifest.get("workdir")
         config = None
         if workdir and (epath.Path(workdir) / "config.json").is_file():
@@ -107,5 +119,6 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
             built = index_lib.read_manifest(args.index, "multitower-index")["settings"]
             settings = RetrievalSettings.from_config(config_lib.apply_overrides(
                 ml_collections.ConfigDict({"retrieval": built}), explicit))
-        return evaluate.evaluate(trained, args.index, args.split, max_queries=args.max_queries, settings=settings)
+        return evaluate.evaluate(trained, args.index, args.split, max_queries=args.max_queries, settings=settings,
+                                 allow_other_run=args.allow_other_run)
     raise ValueError(f"not a retrieval command: {args.command}")

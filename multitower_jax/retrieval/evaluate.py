@@ -20,7 +20,6 @@ targeting; the `_targeted` figure shows what serving with targeting would keep.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from multitower_jax import fileio
 from multitower_jax.data import pipeline
 from multitower_jax.retrieval import targeting as targeting_lib
 from multitower_jax.retrieval.index import _top_k
@@ -170,12 +170,12 @@ def _oracle_hit_rates(trained, placement: str, split: str, q: dict, ad_ids: np.n
 
 def evaluate(trained, index_dir: str | os.PathLike, split: str = "test", ks=KS,
              max_queries: int | None = 20_000, settings: RetrievalSettings | None = None,
-             seed: int = SAMPLE_SEED, chunk: int = CHUNK) -> dict[str, Any]:
+             seed: int = SAMPLE_SEED, chunk: int = CHUNK, allow_other_run: bool = False) -> dict[str, Any]:
     """Compute the report above, write it to `<index_dir>/retrieval_eval.json`, return it.
     `settings` changes search-time knobs (default: those the index was built with); at most
     `max_queries` clicked impressions, a random sample drawn with `seed`, are searched `chunk`
-    at a time."""
-    retriever = Retriever.load(index_dir, trained, settings)
+    at a time. An index of another training run is refused unless `allow_other_run`."""
+    retriever = Retriever.load(index_dir, trained, settings, allow_other_run=allow_other_run)
     index = retriever.index
     placement = trained.config.data.placements[0]
     q = clicked_queries(trained, placement, split, max_rows=max_queries, seed=seed)
@@ -228,8 +228,5 @@ def evaluate(trained, index_dir: str | os.PathLike, split: str = "test", ks=KS,
     oracle = _oracle_hit_rates(trained, placement, split, q, ids, ks)
     if oracle is not None:
         report["oracle_hit_rate_at_k"] = oracle
-    path = Path(index_dir) / REPORT
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    fileio.write_json(Path(index_dir) / REPORT, report)
     return report

@@ -158,19 +158,20 @@ def export(trained, out: str | os.PathLike, ads_path: str | os.PathLike | None =
     users_path = Path(users_path) if users_path else None
     inputs = [trained.workdir, ads_path, users_path]
     check_replaceable(out, "multitower-export", inputs)  # before running the towers over the catalogue
+    num_ads = _open(ads_path, ["ad_id", "bid", *(f"ad.{f.name}" for f in trained.spec.ad.features)],
+                    "ad").metadata.num_rows
+    if num_ads == 0:
+        raise CatalogueError(f"{ads_path}: the ads catalogue has no rows; an index of no ads cannot rank anything")
     D = trained.embed_dim
     manifest: dict[str, Any] = {
         "kind": "multitower-export", "format": 1, "fingerprint": trained.fingerprint, "embed_dim": D,
-        "query_rule": query_rule(config.loss.l2_normalize), "model_step": trained.step,
-        "workdir": str(trained.workdir), "ads_catalogue": str(ads_path),
-        "users_catalogue": str(users_path) if users_path else None,
+        "query_rule": query_rule(config.loss.l2_normalize), "model_step": trained.step, "run": trained.identity,
+        "workdir": str(trained.workdir), "ads_catalogue": str(ads_path.absolute()),
+        "users_catalogue": str(users_path.absolute()) if users_path else None,
         "targeting_attributes": {a: c for a, (c, _) in targeting_lib.ATTRIBUTES.items()},
     }
 
     def write(tmp: Path) -> None:
-        num_ads = _open(ads_path, ["ad_id", "bid", *(f"ad.{f.name}" for f in trained.spec.ad.features)],
-                        "ad").metadata.num_rows
-
         def mm(name, dtype, shape):
             return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 

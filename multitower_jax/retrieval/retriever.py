@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from multitower_jax import run_identity
 from multitower_jax.retrieval import targeting as targeting_lib
 from multitower_jax.retrieval.index import AdIndex, AdStore, check_compatible, check_model_step, query_rule
 from multitower_jax.retrieval.settings import RetrievalSettings
@@ -65,14 +66,17 @@ class Retriever:
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, trained: Any | None = None,
-             settings: RetrievalSettings | None = None) -> Retriever:
+             settings: RetrievalSettings | None = None, allow_other_run: bool = False) -> Retriever:
         """Load an index folder; with `trained` (an `inference.Trained`), check that the index was
-        built from that model (fingerprint, embedding dim, query rule) or raise IndexMismatchError;
-        an index exported from another checkpoint (`model_step`) loads with a StaleIndexWarning."""
+        built from that model (fingerprint, embedding dim, query rule) or raise IndexMismatchError,
+        and from that training run (`run_identity`: RunMismatchError; `allow_other_run` only warns);
+        an index exported from another checkpoint (`model_step`) of the run loads with a StaleIndexWarning."""
         index = AdIndex.load(index_dir, settings)
         if trained is not None:
             check_compatible(index.manifest, fingerprint=trained.fingerprint, embed_dim=trained.embed_dim,
                              rule=query_rule(trained.config.loss.l2_normalize), where=str(index_dir))
+            run_identity.check(index.manifest.get("run"), trained.identity, f"index {index_dir}",
+                               allow_other_run=allow_other_run)
             check_model_step(index.manifest, trained.step, str(index_dir))
         return cls(index, settings)
 

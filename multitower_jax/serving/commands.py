@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from multitower_jax.retrieval.commands import add_allow_flag
+
 COMMANDS = {
     "rank": "answer one ranking request from the command line: user embedding -> context tower -> retrieve K "
             "-> calibrated scoring -> eCPM ranking -> top-N (prints the answer as JSON)",
@@ -22,6 +24,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request", required=True, help="request JSON (format: experiments/requests/search.json)")
     p.add_argument("--users", default=None, help="users Parquet to look up a user_id's raw features on a cache "
                    "miss (default <data.dir>/catalogue/users.parquet if present)")
+    add_allow_flag(p)
     p = sub.add_parser("export-scorer", help=COMMANDS["export-scorer"],
                        description=COMMANDS["export-scorer"] + ". " + SERVING_KNOBS)
     p.add_argument("--workdir", required=True, help="a workdir written by `multitower train` (its calibration.json "
@@ -29,6 +32,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--platforms", default=None, help="comma-separated platforms to lower for, e.g. cpu,cuda "
                    "(default: this machine's)")
+    add_allow_flag(p)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -48,7 +52,8 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
         from multitower_jax.serving import requests as requests_lib
         from multitower_jax.serving.ranker import Ranker
 
-        ranker = Ranker.load(args.workdir, args.index, tuple(overrides), args.users)
+        ranker = Ranker.load(args.workdir, args.index, tuple(overrides), args.users,
+                             allow_other_run=args.allow_other_run)
         try:
             request = requests_lib.load(args.request, ranker.placements, ranker.settings.top_n)
             return ranker.rank(request)
@@ -58,7 +63,8 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
         from multitower_jax.serving.portable import export_scorer
 
         platforms = tuple(p.strip() for p in args.platforms.split(",")) if args.platforms else None
-        manifest = export_scorer(args.workdir, args.out, tuple(overrides), platforms)
+        manifest = export_scorer(args.workdir, args.out, tuple(overrides), platforms,
+                                 allow_other_run=args.allow_other_run)
         print(f"wrote {args.out} (placements {list(manifest['placements'])}, top_n {manifest['top_n']}, "
               f"buckets {manifest['buckets']})")
         return {k: v for k, v in manifest.items() if k != "calibration"}

@@ -11,7 +11,7 @@ code, no config, no parameters file (they are constants inside the artifact).
 Folder:
     manifest.json               inputs/outputs, buckets, objective, calibration, model fingerprint
     score_<placement>.jaxexport the scorer, symbolic in batch b and candidates n (n >= top_n)
-    ad_part_<placement>.jaxexport  e_ad [n, D] -> a W_a [n, H] (the export computes it per ad)
+    ad_part_<placement>.jaxexport  e_ad [n, D] -> a W_a [n, P] (the export computes it per ad)
 
 Both functions are exported with symbolic shapes, so one artifact serves every bucket;
 `PortableScorer` pads to the manifest's buckets so each bucket compiles once.
@@ -26,6 +26,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from multitower_jax import run_identity
 
 MANIFEST = "manifest.json"
 KIND = "multitower-scorer"
@@ -62,7 +64,10 @@ class PortableScorer:
         self._ad_part = {p: jax.jit(e.call) for p, e in ad_part.items()}
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> PortableScorer:
+    def load(cls, folder: str | os.PathLike, workdir: str | os.PathLike | None = None,
+             allow_other_run: bool = False) -> PortableScorer:
+        """Load an `export-scorer` folder; with `workdir`, refuse (RunMismatchError) a scorer
+        exported from another training run than the workdir's (`allow_other_run` only warns)."""
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
@@ -71,6 +76,9 @@ class PortableScorer:
         if manifest.get("kind") != KIND or manifest.get("format") != FORMAT:
             raise PortableScorerError(f"{path}: kind {manifest.get('kind')!r} format {manifest.get('format')!r}, "
                                       f"expected {KIND!r} format {FORMAT}")
+        if workdir is not None:
+            run_identity.check(manifest.get("run"), run_identity.stamp(run_identity.read(workdir)), f"scorer {folder}",
+                               allow_other_run=allow_other_run)
         score, ad_part = {}, {}
         for placement, files in manifest["placements"].items():
             for name, into in (("score", score), ("ad_part", ad_part)):
@@ -116,9 +124,10 @@ class PortableScorer:
 
 
 def export_scorer(workdir: str | os.PathLike, out: str | os.PathLike, overrides: tuple[str, ...] = (),
-                  platforms: tuple[str, ...] | None = None) -> dict:
+                  platforms: tuple[str, ...] | None = None, allow_other_run: bool = False) -> dict:
     """`multitower export-scorer`: the portable scorer of every placement of a trained workdir,
-    with its calibration (`multitower calibrate`) baked in when there is one."""
+    with its calibration (`multitower calibrate`) baked in when there is one (refused when it
+    was fitted for another training run, unless `allow_other_run`)."""
     from multitower_jax import calibration as calibration_lib
     from multitower_jax import config as config_lib
     from multitower_jax.inference import load_trained
@@ -129,7 +138,7 @@ def export_scorer(workdir: str | os.PathLike, out: str | os.PathLike, overrides:
         with trained.config.unlocked():
             trained.config.serving = settings_lib.defaults()
     trained.config = config_lib.apply_overrides(trained.config, overrides)
-    return write_portable(trained, calibration_lib.load(workdir), out, platforms)
+    return write_portable(trained, calibration_lib.load(workdir, allow_other_run=allow_other_run), out, platforms)
 
 
 def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
@@ -147,6 +156,7 @@ def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
     b, n = jax.export.symbolic_shape("b, n", constraints=(f"n >= {settings.top_n}",))
     manifest: dict[str, Any] = {
         "kind": KIND, "format": FORMAT, "fingerprint": trained.fingerprint, "model_step": trained.step,
+        "run": trained.identity,
         "workdir": str(trained.workdir), "jax_version": jax.__version__, "platforms": list(platforms),
         "embed_dim": d, "head": trained.config.model.head, "fusion": trained.config.model.fusion,
         "objective": settings.objective, "ctr_weight": settings.ctr_weight, "cvr_weight": settings.cvr_weight,
@@ -156,7 +166,7 @@ def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
     blobs: dict[str, bytes] = {}
     for placement in trained.config.data.placements:
         scorer = Scorer.from_trained(trained, placement, calibration, settings)
-        spec, params, h = scorer.spec, scorer.params, scorer.spec.fusion_hidden[0]
+        spec, params, h = scorer.spec, scorer.params, scorer.spec.ad_part_width
         f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)  # noqa: E731
         args = (f32(b, d), f32(b, d), f32(b, n, d), f32(b, n, h), f32(b, n), f32(b, n),
                 jax.ShapeDtypeStruct((b, n), np.bool_))
@@ -171,7 +181,7 @@ def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
         files = {"score": f"score_{placement}.jaxexport", "ad_part": f"ad_part_{placement}.jaxexport"}
         blobs[files["score"]], blobs[files["ad_part"]] = exported.serialize(), exported_ad.serialize()
         manifest["placements"][placement] = {
-            **files, "fusion_hidden": h,
+            **files, "fusion_hidden": spec.fusion_hidden[0], "ad_part_width": h,
             "inputs": {name: {"shape": str(a.shape), "dtype": str(np.dtype(a.dtype))}
                        for name, a in zip(SCORE_INPUTS, args)},
             "outputs": sorted(exported.out_tree.unflatten(range(len(exported.out_avals))).keys()),

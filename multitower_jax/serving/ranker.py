@@ -146,8 +146,9 @@ class Ranker:
 
     @classmethod
     def load(cls, workdir: str | Path, index_dir: str | Path, overrides: Sequence[str] = (),
-             users_path: str | Path | None = None) -> Ranker:
-        """A trained workdir + an index (`multitower index`); `overrides` like --config.serving.top_n=10."""
+             users_path: str | Path | None = None, allow_other_run: bool = False) -> Ranker:
+        """A trained workdir + an index (`multitower index`); `overrides` like --config.serving.top_n=10.
+        An index or calibration of another training run is refused unless `allow_other_run`."""
         from multitower_jax import calibration as calibration_lib
         from multitower_jax import config as config_lib
         from multitower_jax.inference import load_trained
@@ -160,13 +161,14 @@ class Ranker:
                 trained.config.serving = settings_lib.defaults()
         trained.config = config_lib.apply_overrides(trained.config, overrides)
         settings = ServingSettings.from_config(trained.config)
-        retriever = Retriever.load(index_dir, trained)
+        retriever = Retriever.load(index_dir, trained, allow_other_run=allow_other_run)
         if users_path is None:
             default = Path(trained.config.data.dir or Path(workdir) / "data") / "catalogue" / "users.parquet"
             users_path = default if default.is_file() else None
         users = UserCatalogue(users_path, trained.spec.user) if users_path else None
         export_dir = retriever.index.manifest.get("embeddings")
-        return cls(trained, retriever, calibration_lib.load(workdir), settings, users, export_dir)
+        return cls(trained, retriever, calibration_lib.load(workdir, allow_other_run=allow_other_run), settings, users,
+                   export_dir)
 
     # -- the ad side of the factorized fusion layer --------------------------------------------
     def ad_parts(self, placement: str) -> np.ndarray:
@@ -345,7 +347,7 @@ class Ranker:
 
         for placement in self.placements:
             scorer = self.scorers[placement]
-            h = scorer.spec.fusion_hidden[0]
+            h = scorer.spec.ad_part_width
             for b in s.batch_buckets:
                 self._user_tower(dummy_features(self.trained.spec.user, b))
                 self._context_towers[placement](dummy_features(self.trained.spec.context(placement), b))

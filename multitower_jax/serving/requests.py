@@ -140,7 +140,12 @@ def raw_column(feature: F.Feature, values: Sequence[Any], where: str) -> np.ndar
 
 
 def tower_columns(spec: F.TowerSpec, rows: Sequence[Mapping[str, Any]], wheres: Sequence[str]) -> dict[str, np.ndarray]:
-    """Raw feature rows (one dict per request) -> raw columns; a missing feature is an error."""
+    """Raw feature rows (one dict per request) -> raw columns; a missing feature, or a key that is
+    not one of the tower's features, is an error (as unknown top-level keys are)."""
+    for row, where in zip(rows, wheres):
+        unknown = sorted(set(row) - set(spec.names))
+        if unknown:
+            raise RequestError(f"{where}: unknown keys {unknown}; the {spec.name} features are {list(spec.names)}")
     columns = {}
     for f in spec.features:
         for row, where in zip(rows, wheres):

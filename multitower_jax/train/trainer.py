@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +29,24 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from multitower_jax import calibration as calibration_lib
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
+from multitower_jax import fileio, run_identity
+from multitower_jax import workdir as workdir_lib
 from multitower_jax.data import builders, pipeline
 from multitower_jax.data.generate import generate
 from multitower_jax.models import model as model_lib
 from multitower_jax.train import evaluate, losses, optim, sharding, text_init
 from multitower_jax.train.data_checkpoint import DataRestore, DataSave
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a folder could be restored (each one is unreadable or does not fit the model)."""
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint could not be restored; an older one is used instead."""
 
 
 class Trainer:
@@ -72,6 +85,7 @@ class Trainer:
         )
         self.predict_fns = {p: evaluate.make_predict_fn(self.model, p, self.mesh) for p in self.placements}
         self.predict = self.predict_fns[self.placement]
+        self.restored_from: str | None = None  # what `restore_final` restored: "best" or "checkpoints"
 
     # -- state and step ---------------------------------------------------------------------
 
@@ -212,8 +226,13 @@ class Trainer:
         return ocp.CheckpointManager(directory if _is_remote(directory) else directory.absolute(),
                                      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
-    def restore_best(self, best: ocp.CheckpointManager) -> Any:
-        return best.restore(best.latest_step(), args=ocp.args.StandardRestore(self.abstract_state["params"]))
+    def restore_best(self, best: ocp.CheckpointManager, quarantine: bool = False) -> Any:
+        """The newest intact best parameters (an unreadable newer one is skipped with a warning)."""
+        return self.restore_best_step(best, quarantine)[0]
+
+    def restore_best_step(self, best: ocp.CheckpointManager, quarantine: bool = False) -> tuple[Any, int]:
+        return _newest_intact(best, lambda s: best.restore(s, args=ocp.args.StandardRestore(
+            self.abstract_state["params"])), quarantine)
 
     def restore_final(self, step: int | None = None) -> tuple[Any, int]:
         """The parameters a trained workdir stands for, and their step: those of the best
@@ -222,13 +241,20 @@ class Trainer:
         if step is None and (self.workdir / "best").exists():
             best = self.best_manager()
             if best.latest_step() is not None:
-                return self.restore_best(best), int(best.latest_step())
+                try:
+                    params, best_step = self.restore_best_step(best)
+                    self.restored_from = "best"
+                    return params, best_step
+                except CheckpointError as e:  # every best/ copy unreadable: the checkpoints still stand
+                    warnings.warn(f"{e}; using {self.workdir / 'checkpoints'} instead", CorruptCheckpointWarning,
+                                  stacklevel=2)
         manager = self.checkpoint_manager()
         if manager.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {self.workdir / 'checkpoints'}; run `multitower train` first")
         if step is not None and step not in manager.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.workdir / 'checkpoints'}; "
                                     f"have {sorted(manager.all_steps())}")
+        self.restored_from = "checkpoints"
         state = self.restore(manager, step=step)
         return state["params"], int(state["step"])
 
@@ -249,14 +275,18 @@ class Trainer:
             iterators = {self.placement: iterators}
         return {("data" if p == self.placement else f"data_{p}"): it for p, it in iterators.items()}
 
-    def restore(self, manager: ocp.CheckpointManager, iterators=None, step: int | None = None):
-        """The train state of `step` (default: the latest); `iterators` (one, or {placement: it})
-        are moved to their saved positions."""
-        step = manager.latest_step() if step is None else step
+    def restore(self, manager: ocp.CheckpointManager, iterators=None, step: int | None = None,
+                quarantine: bool = False):
+        """The train state of `step` (default: the newest intact checkpoint: an unreadable newer one
+        is skipped with a warning, and with `quarantine` moved out of the way); `iterators` (one, or
+        {placement: it}) are moved to their saved positions."""
         args = {"state": ocp.args.StandardRestore(self.abstract_state)}
         args.update({name: DataRestore(it) for name, it in self._data_items(iterators).items()})
-        restored = manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"]
+        if step is not None:
+            return manager.restore(step, args=ocp.args.Composite(**args))["state"]
+        state, _ = _newest_intact(manager, lambda s: manager.restore(s, args=ocp.args.Composite(**args))["state"],
+                                  quarantine)
+        return state
 
     def save(self, manager: ocp.CheckpointManager, state, iterators, force: bool = False,
              progress: dict[str, Any] | None = None) -> None:
@@ -285,6 +315,44 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+CORRUPT_DIR = "corrupt"
+
+
+def _newest_intact(manager: ocp.CheckpointManager, restore, quarantine: bool) -> tuple[Any, int]:
+    """`restore(step)` of the newest step that restores. Each newer step that fails is reported
+    with a CorruptCheckpointWarning and, with `quarantine` (a run that will save again) once an
+    intact step is found, moved to ``<folder>/../corrupt/<folder name>-<step>-<time>`` so that a
+    later save can reuse its step number. CheckpointError when no step restores."""
+    directory = epath.Path(manager.directory)
+    errors, failed = [], []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = restore(step)
+        except Exception as e:  # noqa: BLE001 -- any failure to read a step means: try the one before
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
+            errors.append(f"step {step} ({reason})")
+            failed.append(step)
+            warnings.warn(f"{directory / str(step)} cannot be restored ({reason}); trying the checkpoint before it",
+                          CorruptCheckpointWarning, stacklevel=3)
+            continue
+        if quarantine and failed:
+            _move_aside(directory, failed)
+            manager.reload()
+        return restored, int(step)
+    raise CheckpointError(f"no checkpoint in {directory} can be restored: {'; '.join(errors) or 'none found'}")
+
+
+def _move_aside(directory: epath.Path, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+        for step in steps:
+            target = directory.parent / CORRUPT_DIR / f"{directory.name}-{step}-{int(time.time())}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(directory / str(step)), str(target))
+            print(f"moved the unreadable {directory / str(step)} to {target}")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("unreadable checkpoints moved aside")
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -351,11 +419,17 @@ class _JsonLines:
             self.file.close()
 
 
+def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """``config.data.dir`` as an absolute path; with none, ``<workdir>/data``."""
+    config.data.dir = workdir_lib.absolute(config.data.dir or epath.Path(workdir) / "data")
+
+
 def ensure_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     """With no ``config.data.dir``, use ``<workdir>/data``, generating the synthetic world there once."""
     if config.data.dir:
+        config.data.dir = workdir_lib.absolute(config.data.dir)
         return
-    config.data.dir = str(workdir / "data")
+    resolve_data_dir(config, workdir)
     missing = [p for p in config.data.placements
                if not builders.dataset_dir(config.data.dir, config.data.source, p).exists()]
     if missing and config.data.source == "synthetic":
@@ -372,8 +446,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     Every process runs this (multi-host: after `distributed.initialize`); all of them save and
     restore checkpoints, only process 0 writes config, metrics, summaries and reports.
     """
-    workdir = epath.Path(workdir)
+    workdir = epath.Path(workdir_lib.absolute(workdir))
     is_main = jax.process_index() == 0
+    # Before anything is written: a resume must not change what the checkpoints depend on.
+    if not config.data.dir:
+        resolve_data_dir(config, workdir)
+    workdir_lib.check_resume(config, workdir)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
     ensure_data(config, workdir)
@@ -386,13 +464,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     best = trainer.best_manager()
     progress: dict[str, Any] = {}
     if manager.latest_step() is not None:
-        state = trainer.restore(manager, iterators)
+        state = trainer.restore(manager, iterators, quarantine=True)
         progress = trainer.restore_progress(manager, int(state["step"]))
         for later in [s for s in best.all_steps() if s > int(state["step"])]:
             best.delete(later)  # found after the checkpoint we resume from: the replay finds it again
         print(f"resumed from {workdir / 'checkpoints'} at step {int(state['step'])}")
+        if is_main and run_identity.read(workdir) is None:  # a workdir trained before run identities
+            run_identity.create(workdir, trainer.abstract_state["params"])
     else:
         state = trainer.init_state()
+        if is_main:  # a new run: artifacts of any earlier one in this workdir no longer match it
+            run_identity.create(workdir, trainer.abstract_state["params"])
     best_auc, bad_evals = progress.get("best_auc", -1.0), progress.get("bad_evals", 0)
 
     writer = None
@@ -465,29 +547,62 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         print(f"stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
         return {"step": step, "interrupted": True}
     # The best parameters, found by this run or by the one it resumed: both are in `best`.
-    params = trainer.restore_best(best) if best.latest_step() is not None else state["params"]
+    params, params_step, params_from = state["params"], step, "last step"
+    if best.latest_step() is not None:
+        try:
+            (params, params_step), params_from = trainer.restore_best_step(best, quarantine=True), "best"
+        except CheckpointError as e:
+            warnings.warn(f"{e}; testing the last step's parameters", CorruptCheckpointWarning, stacklevel=2)
     result = trainer.evaluate_placements(params, "test")
-    result.update(step=step, stopped_early=stopped_early, best_validation_ctr_auc=best_auc)
+    result.update(step=step, params_step=params_step, params_from=params_from, stopped_early=stopped_early,
+                  best_validation_ctr_auc=best_auc)
     if is_main:
-        (workdir / "eval_test.json").write_text(json.dumps(result, indent=2))
+        fileio.write_json(workdir / "eval_test.json", result)
         metrics_file.close()
         writer.close()
     return result
 
 
+TRAIN_KEYS = ("step", "stopped_early", "best_validation_ctr_auc")
+
+
+def training_summary(trainer: Trainer) -> dict[str, Any]:
+    """`train`'s own keys of eval_test.json, read back from the workdir: ``step`` (steps trained,
+    the latest checkpoint's), ``best_validation_ctr_auc`` and ``stopped_early`` (its early-stopping
+    progress; from eval_test.json for checkpoints that predate it)."""
+    manager = trainer.checkpoint_manager()
+    latest = manager.latest_step()
+    if latest is None:
+        return {}
+    out: dict[str, Any] = {"step": int(latest)}
+    progress = trainer.restore_progress(manager, int(latest))
+    if progress:
+        out["best_validation_ctr_auc"] = progress["best_auc"]
+        out["stopped_early"] = bool(progress["bad_evals"] >= int(trainer.config.train.patience))
+    else:
+        previous = trainer.workdir / "eval_test.json"
+        if previous.is_file():
+            saved = json.loads(previous.read_text())
+            out.update({k: saved[k] for k in ("best_validation_ctr_auc", "stopped_early") if k in saved})
+    return out
+
+
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path, split: str,
-                     predictions_path: str | None = None) -> dict[str, Any]:
+                     predictions_path: str | None = None, allow_other_run: bool = False) -> dict[str, Any]:
     """Evaluate a workdir's parameters (`Trainer.restore_final`: the best validation evaluation's,
-    as `train` tests them) and write ``<workdir>/eval_<split>.json``."""
+    as `train` tests them) and write ``<workdir>/eval_<split>.json`` with `train`'s keys (``step``
+    trained, ``stopped_early``, ``best_validation_ctr_auc``) and where the parameters come from
+    (``params_step``, ``params_from``)."""
     workdir = epath.Path(workdir)
     trainer = Trainer(config, workdir)
     params, step = trainer.restore_final()
-    from multitower_jax import calibration  # noqa: PLC0415
-
     # Written by `multitower calibrate`; then the report also has ECE and the calibrated metrics.
-    fitted = calibration.load(str(workdir)) if calibration.exists(str(workdir)) else None
+    fitted = (calibration_lib.load(str(workdir), allow_other_run=allow_other_run)
+              if calibration_lib.exists(str(workdir)) else None)
     result = trainer.evaluate_placements(params, split, predictions_path, calibration=fitted)
-    result["step"] = step
+    result.update(training_summary(trainer))
+    result.update(params_step=step, params_from="best" if trainer.restored_from == "best" else "latest checkpoint")
+    result.setdefault("step", step)
     if jax.process_index() == 0:
-        (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
+        fileio.write_json(workdir / f"eval_{split}.json", result)
     return result
