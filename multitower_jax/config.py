@@ -1,4 +1,4 @@
-"""Experiment configs: load `experiments/*.py`, apply `--config.a.b=value` overrides, validate.
+"""Experiment configs: load an experiment file (from any folder), apply `--config.a.b=value` overrides, validate.
 
 An experiment file defines ``get_config() -> ml_collections.ConfigDict``. Overrides take the
 type of the value they replace (so ``--config.train.batch_size=4096`` stays an int), and an
@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,39 +33,98 @@ class ConfigError(ValueError):
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    module = _import_experiment(path.resolve())
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: expected a function get_config() returning a ConfigDict")
-    config = module.get_config()
+    """Run ``get_config()`` of the experiment file at `path`, in any folder (see `_import_config`).
+    An exception raised while importing the file or running ``get_config`` becomes a ConfigError
+    naming the file and line it came from."""
+    given = Path(path).expanduser()
+    if not given.is_file():
+        raise ConfigError(f"config file {given} does not exist")
+    path = given.resolve()
+    try:
+        module = _import_config(path)
+        if not callable(getattr(module, "get_config", None)):
+            raise ConfigError(f"{given}: expected a function get_config() returning a ConfigDict")
+        config = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the user's code: report where, not a traceback
+        raise ConfigError(f"{_where(e, path)}: {type(e).__name__}: {e}{_hint(e)}") from None
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected ConfigDict")
+        raise ConfigError(f"{given}: get_config() returned {type(config).__name__}, expected ConfigDict")
     return config
 
 
-def _import_experiment(path: Path):
-    """Import ``<dir>/<name>.py`` as module ``<dir>.<name>``, so that experiment files can
-    ``from experiments import base`` wherever the command runs from."""
-    package = path.parent.name
-    if not package.isidentifier():
-        raise ConfigError(f"{path}: the config's folder name {package!r} must be a Python identifier")
-    pkg = sys.modules.get(package)
-    if pkg is None or Path(getattr(pkg, "__path__", [""])[0]).resolve() != path.parent:
-        init = path.parent / "__init__.py"
-        pkg_spec = importlib.util.spec_from_file_location(
-            package, init if init.exists() else None, submodule_search_locations=[str(path.parent)])
-        pkg = importlib.util.module_from_spec(pkg_spec)
-        sys.modules[package] = pkg
-        if init.exists():
-            pkg_spec.loader.exec_module(pkg)
-    name = f"{package}.{path.stem}"
+def _package_dir(name: str) -> Path | None:
+    """The folder of the importable package `name`; None if nothing by that name is importable
+    (a module that is not a package gives a path that matches no folder)."""
+    module = sys.modules.get(name)
+    try:
+        spec = module.__spec__ if module is not None else importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    locations = list(spec.submodule_search_locations or [])
+    return Path(locations[0]).resolve() if locations else Path(spec.origin or name)
+
+
+def _import_config(path: Path):
+    """Import an experiment file by path, from any folder:
+
+    - in a folder that is an importable package (the project's ``experiments``, installed with
+      it, or a package on ``sys.path``): as ``<package>.<name>``, the usual import;
+    - in a folder with ``__init__.py`` whose name no other importable package takes: that folder
+      becomes package ``<folder>``, so the file may import its siblings as ``<folder>.<sibling>``;
+    - otherwise (no ``__init__.py``, a name that is no identifier, or one taken by another
+      package, e.g. the user's own ``experiments`` folder): standalone, under a name of its own.
+      ``from experiments import base`` then finds the project's installed ``experiments``.
+    """
+    folder, package = path.parent, path.parent.name
+    if package.isidentifier() and path.stem.isidentifier():
+        where = _package_dir(package)
+        if where == folder:
+            return importlib.import_module(f"{package}.{path.stem}")
+        if where is None and (folder / "__init__.py").is_file():
+            spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
+                                                          submodule_search_locations=[str(folder)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[package] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[package]
+                raise
+            return importlib.import_module(f"{package}.{path.stem}")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    name = f"multitower_config_{digest}_{''.join(c if c.isalnum() else '_' for c in path.stem)}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
+
+
+def _where(error: BaseException, path: Path) -> str:
+    """``file:line`` of the innermost frame of `error` in the config's folder (else outside this
+    package and importlib), or just the config file."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}:{error.lineno}"
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith("<") and Path(f.filename).resolve() != Path(__file__).resolve()]
+    ours = [f for f in frames if Path(f.filename).resolve().parent == path.parent]
+    frame = (ours or frames or [None])[-1]
+    return f"{frame.filename}:{frame.lineno}" if frame is not None else str(path)
+
+
+def _hint(error: BaseException) -> str:
+    if isinstance(error, ModuleNotFoundError) and error.name in ("experiments", "experiments.base"):
+        return (" (the project's `experiments` package, with `experiments.base`, comes with the installed "
+                "multitower_jax: `pip install -e <the repo>`)")
+    return ""
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
