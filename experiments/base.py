@@ -114,6 +114,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.embedding_weight_decay = ml_collections.config_dict.placeholder(float)
     config.optim.clip_norm = 1.0  # global gradient norm; 0 disables clipping
     config.optim.accumulation_steps = 1  # > 1: one update every k micro-batches (optax.MultiSteps)
+    # Embedding tables of at least large_table_bytes (0: none) may take row-wise Adagrad instead of
+    # AdamW (train/optim.py): one accumulator per row, only the batch's rows move, no weight decay;
+    # its peak rate is rowwise_learning_rate, on the same warm-up and cosine decay.
+    config.optim.large_table_optimizer = "adamw"  # or "rowwise_adagrad"
+    config.optim.large_table_bytes = 0
+    config.optim.rowwise_learning_rate = 0.05
+    config.optim.rowwise_initial_accumulator = 0.1
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 20_000

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from multitower_jax import config as config_lib
@@ -148,3 +149,126 @@ def test_accumulating_k_micro_batches_equals_one_big_batch_step():
     for params in history[:3]:
         np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(params0["w"]))
     assert np.abs(np.asarray(history[3]["w"] - params0["w"])).max() > 1e-4
+
+
+# -- row-wise Adagrad for large tables -------------------------------------------------------------
+
+ROWWISE = dict(init_lr=0.01, peak_lr=0.1, end_lr=0.001, warmup_steps=2, decay_steps=4, weight_decay=0.5,
+               clip_norm=1.0, large_table_optimizer="rowwise_adagrad", large_table_bytes=100,
+               rowwise_learning_rate=0.5, rowwise_initial_accumulator=0.1)
+
+
+def _tables_tree(flat, boxed=False):
+    arrays = {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}
+    if boxed:
+        names = {"big": ("vocab", "embed"), "small": ("vocab", "embed"), "kernel": ("embed", "mlp"), "bias": ("mlp",)}
+        arrays = {k: nn.Partitioned(v, names=names[k]) for k, v in arrays.items()}
+    return {"embed_big": {"embedding": arrays["big"]}, "embed_small": {"embedding": arrays["small"]},
+            "dense": {"kernel": arrays["kernel"], "bias": arrays["bias"]}}
+
+
+def _flat(tree):
+    tree = nn.meta.unbox(tree)
+    return {"big": tree["embed_big"]["embedding"], "small": tree["embed_small"]["embedding"],
+            "kernel": tree["dense"]["kernel"], "bias": tree["dense"]["bias"]}
+
+
+def test_rowwise_adagrad_moves_only_the_batch_rows_as_a_numpy_reference():
+    """A 10 x 4 table (160 bytes, over the 100-byte threshold) takes row-wise Adagrad, the 3 x 4
+    table (48 bytes) and the dense layer AdamW, both after one global clipping; the gradients
+    are zero outside the rows of the batch's ids, as an embedding lookup's are."""
+    config = config_with(**ROWWISE)
+    rng = np.random.default_rng(1)
+    flat = {"big": rng.normal(size=(10, 4)), "small": rng.normal(size=(3, 4)), "kernel": rng.normal(size=(4, 2)),
+            "bias": rng.normal(size=(2,))}
+    touched_per_step = [[1, 3, 7], [3, 8], [1, 3]]  # rows 0, 2, 4, 5, 6, 9 are never in a batch
+    grads = []
+    for rows, scale in zip(touched_per_step, (30.0, 0.1, 1.0)):  # the first step is clipped
+        g = {k: rng.normal(size=v.shape) * scale for k, v in flat.items()}
+        g["big"] = np.where(np.isin(np.arange(10), rows)[:, None], g["big"], 0.0)
+        grads.append(g)
+
+    tx = optim.make_optimizer(config, _tables_tree(flat))
+    params, state = _tables_tree(flat), tx.init(_tables_tree(flat))
+    step = jit(lambda p, s, g: (lambda u, s2: (jax.tree_util.tree_map(jnp.add, p, u), s2))(*tx.update(g, s, p)))
+    for g in grads:
+        params, state = step(params, state, _tables_tree(g))
+    got = {k: np.asarray(v) for k, v in _flat(params).items()}
+
+    # The reference, in float64: clipping over every gradient, then row-wise Adagrad on the big
+    # table with the AdamW schedule's shape scaled to peak at 0.5, AdamW on the rest.
+    schedule = optim.learning_rate_schedule(config)
+    lrs = [float(schedule(t)) for t in range(3)]
+    clipped = []
+    for g in grads:
+        norm = np.sqrt(sum(np.sum(np.square(x)) for x in g.values()))
+        clipped.append({k: v * min(1.0, 1.0 / norm) for k, v in g.items()})
+    table, sum_sq = flat["big"].copy(), np.full(10, 0.1)
+    for g, lr in zip(clipped, lrs):
+        sum_sq += np.mean(g["big"] ** 2, axis=1)
+        table -= lr * (0.5 / 0.1) * g["big"] / (np.sqrt(sum_sq)[:, None] + 1e-8)
+    rest = np_adamw({k: flat[k] for k in ("small", "kernel", "bias")},
+                    [{k: g[k] for k in ("small", "kernel", "bias")} for g in clipped], lrs, 0.5, np.inf,
+                    decays={"small": True, "kernel": True, "bias": False})
+    never = [0, 2, 4, 5, 6, 9]
+    np.testing.assert_allclose(got["big"], table, rtol=2e-5, atol=1e-6)
+    moved = np.abs(got["big"] - flat["big"].astype(np.float32)).max(axis=1)
+    assert (moved[[1, 3, 7, 8]] > 1e-2).all(), moved
+    np.testing.assert_array_equal(got["big"][never], flat["big"][never].astype(np.float32))  # bit for bit
+    for k in ("small", "kernel", "bias"):
+        np.testing.assert_allclose(got[k], rest[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+    # The state: one accumulator per row of the big table (untouched rows keep 0.1 exactly);
+    # AdamW's moments only for the other parameters.
+    accumulators = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (10,)]
+    assert len(accumulators) == 1
+    np.testing.assert_allclose(np.asarray(accumulators[0]), sum_sq, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(accumulators[0])[never], np.float32(0.1))
+    assert not [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (10, 4)]
+    assert len([x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (3, 4)]) == 2
+
+
+def test_the_default_and_a_threshold_over_every_table_keep_plain_adamw():
+    """base.py's defaults (large_table_optimizer "adamw", large_table_bytes 0) build the plain
+    clip -> AdamW chain: the same state structure and updates as before the option existed."""
+    flat = {"big": np.ones((10, 4)), "small": np.ones((3, 4)), "kernel": np.ones((4, 2)), "bias": np.ones(2)}
+    params = _tables_tree(flat)
+    config = config_with()
+    assert config.optim.large_table_optimizer == "adamw" and config.optim.large_table_bytes == 0
+    plain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        optim.learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-5, mask=optim.decay_mask))
+    for c in (config, config_with(large_table_bytes=100), config_with(large_table_optimizer="rowwise_adagrad")):
+        tx = optim.make_optimizer(c, params)
+        assert jax.tree.structure(tx.init(params)) == jax.tree.structure(plain.init(params))
+        g = _tables_tree({k: np.full_like(v, 0.3) for k, v in flat.items()})
+        ours, theirs = tx.update(g, tx.init(params), params)[0], plain.update(g, plain.init(params), params)[0]
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="selects no embedding table"):
+        optim.make_optimizer(config_with(**dict(ROWWISE, large_table_bytes=10**9)), params)
+    with pytest.raises(ValueError, match="large_table_optimizer='sgd'"):
+        optim.make_optimizer(config_with(large_table_optimizer="sgd"))
+
+
+def test_rowwise_accumulators_are_sharded_with_their_table():
+    """On boxed parameters the accumulator carries the table's "vocab" axis, so
+    `sharding.state_shardings` row-shards it over every device together with the large table
+    (8 fake CPU devices), while the small table stays replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    from multitower_jax.train import sharding
+
+    flat = {"big": np.ones((16, 4)), "small": np.ones((3, 4)), "kernel": np.ones((4, 2)), "bias": np.ones(2)}
+    tx = optim.make_optimizer(config_with(**ROWWISE))
+    boxed = jax.eval_shape(lambda: {"params": _tables_tree(flat, boxed=True),
+                                    "opt_state": tx.init(_tables_tree(flat, boxed=True))})
+    mesh = sharding.make_mesh(config_with(), jax.devices()[:8])
+    rules = (("vocab", None), ("embed", None), ("mlp", None))
+    shardings = sharding.state_shardings(boxed, mesh, rules, large_table_bytes=200)
+    unboxed = nn.meta.unbox(boxed)
+    by_shape = {}
+    for leaf, s in zip(jax.tree.leaves(unboxed), jax.tree.leaves(shardings)):
+        by_shape.setdefault(leaf.shape, set()).add(s.spec)
+    assert by_shape[(16,)] == {P(("data", "model"))}  # the accumulator (64 bytes), with its table
+    assert by_shape[(16, 4)] == {P(("data", "model"), None)}
+    assert by_shape[(3, 4)] == {P()} or by_shape[(3, 4)] == {P(None, None)}

@@ -11,7 +11,7 @@ code, no config, no parameters file (they are constants inside the artifact).
 Folder:
     manifest.json               inputs/outputs, buckets, objective, calibration, model fingerprint
     score_<placement>.jaxexport the scorer, symbolic in batch b and candidates n (n >= top_n)
-    ad_part_<placement>.jaxexport  e_ad [n, D] -> a W_a [n, P] (the export computes it per ad)
+    ad_part_<placement>.jaxexport  e_ad [n, D] -> a W_a [n, H] (the export computes it per ad)
 
 Both functions are exported with symbolic shapes, so one artifact serves every bucket;
 `PortableScorer` pads to the manifest's buckets so each bucket compiles once.
@@ -166,7 +166,7 @@ def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
     blobs: dict[str, bytes] = {}
     for placement in trained.config.data.placements:
         scorer = Scorer.from_trained(trained, placement, calibration, settings)
-        spec, params, h = scorer.spec, scorer.params, scorer.spec.ad_part_width
+        spec, params, h = scorer.spec, scorer.params, scorer.spec.fusion_hidden[0]
         f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)  # noqa: E731
         args = (f32(b, d), f32(b, d), f32(b, n, d), f32(b, n, h), f32(b, n), f32(b, n),
                 jax.ShapeDtypeStruct((b, n), np.bool_))
@@ -181,7 +181,7 @@ def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
         files = {"score": f"score_{placement}.jaxexport", "ad_part": f"ad_part_{placement}.jaxexport"}
         blobs[files["score"]], blobs[files["ad_part"]] = exported.serialize(), exported_ad.serialize()
         manifest["placements"][placement] = {
-            **files, "fusion_hidden": spec.fusion_hidden[0], "ad_part_width": h,
+            **files, "fusion_hidden": h,
             "inputs": {name: {"shape": str(a.shape), "dtype": str(np.dtype(a.dtype))}
                        for name, a in zip(SCORE_INPUTS, args)},
             "outputs": sorted(exported.out_tree.unflatten(range(len(exported.out_avals))).keys()),

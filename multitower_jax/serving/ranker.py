@@ -347,7 +347,7 @@ class Ranker:
 
         for placement in self.placements:
             scorer = self.scorers[placement]
-            h = scorer.spec.ad_part_width
+            h = scorer.spec.fusion_hidden[0]
             for b in s.batch_buckets:
                 self._user_tower(dummy_features(self.trained.spec.user, b))
                 self._context_towers[placement](dummy_features(self.trained.spec.context(placement), b))

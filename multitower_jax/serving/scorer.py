@@ -63,15 +63,22 @@ class ScorerSpec:
     cvr_weight: float = 0.0
     top_n: int = 20
 
+    @classmethod
+    def from_model(cls, model_config: ModelConfig, settings: ServingSettings) -> ScorerSpec:
+        return cls(fusion=model_config.fusion, fusion_hidden=tuple(model_config.fusion_hidden),
+                   head=model_config.head, embed_dim=model_config.embed_dim, objective=settings.objective,
+                   ctr_weight=float(settings.ctr_weight), cvr_weight=float(settings.cvr_weight),
+                   top_n=settings.top_n)
+
     @property
     def has_cvr(self) -> bool:
         return self.head != "ctr"
 
 
-def split_first_layer(fusion_params: Params, mode: str, embed_dim: int) -> dict[str, Array]:
-    """Slice the first fusion Dense kernel [(3D [+3 | +3D]) x H] into its user/context/ad/cross parts."""
+def split_first_layer(mlp_params: Params, mode: str, embed_dim: int) -> dict[str, Array]:
+    """Slice a fusion MLP's first Dense kernel [(3D [+3 | +3D]) x H] into its user/context/ad/cross parts."""
     d = embed_dim
-    dense = fusion_params["mlp"]["block_0"]["dense"]
+    dense = mlp_params["block_0"]["dense"]
     kernel, bias = jnp.asarray(dense["kernel"], jnp.float32), jnp.asarray(dense["bias"], jnp.float32)
     expected = 3 * d + {"dot": 3, "product": 3 * d}.get(mode, 0)
     if kernel.shape[0] != expected:
@@ -86,18 +93,38 @@ def split_first_layer(fusion_params: Params, mode: str, embed_dim: int) -> dict[
 
 
 def ad_part(fusion_params: Params, spec: ScorerSpec, e_ad_NxD: Array) -> Array:
-    """a W_a: the ad's share of the first fusion layer, computed once per ad at export."""
-    w_ad = split_first_layer(fusion_params, spec.fusion, spec.embed_dim)["w_ad"]
+    """a W_a: the ad's share of the first fusion layer [N, H], computed once per ad at export."""
+    w_ad = split_first_layer(fusion_params["mlp"], spec.fusion, spec.embed_dim)["w_ad"]
     return jnp.asarray(e_ad_NxD, jnp.float32) @ w_ad
 
 
-def _mlp_tail(fusion_params: Params, spec: ScorerSpec, x_MxH: Array) -> Array:
+def _first_layer(mlp_params: Params, spec: ScorerSpec, u_BxD: Array, c_BxD: Array, a_BxNxD: Array,
+                 ad_part_BxNxH: Array) -> Array:
+    """The first fusion Dense's output [B, N, H], from the per-request, per-ad and cross parts."""
+    parts = split_first_layer(mlp_params, spec.fusion, spec.embed_dim)
+    u, c, a = u_BxD, c_BxD, a_BxNxD
+    # Per request: the user and context rows of the first layer, once.
+    r_BxH = u @ parts["w_user"] + c @ parts["w_context"] + parts["bias"]
+    x_BxNxH = ad_part_BxNxH + r_BxH[:, None, :]
+    if spec.fusion == "dot":
+        r_BxH_dot = jnp.sum(u * c, axis=-1, keepdims=True) * parts["w_uc"]
+        ua_BxN = jnp.einsum("bnd,bd->bn", a, u)
+        ca_BxN = jnp.einsum("bnd,bd->bn", a, c)
+        x_BxNxH = (x_BxNxH + r_BxH_dot[:, None, :] + ua_BxN[..., None] * parts["w_ua"]
+                   + ca_BxN[..., None] * parts["w_ca"])
+    elif spec.fusion == "product":
+        r_BxH_uc = (u * c) @ parts["w_uc"]
+        m_BxDxH = u[:, :, None] * parts["w_ua"] + c[:, :, None] * parts["w_ca"]
+        x_BxNxH = x_BxNxH + r_BxH_uc[:, None, :] + jnp.einsum("bnd,bdh->bnh", a, m_BxDxH)
+    return x_BxNxH
+
+
+def _mlp_tail(mlp_params: Params, spec: ScorerSpec, x_MxH: Array) -> Array:
     """First block's LayerNorm + ReLU, then the remaining blocks, exactly as `layers.MLP`."""
-    block0 = fusion_params["mlp"]["block_0"]
-    h = layers.layer_norm(dtype=jnp.float32).apply({"params": block0["layer_norm"]}, x_MxH)
+    h = layers.layer_norm(dtype=jnp.float32).apply({"params": mlp_params["block_0"]["layer_norm"]}, x_MxH)
     h = nn.relu(h)
     for i, width in enumerate(spec.fusion_hidden[1:], start=1):
-        h = layers.Block(width, 0.0, jnp.float32).apply({"params": fusion_params["mlp"][f"block_{i}"]}, h)
+        h = layers.Block(width, 0.0, jnp.float32).apply({"params": mlp_params[f"block_{i}"]}, h)
     return h
 
 
@@ -121,24 +148,11 @@ def score_candidates(params: Params, calibration: Calibrator | None, spec: Score
     T = min(top_n, N); invalid candidates have ecpm -inf.
     """
     fusion_params, head_params = params["fusion"], params["heads"]
-    parts = split_first_layer(fusion_params, spec.fusion, spec.embed_dim)
-    u, c = e_user_BxD.astype(jnp.float32), e_context_BxD.astype(jnp.float32)
-    a = e_ad_BxNxD.astype(jnp.float32)
-    # Per request: the user and context rows of the first layer, once.
-    r_BxH = u @ parts["w_user"] + c @ parts["w_context"] + parts["bias"]
-    x_BxNxH = ad_part_BxNxH.astype(jnp.float32) + r_BxH[:, None, :]
-    if spec.fusion == "dot":
-        r_BxH_dot = jnp.sum(u * c, axis=-1, keepdims=True) * parts["w_uc"]
-        ua_BxN = jnp.einsum("bnd,bd->bn", a, u)
-        ca_BxN = jnp.einsum("bnd,bd->bn", a, c)
-        x_BxNxH = (x_BxNxH + r_BxH_dot[:, None, :] + ua_BxN[..., None] * parts["w_ua"]
-                   + ca_BxN[..., None] * parts["w_ca"])
-    elif spec.fusion == "product":
-        r_BxH_uc = (u * c) @ parts["w_uc"]
-        m_BxDxH = u[:, :, None] * parts["w_ua"] + c[:, :, None] * parts["w_ca"]
-        x_BxNxH = x_BxNxH + r_BxH_uc[:, None, :] + jnp.einsum("bnd,bdh->bnh", a, m_BxDxH)
+    x_BxNxH = _first_layer(fusion_params["mlp"], spec, e_user_BxD.astype(jnp.float32),
+                           e_context_BxD.astype(jnp.float32), e_ad_BxNxD.astype(jnp.float32),
+                           ad_part_BxNxH.astype(jnp.float32))
     b, n, h = x_BxNxH.shape
-    fused = _mlp_tail(fusion_params, spec, x_BxNxH.reshape(b * n, h))
+    fused = _mlp_tail(fusion_params["mlp"], spec, x_BxNxH.reshape(b * n, h))
     out = Heads(spec.head, jnp.float32).apply({"params": head_params}, fused)
 
     keys = ("pctr", "pcvr", "pctcvr") if spec.has_cvr else ("pctr",)
@@ -190,10 +204,7 @@ class Scorer:
         self.settings = settings or ServingSettings()
         self.placement = placement
         s = self.settings
-        self.spec = ScorerSpec(fusion=model_config.fusion, fusion_hidden=tuple(model_config.fusion_hidden),
-                               head=model_config.head, embed_dim=model_config.embed_dim,
-                               objective=s.objective, ctr_weight=float(s.ctr_weight),
-                               cvr_weight=float(s.cvr_weight), top_n=s.top_n)
+        self.spec = ScorerSpec.from_model(model_config, s)
         if s.objective == "weighted" and s.cvr_weight and not self.spec.has_cvr:
             raise ValueError(f"config.serving.cvr_weight={s.cvr_weight} needs a pCVR, but head "
                              f"{model_config.head!r} has none")

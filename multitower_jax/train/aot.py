@@ -179,7 +179,7 @@ def _compile_scorer(config, trainer, device) -> Any:
                           scorer_lib.placement_params(trainer.abstract_state["params"], trainer.placement))
     b = max(settings.batch_buckets)
     n = bucket_for(settings.num_candidates, settings.buckets)
-    d, h = m.embed_dim, spec.ad_part_width
+    d, h = m.embed_dim, spec.fusion_hidden[0]
     f32 = np.float32
     shapes = [((b, d), f32), ((b, d), f32), ((b, n, d), f32), ((b, n, h), f32), ((b, n), f32), ((b, n), f32),
               ((b, n), np.bool_)]

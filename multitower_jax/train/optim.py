@@ -10,10 +10,13 @@ k-times larger batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 # Parameters whose last name is one of these are not weight-decayed: shrinking a bias or a
@@ -61,24 +64,129 @@ def embedding_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: _last_name(path) in EMBEDDING_NAMES, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def _dense_parts(config: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+    """AdamW with the schedule and the decoupled weight decay(s), after clipping."""
+    o = config.optim
+    embedding_decay = o.get("embedding_weight_decay", None)
+    if embedding_decay is None:  # one decoupled weight decay for kernels and tables
+        return [optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+                            weight_decay=float(o.weight_decay), mask=decay_mask)]
+    # AdamW with its own decay rate for the embedding tables
+    return [optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+            optax.add_decayed_weights(float(o.weight_decay), mask=dense_decay_mask),
+            optax.add_decayed_weights(float(embedding_decay), mask=embedding_mask),
+            optax.scale_by_learning_rate(learning_rate_schedule(config))]
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> optax.GradientTransformation:
     """clip_by_global_norm -> AdamW(schedule, decoupled weight decay), wrapped in
-    `optax.MultiSteps` when ``config.optim.accumulation_steps > 1``."""
+    `optax.MultiSteps` when ``config.optim.accumulation_steps > 1``.
+
+    With ``optim.large_table_optimizer = "rowwise_adagrad"`` and ``optim.large_table_bytes > 0``,
+    embedding tables of at least that many bytes take `rowwise_adagrad` (learning rate
+    ``optim.rowwise_learning_rate`` on the same warm-up / cosine shape, no weight decay), the
+    rest AdamW, both after the one global clipping. `params` (arrays or shapes) is only used to
+    refuse a threshold that selects no table."""
     o = config.optim
     parts = []
     if float(o.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(o.clip_norm)))
-    embedding_decay = o.get("embedding_weight_decay", None)
-    if embedding_decay is None:  # one decoupled weight decay for kernels and tables
-        parts.append(optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
-                                 weight_decay=float(o.weight_decay), mask=decay_mask))
-    else:  # AdamW with its own decay rate for the embedding tables
-        parts += [optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-                  optax.add_decayed_weights(float(o.weight_decay), mask=dense_decay_mask),
-                  optax.add_decayed_weights(float(embedding_decay), mask=embedding_mask),
-                  optax.scale_by_learning_rate(learning_rate_schedule(config))]
+    choice = str(o.get("large_table_optimizer", "adamw"))
+    threshold = int(o.get("large_table_bytes", 0) or 0)
+    if choice not in LARGE_TABLE_OPTIMIZERS:
+        raise ValueError(f"config.optim.large_table_optimizer={choice!r}: one of {LARGE_TABLE_OPTIMIZERS}")
+    if choice == "adamw" or threshold <= 0:
+        parts += _dense_parts(config)
+    else:
+        if params is not None and not any(jax.tree.leaves(large_table_mask(params, threshold))):
+            raise ValueError(f"config.optim.large_table_bytes={threshold} selects no embedding table for "
+                             f"{choice}; lower it or set optim.large_table_optimizer='adamw'")
+        rowwise = rowwise_adagrad(rowwise_schedule(config), float(o.get("rowwise_initial_accumulator", 0.1)))
+        parts.append(_without_boxed_masks(optax.multi_transform(
+            {"dense": optax.chain(*_dense_parts(config)), "rowwise": rowwise},
+            lambda p: jax.tree.map(lambda big: "rowwise" if big else "dense", large_table_mask(p, threshold)))))
     tx = optax.chain(*parts)
     steps = int(o.accumulation_steps)
     if steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=steps).gradient_transformation()
     return tx
+
+
+# -- row-wise Adagrad for large embedding tables --------------------------------------------------
+
+LARGE_TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad")
+
+
+def _nbytes(x: Any) -> int:
+    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def large_table_mask(params: Any, min_bytes: int) -> Any:
+    """True for embedding tables of at least `min_bytes` bytes (raw or boxed parameter trees)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: _last_name(path) in EMBEDDING_NAMES and _nbytes(x) >= min_bytes, params)
+
+
+def _without_boxed_masks(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` whose state, initialized on boxed parameters, holds a bare `MaskedNode` (no leaves)
+    where `optax.masked` left ``nn.Partitioned(MaskedNode())``: the state's logical partition
+    specs (`nn.get_partition_spec`) then match its arrays leaf for leaf."""
+    def unbox_masked(x):
+        if isinstance(x, nn.Partitioned) and isinstance(x.value, optax.MaskedNode):
+            return x.value
+        return x
+
+    def init_fn(params):
+        return jax.tree.map(unbox_masked, tx.init(params), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+    return optax.GradientTransformation(init_fn, tx.update)
+
+
+def rowwise_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The AdamW schedule's shape (warm-up, cosine) scaled to peak at ``optim.rowwise_learning_rate``."""
+    o = config.optim
+    base, scale = learning_rate_schedule(config), float(o.get("rowwise_learning_rate", 0.05)) / float(o.peak_lr)
+    return lambda count: base(count) * scale
+
+
+class RowwiseAdagradState(NamedTuple):
+    count: jax.Array  # updates so far (the schedule's step)
+    sum_sq: Any  # per table: the running sum of each row's mean squared gradient, [rows]
+
+
+def rowwise_adagrad(learning_rate: float | optax.Schedule, initial_accumulator: float = 0.1,
+                    eps: float = 1e-8) -> optax.GradientTransformation:
+    """Row-wise Adagrad for [rows, dim] tables (the optimizer of TPU embedding and DLRM tables):
+
+        sum_sq[r] += mean_d g[r, d]^2
+        p[r, :]   -= lr * g[r, :] / (sqrt(sum_sq[r]) + eps)
+
+    A row whose gradient is zero (its id is not in the batch) keeps its parameters and its
+    accumulator bit for bit. The state is one float per row. On boxed (`nn.Partitioned`)
+    parameters the accumulator carries the table's first logical axis ("vocab"), so it is
+    sharded like the table's rows and every chip updates its own rows with no communication."""
+    schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+    def init_row_sums(x):
+        if isinstance(x, nn.Partitioned):
+            if not hasattr(x.value, "shape"):  # another group's parameter (optax.masked's MaskedNode)
+                return x
+            return nn.Partitioned(jnp.full(x.value.shape[:1], initial_accumulator, jnp.float32),
+                                  names=tuple(x.names[:1]), mesh=x.mesh)
+        if x.ndim != 2:
+            raise ValueError(f"rowwise_adagrad takes [rows, dim] tables, got shape {x.shape}")
+        return jnp.full(x.shape[:1], initial_accumulator, jnp.float32)
+
+    def init_fn(params):
+        sums = jax.tree.map(init_row_sums, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        return RowwiseAdagradState(count=jnp.zeros((), jnp.int32), sum_sq=sums)
+
+    def update_fn(updates, state, params=None):
+        del params
+        lr = schedule(state.count)
+        sums = jax.tree.map(lambda g, s: s + jnp.mean(jnp.square(g.astype(jnp.float32)), axis=1),
+                            updates, state.sum_sq)
+        new = jax.tree.map(lambda g, s: (-lr * g / (jnp.sqrt(s)[:, None] + eps)).astype(g.dtype), updates, sums)
+        return new, RowwiseAdagradState(count=optax.safe_int32_increment(state.count), sum_sq=sums)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -89,21 +89,34 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules, large_table_bytes: i
     table, and so also its optimizer moments, which carry the same names) and that holds at
     least that many bytes is row-sharded over *every* device (`BATCH_AXES`) whatever the rules
     say, when its rows divide evenly (pad them with ``model.vocab_multiple``). Each chip then
-    holds, updates and reduces only its 1/N of a large table; smaller tables follow the rules."""
+    holds, updates and reduces only its 1/N of a large table; smaller tables follow the rules.
+    Per-row optimizer state of a large table (a "vocab"-first array with its row count) goes with it."""
     specs = nn.get_partition_spec(abstract_state)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     if not large_table_bytes:
         return shardings
     leaves = nn.unbox(abstract_state)
+    is_spec = lambda x: isinstance(x, P) or x is None  # noqa: E731
+
+    def vocab_first(leaf, spec) -> bool:
+        return isinstance(spec, P) and len(spec) > 0 and spec[0] == "vocab" and hasattr(leaf, "shape")
+
+    # The row counts of the large tables: their per-row optimizer state ([rows], e.g. row-wise
+    # Adagrad's accumulator, also "vocab"-first) is row-sharded with them whatever its own size.
+    large_rows: set[int] = set()
+
+    def note_large(leaf, spec):
+        if vocab_first(leaf, spec) and int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize >= large_table_bytes:
+            large_rows.add(int(leaf.shape[0]))
+
+    jax.tree.map(note_large, leaves, specs, is_leaf=is_spec)
 
     def choose(leaf, spec, sharding):
-        big = (isinstance(spec, P) and len(spec) > 0 and spec[0] == "vocab" and hasattr(leaf, "shape")
-               and int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize >= large_table_bytes)
-        if big and leaf.shape[0] % mesh.devices.size == 0:
+        if vocab_first(leaf, spec) and leaf.shape[0] in large_rows and leaf.shape[0] % mesh.devices.size == 0:
             return NamedSharding(mesh, P(BATCH_AXES, *([None] * (len(leaf.shape) - 1))))
         return sharding
 
-    return jax.tree.map(choose, leaves, specs, shardings, is_leaf=lambda x: isinstance(x, P) or x is None)
+    return jax.tree.map(choose, leaves, specs, shardings, is_leaf=is_spec)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
