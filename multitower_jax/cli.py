@@ -35,8 +35,9 @@ BENCHES = ("input", "train", "retrieve", "score", "serve", "ceiling")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multitower",
-        description="Multi-tower CTR/CVR ads model in JAX. Every command takes --config FILE "
-                    "and any number of overrides like --config.data.batch_size=4096.",
+        description="Multi-tower CTR/CVR ads model in JAX. Commands that start from an experiment take "
+                    "--config FILE (a config file in any folder); commands on a trained workdir read its "
+                    "config.json. Both take overrides like --config.data.batch_size=4096.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
