@@ -8,7 +8,6 @@ validation, score them on the chosen split and write ``<workdir>/eval_baseline.j
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any
@@ -17,6 +16,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from multitower_jax import fileio
 from multitower_jax.baselines import BaselineError, data, features, models, rates, text
 from multitower_jax.baselines.data import Table
 from multitower_jax.baselines.report import RESULT_FILE
@@ -89,7 +89,7 @@ def fit_logistic(s: ml_collections.ConfigDict, tables: dict[str, Table], words: 
     details["logistic_regression"] = {**chosen, "features_per_row": round(X["train"].nnz / max(len(train), 1), 1),
                                       "weights": int(len(kept)),
                                       "crossed_columns": ["*".join(c) for c in hashed.crossed_columns(train)]
-                                      + crosses + hashed.text_crosses(train),
+                                      + crosses + features.text_crosses(train),
                                       "seconds": round(time.perf_counter() - start, 1)}
     r = out["logistic_regression"]
     _log(f"logistic_regression: {split} CTR AUC {r['ctr_auc']:.4f}, CTCVR AUC {r['ctcvr_auc']:.4f}")
@@ -183,10 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, split: str = "test") ->
     report = {"split": split, "placement": placement, "data_dir": str(config.data.dir),
               "rows": {name: len(t) for name, t in tables.items()}, "baselines": results, "details": details,
               "notes": notes, "seconds": round(time.perf_counter() - start, 1)}
-    path = workdir / RESULT_FILE
-    tmp = workdir / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    fileio.write_json(workdir / RESULT_FILE, report)
     return report
 
 

@@ -46,6 +46,14 @@ def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass
+def text_crosses(table: Table) -> list[str]:
+    """Query topic x ad topic and user x ad topic, when the LSA topics are there."""
+    if "topic:ad" not in table:
+        return []
+    return [f"{n}*topic:ad" for n in table.derived if n.startswith("topic:") and n != "topic:ad"] + \
+        (["user_id*topic:ad"] if "user_id" in table else [])
+
+
 class HashedFeatures:
     """Fitted on train (numeric bin edges), then turns any split into a CSR matrix."""
 
@@ -73,14 +81,6 @@ class HashedFeatures:
         small = [n for n in table.of_type(F.Categorical)
                  if table.features[n].encoding != "hash" and table.features[n].size <= self.max_cross_size]
         return [(a, b) for i, a in enumerate(small) for b in small[i + 1:] if _tower(a) != _tower(b)]
-
-    @staticmethod
-    def text_crosses(table: Table) -> list[str]:
-        """Query topic x ad topic and user x ad topic, when the LSA topics are there."""
-        if "topic:ad" not in table:
-            return []
-        return [f"{n}*topic:ad" for n in table.derived if n.startswith("topic:") and n != "topic:ad"] + \
-            (["user_id*topic:ad"] if "user_id" in table else [])
 
     def transform(self, table: Table, words: dict[str, np.ndarray] | None = None) -> sp.csr_matrix:
         words = text_words(table) if words is None else words
@@ -121,7 +121,7 @@ class HashedFeatures:
             fields[f"words:{name}"] = (w, w > 0)
         for a, b in self.crossed_columns(table):
             fields[f"{a}*{b}"] = one(_cross(table[a], table[b]))
-        for cross in [*self.id_crosses, *self.text_crosses(table)]:
+        for cross in [*self.id_crosses, *text_crosses(table)]:
             fields[cross] = one(id_keys(table, cross))
         queries, ads = query_and_ad_texts(table)
         if self.word_crosses:
@@ -162,14 +162,6 @@ class Tabular:
     max_categorical_size: int = 64  # larger ones as ordered codes: many-level splits overfit
     names: list[str] = dataclasses.field(default_factory=list)
     categorical: list[str] = dataclasses.field(default_factory=list)
-
-    @staticmethod
-    def text_crosses(table: Table) -> list[str]:
-        """Query topic x ad topic and user x ad topic, when the LSA topics are there."""
-        if "topic:ad" not in table:
-            return []
-        return [f"{n}*topic:ad" for n in table.derived if n.startswith("topic:") and n != "topic:ad"] + \
-            (["user_id*topic:ad"] if "user_id" in table else [])
 
     def transform(self, table: Table, words: dict[str, np.ndarray], extra: dict[str, np.ndarray]) -> np.ndarray:
         columns: dict[str, np.ndarray] = {}
