@@ -45,7 +45,6 @@ def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (mix64(np.asarray(a).astype(np.int64).view(np.uint64)) ^ np.asarray(b).astype(np.int64).view(np.uint64)).view(np.int64)
 
 
-@dataclasses.dataclass
 def text_crosses(table: Table) -> list[str]:
     """Query topic x ad topic and user x ad topic, when the LSA topics are there."""
     if "topic:ad" not in table:
@@ -54,6 +53,7 @@ def text_crosses(table: Table) -> list[str]:
         (["user_id*topic:ad"] if "user_id" in table else [])
 
 
+@dataclasses.dataclass
 class HashedFeatures:
     """Fitted on train (numeric bin edges), then turns any split into a CSR matrix."""
 
