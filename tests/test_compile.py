@@ -189,3 +189,40 @@ def test_bytes_breakdown_counts_tile_padded_operands_and_results_by_phase_and_pa
     assert b["by_component"] == {"ad_tower/text_encoder": 3 * padded + 3 * plain, "collective": 2 * 16 * 48 * 2,
                                  "optimizer": 3 * plain}
     assert b["total"] == 3 * padded + 6 * plain + 2 * 16 * 48 * 2
+
+
+def test_rowwise_adagrad_on_8_devices_moves_only_the_batch_rows(tmp_path):
+    """The trainer with `optim.large_table_optimizer = "rowwise_adagrad"` on 8 fake CPU devices:
+    the large tables' accumulators ([rows]) are row-sharded with them, AdamW keeps no moments for
+    them, and one train step moves exactly the rows of the batch's advertiser ids (the others, and
+    their accumulators, are bit for bit unchanged)."""
+    import jax
+
+    from multitower_jax.data import fake
+    from multitower_jax.train import sharding
+    from multitower_jax.train.trainer import Trainer
+
+    config = tiny_config(tmp_path, *TINY_MODEL, "--config.model.vocab_multiple=8")
+    config.sharding.large_table_bytes = 100_000  # the advertiser and brand tables: 520 x 64 x 4 bytes
+    config.optim.large_table_optimizer = "rowwise_adagrad"
+    config.optim.large_table_bytes = 100_000
+    eight = Trainer(config, None, devices=jax.devices()[:8])
+    state = eight.init_state()
+    accumulators = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "shape", None) == (520,)]
+    assert len(accumulators) == 2 and all({s.data.shape for s in a.addressable_shards} == {(65,)} for a in accumulators)
+    assert not [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "shape", None) == (520, 64)]
+
+    table = lambda s: s["params"]["ad_tower"]["features"]["embed_advertiser_id"]["embedding"]  # noqa: E731
+    before = np.asarray(table(state))
+    batch = fake.random_batch(eight.spec, "search", 256, seed=3)
+    new, _ = eight.train_step(state, {"search": sharding.shard_batch(batch, eight.mesh)})
+    after = np.asarray(table(new))
+    touched = np.unique(batch["ad"]["advertiser_id"])
+    untouched = np.setdiff1d(np.arange(520), touched)
+    assert 50 < len(touched) < 256
+    np.testing.assert_array_equal(after[untouched], before[untouched])
+    assert (np.abs(after[touched] - before[touched]).max(axis=1) > 0).all()
+    sums = [np.asarray(x) for x in jax.tree.leaves(new["opt_state"]) if getattr(x, "shape", None) == (520,)]
+    # The advertiser table's accumulator (the brand table's has other touched rows): untouched rows
+    # keep the initial 0.1 exactly (a touched row's increase, mean g^2, can round away in float32).
+    assert any((s[untouched] == np.float32(0.1)).all() and (s[touched] >= np.float32(0.1)).all() for s in sums)
