@@ -97,7 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.beta = 0.5
     config.loss.temperature = 0.05  # retrieval logits are similarity / temperature
     config.loss.l2_normalize = True  # cosine similarity (export and index normalized vectors then)
-    config.loss.logq_correction = True  # subtract log q(ad) from in-batch candidates' logits
+    # subtract log q(ad) from in-batch candidates' logits; q is the ad's share of the batch's stream:
+    # its placement's train rows after negative downsampling (FeatureStats.ad_log_q)
+    config.loss.logq_correction = True
     config.loss.ctr_weight = 0.7  # head "ctr_cvr": 0.7 * BCE(click) + 0.3 * BCE(conversion | click)
     config.loss.cvr_weight = 0.3
     config.loss.retrieval_positives = "clicks"  # or "impressions": every shown ad is its row's positive

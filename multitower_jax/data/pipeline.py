@@ -63,6 +63,9 @@ def raw_blocks(source, progress: str | None = None) -> Iterator[dict[str, np.nda
 def load_or_compute_stats(config: ml_collections.ConfigDict, spec: F.FeatureSpec, workdir: str | os.PathLike) -> FeatureStats:
     """Statistics of the train splits of every placement, pooled (`pool_stats`), cached in the workdir.
 
+    They keep each placement's ad impressions and clicks, from which `make_dataset` fills
+    ``ad_log_q`` with q(ad) in that placement's downsampled stream (`FeatureStats.ad_log_q`).
+
     With several processes, each computes the same statistics in memory and only process 0
     writes them; a barrier after every process has looked for the file keeps a slow process
     from reading it while process 0 is still writing.
@@ -262,6 +265,8 @@ def make_dataset(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats: 
     ``batch_size // process_count`` rows per batch, the batches of its ``num_shards /
     process_count`` consecutive shards side by side. Training batches repeat forever; evaluation
     goes through the split once, shards padded to a common batch count (rows with ``valid == 0``).
+    ``ad_log_q`` is log q(ad) in the stream the batches come from: this placement's train rows,
+    downsampled at ``data.negative_downsample_rate`` for training and not at all for evaluation.
     """
     data = config.data
     process_index = jax.process_index() if process_index is None else process_index
@@ -274,9 +279,10 @@ def make_dataset(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats: 
     shard_batch = global_batch // shards
 
     source = data_source(config, placement, split)
+    rate = float(data.negative_downsample_rate) if train else 1.0
     processor = _BlockProcessor(
-        Preprocessor(spec, placement, stats),
-        downsample_rate=float(data.negative_downsample_rate) if train else 1.0,
+        Preprocessor(spec, placement, stats, downsample_rate=rate),  # ad_log_q: q(ad) in this stream
+        downsample_rate=rate,
         importance_weights=bool(data.importance_weights),
         seed=int(data.shuffle_seed),
         keep_ids=not train,

@@ -5,6 +5,10 @@ the workdir, so training, evaluation and serving normalize identically. The same
 ads and users (which rows of an evaluation come from entities seen in train) and, for
 categorical features with ``min_count > 1``, the raw values, so values rarer than that in train
 map to the out-of-vocabulary row 0 everywhere (training, evaluation, export, serving).
+
+It also counts, per placement, each ad's train impressions and clicks, so the retrieval loss's
+logQ term is the ad's probability in the stream a batch comes from: that placement's train
+rows after negative downsampling (`FeatureStats.ad_log_q`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import io
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 import numpy as np
 from etils import epath
@@ -23,13 +28,31 @@ from multitower_jax.data import schema
 from multitower_jax.data.tokenizer import HashTokenizer
 
 STATS_FILE = "feature_stats.json"
-AD_FREQ_FILE = "ad_frequency.npz"  # ad ids and counts, and the user ids, of the train split
+AD_FREQ_FILE = "ad_frequency.npz"  # ad ids and counts, the user ids, and per placement each ad's
+                                   # impressions and clicks, of the train split
 KEPT_VALUES_FILE = "kept_values.npz"  # per min_count feature: its raw values seen >= min_count times
 _EPS = 1e-6
 
 
 class StatsError(ValueError):
     """Feature statistics are missing, stale or malformed."""
+
+
+class PooledLogQWarning(UserWarning):
+    """Statistics without per-placement ad counts: logQ falls back to the pooled impression share."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdCounts:
+    """One placement's train counts per ad: sorted distinct ``ad_ids``, their ``impressions`` and
+    ``clicks`` (rows with ``click == 1``, the rows negative downsampling always keeps)."""
+
+    ad_ids: np.ndarray  # int64[n], sorted
+    impressions: np.ndarray  # int64[n]
+    clicks: np.ndarray  # int64[n]
+
+
+_warned_pooled: set[str] = set()  # workdirs (or placements) already warned about, once per process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +72,13 @@ class FeatureStats:
     counts of the raw values of ``min_count`` features, all from the train split.
 
     ``user_ids`` is None for statistics written before they were kept (evaluation then cannot
-    tell seen from unseen users)."""
+    tell seen from unseen users). ``placement_counts`` ({placement: `AdCounts`}) is None for
+    statistics written before they were kept; logQ then uses the pooled share (`ad_log_q`)."""
 
     def __init__(self, numeric: Mapping[str, Mapping[str, float]], ad_ids: np.ndarray,
                  ad_counts: np.ndarray, num_rows: int, user_ids: np.ndarray | None = None,
-                 value_counts: Mapping[str, ValueCounts] | None = None):
+                 value_counts: Mapping[str, ValueCounts] | None = None,
+                 placement_counts: Mapping[str, AdCounts] | None = None):
         self.numeric = {k: dict(v) for k, v in numeric.items()}
         order = np.argsort(ad_ids)
         self.ad_ids = np.asarray(ad_ids, np.int64)[order]
@@ -61,6 +86,9 @@ class FeatureStats:
         self.num_rows = int(num_rows)
         self.user_ids = None if user_ids is None else np.unique(np.asarray(user_ids, np.int64))
         self.value_counts = dict(value_counts or {})
+        self.placement_counts = None if placement_counts is None else dict(placement_counts)
+        self.source: str | None = None  # the workdir `load` read them from (named in warnings)
+        self._log_q_tables: dict = {}  # (placement, rate) -> (sorted ad ids, log q per ad, log q of an unseen ad)
 
     def seen_users(self, user_id: np.ndarray) -> np.ndarray | None:
         """bool per row: is the user in the train split (None: unknown, old statistics)."""
@@ -87,12 +115,61 @@ class FeatureStats:
         prefix = "log1p_" if feature.log1p else ""
         return s[prefix + "mean"], s[prefix + "std"]
 
-    def ad_log_q(self, ad_id: np.ndarray) -> np.ndarray:
-        """log of each ad's share of training impressions; unseen ads count as seen once."""
-        pos = np.clip(np.searchsorted(self.ad_ids, ad_id), 0, max(len(self.ad_ids) - 1, 0))
-        found = self.ad_ids[pos] == ad_id if len(self.ad_ids) else np.zeros(ad_id.shape, bool)
-        counts = np.where(found, self.ad_counts[pos] if len(self.ad_ids) else 1, 1)
-        return (np.log(counts) - np.log(max(self.num_rows, 1))).astype(np.float32)
+    def ad_log_q(self, ad_id: np.ndarray, placement: str | None = None,
+                 downsample_rate: float = 1.0) -> np.ndarray:
+        """log q(ad) per row: the ad's probability among the rows of the stream a batch comes from.
+
+        With a ``placement``, that placement's train rows after keeping every click and a
+        ``downsample_rate`` fraction r of the non-clicks (r = 1: no downsampling)::
+
+            q_p(ad) = (clicks_p(ad) + r nonclicks_p(ad)) / (clicks_p + r nonclicks_p)
+
+        Without one (or, with a one-time `PooledLogQWarning`, for statistics written before the
+        per-placement counts were kept, or that lack this placement), the ad's share of every
+        placement's train impressions, which ignores placement and downsampling. Old statistics
+        are not recomputed: a run resumed from an old workdir keeps the logQ it started with.
+        An ad unseen in the stream counts as seen once (one kept row). For one placement without
+        downsampling both are the same numbers, bit for bit.
+        """
+        key = (placement, float(downsample_rate))
+        table = self._log_q_tables.get(key)
+        if table is None:
+            table = self._log_q_tables[key] = self._log_q_table(placement, float(downsample_rate))
+        ids, log_q, unseen = table
+        ad_id = np.asarray(ad_id, np.int64)
+        if not len(ids):
+            return np.full(ad_id.shape, unseen, np.float32)
+        pos = np.minimum(np.searchsorted(ids, ad_id), len(ids) - 1)
+        return np.where(ids[pos] == ad_id, log_q[pos], unseen)
+
+    def _log_q_table(self, placement: str | None, rate: float) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        counts = None if placement is None or self.placement_counts is None else self.placement_counts.get(placement)
+        if counts is None:
+            if placement is not None and len(self.ad_ids):  # no ads counted at all (a benchmark's stand-in
+                self._warn_pooled(placement)                 # statistics): nothing to be pooled over
+            # float64 logs of the integer counts, then float32: the values logQ has always had
+            log_total = np.log(max(self.num_rows, 1))
+            return self.ad_ids, (np.log(self.ad_counts) - log_total).astype(np.float32), np.float32(0.0 - log_total)
+        if not 0 < rate <= 1:
+            raise ValueError(f"downsample_rate: expected a fraction in (0, 1], got {rate}")
+        clicks = counts.clicks.astype(np.float64)  # exact: counts stay far below 2^53
+        kept = clicks + rate * (counts.impressions - clicks)  # r = 1: exactly the impressions
+        total = clicks.sum() + rate * (counts.impressions.sum() - clicks.sum())
+        log_total = np.log(total) if total > 0 else 0.0
+        return counts.ad_ids, (np.log(kept) - log_total).astype(np.float32), np.float32(0.0 - log_total)
+
+    def _warn_pooled(self, placement: str) -> None:
+        where = self.source or "in memory"
+        why = ("were written before per-placement ad counts were kept" if self.placement_counts is None
+               else f"have no ad counts for placement {placement!r}")
+        key = f"{where}\0{placement if self.placement_counts is not None else ''}"
+        if key in _warned_pooled:
+            return
+        _warned_pooled.add(key)
+        warnings.warn(f"the feature statistics ({where}) {why}; logQ uses each ad's share of all train "
+                      f"impressions, which ignores placement and negative downsampling (delete "
+                      f"{STATS_FILE} and {AD_FREQ_FILE} to recompute them for a new run)",
+                      PooledLogQWarning, stacklevel=4)
 
     def save(self, workdir: str | os.PathLike) -> None:
         """Write the statistics into ``workdir``: a local folder or gs://... (through etils.epath)."""
@@ -102,7 +179,14 @@ class FeatureStats:
             {"num_rows": self.num_rows, "numeric": self.numeric}, indent=2, sort_keys=True).encode())
         buffer = io.BytesIO()  # np.savez(path) would open the path with the local file system
         users = {} if self.user_ids is None else {"user_ids": self.user_ids}
-        np.savez(buffer, ad_ids=self.ad_ids, ad_counts=self.ad_counts, **users)
+        per_placement = {}
+        for placement, c in (self.placement_counts or {}).items():
+            per_placement.update({f"placement_ad_ids:{placement}": c.ad_ids,
+                                  f"placement_impressions:{placement}": c.impressions,
+                                  f"placement_clicks:{placement}": c.clicks})
+        if self.placement_counts is not None:  # present (even if empty): not statistics from an old version
+            per_placement["placements"] = np.array(sorted(self.placement_counts), dtype=np.str_)
+        np.savez(buffer, ad_ids=self.ad_ids, ad_counts=self.ad_counts, **users, **per_placement)
         _atomic_write(workdir / AD_FREQ_FILE, buffer.getvalue())
         if self.value_counts:  # only the values a min_count keeps: they are all a run needs
             arrays = {}
@@ -116,6 +200,9 @@ class FeatureStats:
 
     @classmethod
     def load(cls, workdir: str | os.PathLike) -> FeatureStats:
+        """Read statistics `save` wrote. Files from older versions load too: without user ids
+        (``user_ids`` None) or without per-placement ad counts (``placement_counts`` None: logQ
+        falls back to the pooled share, with a one-time warning, see `ad_log_q`)."""
         workdir = epath.Path(workdir)
         try:
             meta = json.loads((workdir / STATS_FILE).read_text())
@@ -126,8 +213,15 @@ class FeatureStats:
                         floor = int(z[f"floor:{column}"])
                         value_counts[column] = ValueCounts(z[f"values:{column}"], z[f"counts:{column}"], floor, floor)
             with np.load(io.BytesIO((workdir / AD_FREQ_FILE).read_bytes())) as z:
-                return cls(meta["numeric"], z["ad_ids"], z["ad_counts"], meta["num_rows"],
-                           user_ids=z["user_ids"] if "user_ids" in z.files else None, value_counts=value_counts)
+                placement_counts = None
+                if "placements" in z.files:
+                    placement_counts = {str(p): AdCounts(z[f"placement_ad_ids:{p}"], z[f"placement_impressions:{p}"],
+                                                         z[f"placement_clicks:{p}"]) for p in z["placements"]}
+                stats = cls(meta["numeric"], z["ad_ids"], z["ad_counts"], meta["num_rows"],
+                            user_ids=z["user_ids"] if "user_ids" in z.files else None, value_counts=value_counts,
+                            placement_counts=placement_counts)
+            stats.source = str(workdir)
+            return stats
         except (OSError, KeyError, ValueError) as e:
             raise StatsError(f"cannot read feature statistics in {workdir}: {e}") from None
 
@@ -137,7 +231,9 @@ def pool_stats(parts: Iterable[FeatureStats]) -> FeatureStats:
 
     Exact: a column's pooled mean and (population) variance follow from each part's row count,
     mean and variance; a column only some parts have (a placement's context features) pools
-    over those parts. Ad frequencies add up, so logQ is an ad's share of all impressions.
+    over those parts. Ad frequencies add up (the pooled logQ is an ad's share of all
+    impressions); per-placement ad counts are kept per placement (added up if two parts have the
+    same placement), and are None if any part lacks them.
     """
     parts = list(parts)
     if len(parts) == 1:
@@ -161,7 +257,16 @@ def pool_stats(parts: Iterable[FeatureStats]) -> FeatureStats:
         have = [p.value_counts[column] for p in parts if column in p.value_counts]
         values, counts = _merge_counts([v.values for v in have], [v.counts for v in have])
         value_counts[column] = ValueCounts(values, counts, max(v.min_count for v in have), max(v.floor for v in have))
-    return FeatureStats(numeric, ad_ids, ad_counts, sum(p.num_rows for p in parts), users, value_counts)
+    placement_counts = None
+    if all(p.placement_counts is not None for p in parts):
+        placement_counts = {}
+        for placement in dict.fromkeys(c for p in parts for c in p.placement_counts):
+            have = [p.placement_counts[placement] for p in parts if placement in p.placement_counts]
+            ids, impressions = _merge_counts([c.ad_ids for c in have], [c.impressions for c in have])
+            _, clicks = _merge_counts([c.ad_ids for c in have], [c.clicks for c in have])  # the same ids, aligned
+            placement_counts[placement] = AdCounts(ids, impressions, clicks)
+    return FeatureStats(numeric, ad_ids, ad_counts, sum(p.num_rows for p in parts), users, value_counts,
+                        placement_counts)
 
 
 def _member(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -217,12 +322,13 @@ def compute_stats(blocks: Iterable[Mapping[str, np.ndarray]], spec: F.FeatureSpe
     min_counts = {c: f.min_count for c, f in spec.columns(placement).items()
                   if isinstance(f, F.Categorical) and f.min_count > 1}
     acc = {c: np.zeros(4) for c in numeric_cols}  # sum x, sum x^2, sum log1p x, sum log1p^2
-    ads, users = _CountAccumulator(), _CountAccumulator()
+    ads, users, clicked_ads = _CountAccumulator(), _CountAccumulator(), _CountAccumulator()
     values = {c: _CountAccumulator() for c in min_counts}  # the raw values, before hashing
     n = 0
     for block in blocks:
         n += len(block["ad_id"])
         ads.add(block["ad_id"])
+        clicked_ads.add(np.asarray(block["ad_id"])[np.asarray(block["click"]) == 1])  # == 1: what downsampling keeps
         users.add(block["user_id"])
         for c, counter in values.items():
             counter.add(block[c])
@@ -240,7 +346,12 @@ def compute_stats(blocks: Iterable[Mapping[str, np.ndarray]], spec: F.FeatureSpe
             "log1p_mean": float(lmean), "log1p_std": float(np.sqrt(max(lss / n - lmean * lmean, 0.0))),
         }
     value_counts = {c: ValueCounts(*counter.result(), min_counts[c]) for c, counter in values.items()}
-    return FeatureStats(numeric, *ads.result(), n, user_ids=users.result()[0], value_counts=value_counts)
+    ad_ids, impressions = ads.result()
+    clicked, click_counts = clicked_ads.result()
+    clicks = np.zeros(len(ad_ids), np.int64)
+    clicks[np.searchsorted(ad_ids, clicked)] = click_counts  # every clicked ad is an impressed ad
+    return FeatureStats(numeric, ad_ids, impressions, n, user_ids=users.result()[0], value_counts=value_counts,
+                        placement_counts={placement: AdCounts(ad_ids, impressions, clicks)})
 
 
 class Preprocessor:
@@ -249,11 +360,16 @@ class Preprocessor:
     One transform per column is built up front, so a block costs a handful of vectorized numpy
     operations per column. Keeps running counts of out-of-vocabulary ids, of ids mapped to the
     out-of-vocabulary row for being rarer than their feature's ``min_count`` in train, and of
-    truncated texts.
+    truncated texts. ``ad_log_q`` is for the stream of ``placement`` downsampled at
+    ``downsample_rate`` (the rate applied to the blocks before they come here).
     """
 
-    def __init__(self, spec: F.FeatureSpec, placement: str, stats: FeatureStats):
+    def __init__(self, spec: F.FeatureSpec, placement: str, stats: FeatureStats, downsample_rate: float = 1.0):
         self.stats = stats
+        self.placement = placement
+        self.downsample_rate = float(downsample_rate)  # of the stream the blocks come from: its logQ
+        stats.ad_log_q(np.zeros(0, np.int64), placement, self.downsample_rate)  # the lookup table, built
+        # (and any warning given) now, in the caller's thread, not in a reader thread
         self.towers = spec.towers(placement)
         self.transforms = {
             tower: {f.name: self._transform(f"{tower}.{f.name}", f) for f in tower_spec.features}
@@ -336,7 +452,7 @@ class Preprocessor:
         out["weight"] = np.asarray(block["weight"], np.float32) if "weight" in block else np.ones(n, np.float32)
         out["user_id"] = block["user_id"].astype(np.int32)
         out["ad_id"] = block["ad_id"].astype(np.int32)
-        out["ad_log_q"] = self.stats.ad_log_q(block["ad_id"])
+        out["ad_log_q"] = self.stats.ad_log_q(block["ad_id"], self.placement, self.downsample_rate)
         for name in schema.ORACLE_COLUMNS:
             if name in block:
                 out[name] = block[name].astype(np.float32)
