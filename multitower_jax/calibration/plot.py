@@ -9,6 +9,7 @@ from etils import epath
 
 import numpy as np
 
+from multitower_jax import fileio
 from multitower_jax.calibration import metrics
 
 
@@ -37,11 +38,7 @@ def reliability_diagram(path: str | os.PathLike, head: str, y: np.ndarray, befor
     for (name, p), color in zip(curves.items(), ("tab:red", "tab:blue"), strict=True):
         hist.hist(np.clip(p, 0, edges[-1]), bins=edges, histtype="step", color=color, label=name)
     hist.set(yscale="log", xlabel="predicted probability", ylabel="count")
-    path = epath.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     buffer = io.BytesIO()  # matplotlib writes local files only; the workdir may be gs://
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
-    return path
+    return fileio.write_bytes(path, buffer.getvalue())

@@ -8,7 +8,6 @@ with a warning, printed and listed under ``warnings`` / ``fallbacks`` in the rep
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys

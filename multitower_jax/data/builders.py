@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from multitower_jax import features as F
+from multitower_jax import fileio
 from multitower_jax.data import schema
 
 SPLITS = ("train", "validation", "test")
@@ -183,16 +184,18 @@ def store_uncompressed(dataset_dir: Path, batch: int = 512) -> None:
         try:
             if "uncompressed" in reader.writer_options_string():
                 continue
-            tmp = path.with_name(f".{path.name}.tmp")
-            writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")
-            total = reader.num_records()
-            for start in range(0, total, batch):
-                for record in reader.read(list(range(start, min(total, start + batch)))):
-                    writer.write(record)
-            writer.close()
+            with fileio.replacing(path) as tmp:
+                writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")
+                total = reader.num_records()
+                for start in range(0, total, batch):
+                    for record in reader.read(list(range(start, min(total, start + batch)))):
+                        writer.write(record)
+                writer.close()
+                reader.close()  # before the rename replaces the file it reads
+                reader = None
         finally:
-            reader.close()
-        tmp.replace(path)
+            if reader is not None:
+                reader.close()
 
 
 class SyntheticImpressions(ImpressionsBuilder):

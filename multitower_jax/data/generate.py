@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
+from multitower_jax import fileio
 from multitower_jax import workdir as workdir_lib
 from multitower_jax.data import builders
 from multitower_jax.data.synthetic import World
@@ -38,14 +39,13 @@ def write_catalogues(world: World, out: Path) -> None:
     ads = dict(world.ads_table())
     ads["bid"] = world.ad_bids
     for name, table in (("ads", ads), ("users", world.users_table())):
-        tmp = folder / f".{name}.parquet.tmp"
         arrow = _to_arrow(table)
         if name == "ads":  # targeting: variable-length lists of allowed values
             for column, lists in world.ad_targeting().items():
                 arrow = arrow.append_column(column, pa.array(lists, type=pa.list_(
                     pa.string() if column == "target.placements" else pa.int64())))
-        pq.write_table(arrow, tmp)
-        tmp.replace(folder / f"{name}.parquet")
+        with fileio.replacing(folder / f"{name}.parquet") as tmp:
+            pq.write_table(arrow, str(tmp))
 
 
 def generate(config: ml_collections.ConfigDict, out: str | os.PathLike) -> dict:

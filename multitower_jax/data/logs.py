@@ -481,9 +481,7 @@ def ingest(config: ml_collections.ConfigDict, spec: F.FeatureSpec, out_dir: str 
         if target.exists():
             target.rename(tmp / "previous")
         new.rename(target)
-        part = out_dir / f".{REPORT_FILE}.tmp"
-        part.write_text(json.dumps(report, indent=2, sort_keys=True))
-        part.replace(out_dir / REPORT_FILE)
+        fileio.write_json(out_dir / REPORT_FILE, report, sort_keys=True)
     finally:
         if (tmp / "previous").exists() and not target.exists():  # the swap failed: put the old dataset back
             (tmp / "previous").rename(target)

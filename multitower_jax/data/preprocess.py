@@ -24,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from multitower_jax import features as F
+from multitower_jax import fileio
 from multitower_jax.data import schema
 from multitower_jax.data.tokenizer import HashTokenizer
 
@@ -175,7 +176,7 @@ class FeatureStats:
         """Write the statistics into ``workdir``: a local folder or gs://... (through etils.epath)."""
         workdir = epath.Path(workdir)  # never pathlib.Path: it turns gs://bucket/run into gs:/bucket/run
         workdir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(workdir / STATS_FILE, json.dumps(
+        fileio.write_bytes(workdir / STATS_FILE, json.dumps(
             {"num_rows": self.num_rows, "numeric": self.numeric}, indent=2, sort_keys=True).encode())
         buffer = io.BytesIO()  # np.savez(path) would open the path with the local file system
         users = {} if self.user_ids is None else {"user_ids": self.user_ids}
@@ -187,7 +188,7 @@ class FeatureStats:
         if self.placement_counts is not None:  # present (even if empty): not statistics from an old version
             per_placement["placements"] = np.array(sorted(self.placement_counts), dtype=np.str_)
         np.savez(buffer, ad_ids=self.ad_ids, ad_counts=self.ad_counts, **users, **per_placement)
-        _atomic_write(workdir / AD_FREQ_FILE, buffer.getvalue())
+        fileio.write_bytes(workdir / AD_FREQ_FILE, buffer.getvalue())
         if self.value_counts:  # only the values a min_count keeps: they are all a run needs
             arrays = {}
             for column, vc in self.value_counts.items():
@@ -196,7 +197,7 @@ class FeatureStats:
                                f"floor:{column}": np.int64(max(vc.floor, vc.min_count))})
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **arrays)
-            _atomic_write(workdir / KEPT_VALUES_FILE, buffer.getvalue())
+            fileio.write_bytes(workdir / KEPT_VALUES_FILE, buffer.getvalue())
 
     @classmethod
     def load(cls, workdir: str | os.PathLike) -> FeatureStats:
@@ -308,12 +309,6 @@ class _CountAccumulator:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         return _merge_counts(self.values, self.counts)
-
-
-def _atomic_write(path: epath.Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def compute_stats(blocks: Iterable[Mapping[str, np.ndarray]], spec: F.FeatureSpec, placement: str) -> FeatureStats:

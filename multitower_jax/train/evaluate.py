@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,6 +13,7 @@ import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from multitower_jax import fileio
 from multitower_jax.data import pipeline
 from multitower_jax.train import metrics, sharding
 
@@ -117,9 +117,7 @@ def seen_report(pred: Mapping[str, np.ndarray]) -> dict[str, Any]:
 def write_predictions(pred: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """One row per impression: ids, labels (int64 0 / 1, as in the logs), predictions and the
     oracle columns when present."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     labels = ("click", "conversion")
-    pq.write_table(pa.table({k: np.asarray(v).astype(np.int64) if k in labels else np.asarray(v)
-                             for k, v in pred.items()}), tmp)
-    tmp.replace(path)
+    with fileio.replacing(path) as tmp:
+        pq.write_table(pa.table({k: np.asarray(v).astype(np.int64) if k in labels else np.asarray(v)
+                                 for k, v in pred.items()}), str(tmp))

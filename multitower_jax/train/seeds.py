@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from multitower_jax import config as config_lib
+from multitower_jax import fileio
 from multitower_jax.config import ConfigError
 
 SUMMARY_FILE = "seeds_summary.json"
@@ -111,9 +112,7 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str | Path, seeds: S
     summary = summarize(reports)
     summary["config"] = {"data_dir": str(config.data.dir), "shuffle_seed": "= seed", "num_steps": int(config.train.num_steps)}
     if jax.process_index() == 0:
-        tmp = workdir / f".{SUMMARY_FILE}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(workdir / SUMMARY_FILE)
+        fileio.write_json(workdir / SUMMARY_FILE, summary)
     return summary
 
 

@@ -400,16 +400,14 @@ class _JsonLines:
         old = path.read_text().splitlines(keepends=True) if path.exists() else []
         self.lines = [line for line in old if _logged_step(line) <= resume_step]
         if len(self.lines) != len(old):
-            tmp = path.parent / (path.name + ".tmp")
-            tmp.write_text("".join(self.lines))
-            tmp.replace(path)
+            fileio.write_text(path, "".join(self.lines))
         self.file = None if _is_remote(path) else path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
         if self.file is None:
             self.lines.append(line)
-            self.path.write_text("".join(self.lines))
+            fileio.write_text(self.path, "".join(self.lines))
         else:
             self.file.write(line)
             self.file.flush()
