@@ -51,12 +51,21 @@ def get_config() -> ml_collections.ConfigDict:
     # The retrieval softmax over every impression, not only the ~14 clicked rows of a batch: the
     # ad server's choice teaches query-ad relevance from every row: 0.772 / 0.830.
     config.loss.retrieval_positives = "impressions"
+    # Fusion "product": the fusion MLP also sees the elementwise products user*ad, user*context
+    # and context*ad, so it learns its own bilinear cross-tower terms (device x campaign, hour x
+    # industry, user x ad taste, query x ad topic) instead of only the three unweighted dots:
+    # 3 seeds (seed = shuffle seed = 0, 1, 2) 0.7758 / 0.8381 against "dot"'s 0.7731 / 0.8343;
+    # better on every seed (CTR +0.0024 / +0.0042 / +0.0013, CTCVR +0.0036 / +0.0041 / +0.0035).
+    config.model.fusion = "product"
     # Tried on top and left out (within seed noise): the LSA warm start of the token table
     # (model.text.init="lsa") 0.773 / 0.834; weight decay 0.1: 0.772 / 0.834; beta 0.3 and,
     # at 3,000 steps, embedding weight decay 1.0 or dropout 0.1: lower validation AUC at every
     # evaluation. Training past ~1,500 steps at a high learning rate overfits (3,000 steps:
     # validation CTR AUC peaks at step 1,500, test 0.767), so the budget stays 2,000.
     # With beta 0.5 and clicked rows only, the same 2,000 steps gave 0.739 / 0.796.
+    # Tried on top of fusion "product" and left out (seed 0; "product" alone 0.7734 / 0.8373):
+    # the CTCVR loss weighted x2, 0.7726 / 0.8331; a separate fusion MLP for the CVR head (as
+    # ESMM's CVR network), 0.7759 / 0.8371 with pCVR over all impressions 0.8088 (vs 0.8367).
     config.loss.beta = 0.1
     # 2,000 steps at 3e-3 (before this recipe: 0.745 after 2,000, 0.749 after 2,500, 0.731 after
     # 1,500 at 2e-3).
