@@ -14,8 +14,8 @@ A model batch (what `pipeline` yields and the model consumes), B rows:
   numeric float32[B] (log1p + standardized), text int32[B, max_len] (0 = pad, 1 = [CLS]
   reserved), dense float16[B, dim] (as stored; the model casts), multi_hot int32[B, max_items] (id + 1, 0 = pad)
 * ``click``, ``conversion``, ``weight`` float32[B]; ``user_id``, ``ad_id`` int32[B];
-  ``ad_log_q`` float32[B] (log of the ad's frequency among training impressions, for the
-  logQ correction of in-batch negatives); on synthetic data also ``p_click`` and
+  ``ad_log_q`` float32[B] (log of the ad's share of the batch's stream: its placement's training
+  impressions after negative downsampling, for the logQ correction of in-batch negatives); on synthetic data also ``p_click`` and
   ``p_convert_given_click`` float32[B] (the oracle). Evaluation batches also carry ``ids``:
   ``{impression_id, user_id, ad_id}`` int64[B], the full ids, which stay on the host.
 """
