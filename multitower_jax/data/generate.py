@@ -8,44 +8,27 @@ import time
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
-from multitower_jax import fileio
 from multitower_jax import workdir as workdir_lib
-from multitower_jax.data import builders
+from multitower_jax.data import builders, catalogue
 from multitower_jax.data.synthetic import World
 
-CATALOGUE_DIR = "catalogue"
-
-
-def _to_arrow(table: dict[str, np.ndarray]) -> pa.Table:
-    columns = {}
-    for name, col in table.items():
-        if col.ndim == 2:  # dense vectors and multi-hot lists
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(col.reshape(-1)), col.shape[1])
-        else:
-            columns[name] = pa.array(col.tolist() if col.dtype == object else col)
-    return pa.table(columns)
+CATALOGUE_DIR = catalogue.CATALOGUE_DIR
 
 
 def write_catalogues(world: World, out: Path) -> None:
     """ads.parquet (with bids) and users.parquet: the entities behind the impressions, for export."""
-    folder = out / CATALOGUE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     ads = dict(world.ads_table())
     ads["bid"] = world.ad_bids
-    for name, table in (("ads", ads), ("users", world.users_table())):
-        arrow = _to_arrow(table)
-        if name == "ads":  # targeting: variable-length lists of allowed values
-            for column, lists in world.ad_targeting().items():
-                arrow = arrow.append_column(column, pa.array(lists, type=pa.list_(
-                    pa.string() if column == "target.placements" else pa.int64())))
-        with fileio.replacing(folder / f"{name}.parquet") as tmp:
-            pq.write_table(arrow, str(tmp))
+    arrow = catalogue.to_arrow(ads)
+    for column, lists in world.ad_targeting().items():  # targeting: variable-length lists of allowed values
+        arrow = arrow.append_column(column, pa.array(lists, type=pa.list_(
+            pa.string() if column == "target.placements" else pa.int64())))
+    catalogue.write(out, "ads", arrow)
+    catalogue.write(out, "users", catalogue.to_arrow(world.users_table()))
 
 
 def generate(config: ml_collections.ConfigDict, out: str | os.PathLike) -> dict:

@@ -38,7 +38,7 @@ from multitower_jax import config as config_lib
 from multitower_jax import features as F
 from multitower_jax import fileio
 from multitower_jax import workdir as workdir_lib
-from multitower_jax.data import builders, schema
+from multitower_jax.data import builders, catalogue, schema
 from multitower_jax.data.tokenizer import HashTokenizer
 
 REPORT_FILE = "ingest_report.json"
@@ -212,6 +212,7 @@ class _Plan:
     with_oracle: bool
     validation_start: int  # epoch seconds
     test_start: int
+    bid_column: str = "bid"  # the file column of an ad's bid (for the ads catalogue), if the files have it
 
 
 def _utc(seconds: int) -> str:
@@ -300,15 +301,16 @@ def _plan(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str
     files = tuple((p, FORMATS[ext] if logs.format == "auto" else logs.format) for p, ext in exts.items())
     everything = schema.raw_columns(spec, placement, with_oracle=True)
     names = _flatten(logs.columns)
+    bid_column = names.pop("bid", "bid")
     if unknown := sorted(set(names) - set(everything)):
-        raise LogError(f"config.data.logs.columns: unknown columns {unknown}; ours are {list(everything)}")
+        raise LogError(f"config.data.logs.columns: unknown columns {unknown}; ours are {[*everything, 'bid']}")
     names.setdefault("timestamp", logs.time_column or "timestamp")
     first_columns = _file_columns(*files[0])
     for feature, meta in (("user.user_id", "user_id"), ("ad.ad_id", "ad_id")):
         # An id feature reads the impression's own user / ad id column unless mapped elsewhere.
         if feature in everything and feature not in names and feature not in first_columns:
             names[feature] = names.get(meta, meta)
-    names = {c: names.get(c, c) for c in everything}
+    names = {c: names.get(c, c) for c in everything} | {"bid": bid_column}
     with_oracle = all(names[c] in first_columns for c in schema.ORACLE_COLUMNS)
     try:
         start = {k: int(logs[k]) if isinstance(logs[k], int | float) else _text_seconds(str(logs[k]))
@@ -319,7 +321,7 @@ def _plan(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str
     if start["validation_start"] > start["test_start"]:
         raise LogError(f"config.data.logs.validation_start is after test_start: {start}")
     return _Plan(placement, files, names, schema.raw_columns(spec, placement, with_oracle),
-                 spec.columns(placement), with_oracle, **start)
+                 spec.columns(placement), with_oracle, **start, bid_column=bid_column)
 
 
 def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str, Counter],
@@ -366,6 +368,11 @@ def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str,
             out[column] = src.dense(arr, column, f)
         elif isinstance(f, F.MultiHot):
             out[column] = src.multi_hot(arr, column, f, counts)
+    if plan.bid_column in batch.schema.names:  # for the ads catalogue only; the datasets do not hold it
+        out["bid"] = src.floats(batch.column(plan.bid_column), "bid", "a bid (a number > 0)")
+        src.check(out["bid"] <= 0, "bid", "a bid > 0", out["bid"])
+    else:
+        out["bid"] = np.full(batch.num_rows, np.nan)
     src.check((out["conversion"] == 1) & (out["click"] == 0), "conversion", "conversion=0 when click=0",
               lambda i: _Said("a conversion without a click (click=0, conversion=1)"))
     return out
@@ -408,7 +415,8 @@ def _read_split(plan: _Plan, seed: int, split: str, report: dict, seen: dict) ->
                 if ours in plan.columns and ours != "impression_id" and theirs not in have:
                     raise LogError(f"{path}: missing column {theirs!r} (our column {ours!r}; map another file "
                                    f"column to it with config.data.logs.columns); the file has columns {have}")
-            wanted = list(dict.fromkeys(plan.names[c] for c in plan.columns if plan.names[c] in have))
+            wanted = list(dict.fromkeys([*(plan.names[c] for c in plan.columns if plan.names[c] in have),
+                                         *([plan.bid_column] if plan.bid_column in have else [])]))
             row = 0
             for group in range(pq.ParquetFile(path).num_row_groups if fmt == "parquet" else 1):
                 rows, t_min, t_max = seen.get((path, group), (0, _FAR, -_FAR))
@@ -466,13 +474,22 @@ def ingest(config: ml_collections.ConfigDict, spec: F.FeatureSpec, out_dir: str 
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     report, seen = {}, {}
+    ads = catalogue.LatestById("ad_id", ["bid", *(f"ad.{f.name}" for f in spec.ad.features)])
+    users = catalogue.LatestById("user_id", [f"user.{f.name}" for f in spec.user.features])
+
+    def chunk_source(split: str) -> Iterator[dict[str, np.ndarray]]:
+        for chunk in _read_split(plan, int(config.data.shuffle_seed), split, report, seen):
+            ads.add(chunk)
+            users.add(chunk)
+            yield chunk
+
     # TFDS deletes an existing dataset before it regenerates one: build next to out_dir instead.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.ingest-", dir=out_dir.parent))
     new, target = builders.dataset_dir(tmp, "logs", placement), builders.dataset_dir(out_dir, "logs", placement)
     try:
         builder = builders.LogImpressions(
             spec=spec, placement=placement, block_size=config.data.block_size, with_oracle=plan.with_oracle,
-            chunk_source=lambda split: _read_split(plan, int(config.data.shuffle_seed), split, report, seen),
+            chunk_source=chunk_source,
             data_dir=str(tmp), metadata={"files": [str(p) for p, _ in plan.files]})
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         report["seconds"] = round(time.perf_counter() - start, 3)
@@ -481,12 +498,27 @@ def ingest(config: ml_collections.ConfigDict, spec: F.FeatureSpec, out_dir: str 
         if target.exists():
             target.rename(tmp / "previous")
         new.rename(target)
+        report["catalogue"] = _write_catalogues(out_dir, ads.table(), users.table(), plan.bid_column)
         fileio.write_json(out_dir / REPORT_FILE, report, sort_keys=True)
     finally:
         if (tmp / "previous").exists() and not target.exists():  # the swap failed: put the old dataset back
             (tmp / "previous").rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _write_catalogues(out_dir: Path, ads: dict[str, np.ndarray], users: dict[str, np.ndarray],
+                      bid_column: str) -> dict:
+    """``<out>/catalogue/ads.parquet`` and ``users.parquet`` from the newest row of each id, in the
+    form `multitower export` reads; an ad whose newest row has no bid gets `catalogue.DEFAULT_BID`."""
+    missing = np.isnan(ads["bid"])
+    ads["bid"] = np.where(missing, catalogue.DEFAULT_BID, ads["bid"]).astype(np.float32)
+    paths = {name: str(catalogue.write(out_dir, name, catalogue.to_arrow(table)))
+             for name, table in (("ads", ads), ("users", users))}
+    bid = (f"file column {bid_column!r}" if not missing.all() else
+           f"{catalogue.DEFAULT_BID} for every ad (no {bid_column!r} column; map one with data.logs.columns.bid)")
+    return {"ads": int(len(ads["ad_id"])), "users": int(len(users["user_id"])), "files": paths, "bid": bid,
+            "ads_with_default_bid": int(missing.sum())}
 
 
 def ingest_command(config: ml_collections.ConfigDict, out: str | os.PathLike) -> dict:

@@ -48,8 +48,10 @@ def default_catalogue(config, name: str = "ads") -> Path:
 
 def _open(path: Path, required: list[str], what: str) -> pq.ParquetFile:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} catalogue {path} not found (expected Parquet with {required[0]} "
-                                f"and the raw {what}.<feature> columns)")
+        raise FileNotFoundError(f"{what} catalogue {path} not found (expected Parquet with {required[0]} and the "
+                                f"{what}.<feature> columns{', bid' if what == 'ad' else ''}, as `multitower generate` "
+                                "and `multitower ingest` write into <data.dir>/catalogue/; or pass "
+                                f"{'--catalogue' if what == 'ad' else '--users'} FILE)")
     file = pq.ParquetFile(path)
     missing = [c for c in required if c not in file.schema_arrow.names]
     if missing:
