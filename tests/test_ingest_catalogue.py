@@ -103,3 +103,28 @@ def test_latest_by_id_keeps_the_newest_row_across_merges():
     order = np.lexsort((imp, ts, ids))
     newest = order[np.r_[ids[order][1:] != ids[order][:-1], True]]
     assert table["ad_id"].tolist() == ids[newest].tolist() and table["value"].tolist() == (imp[newest] * 10).tolist()
+
+
+def test_export_reads_catalogue_values_raw_as_in_the_logs(tmp_path):
+    """Strings for `hash` / `vocab` categoricals and multi-hot lists of any length, as the logs give
+    them, read as the stored form a generated or ingested catalogue holds."""
+    import pyarrow as pa
+
+    brand = F.Categorical(name="brand_id", size=4096, dim=8, encoding="hash")
+    tier = F.Categorical(name="tier", size=3, dim=4, encoding="vocab", vocab=("gold", "silver", "bronze"))
+    kind = F.Categorical(name="campaign_type", size=5, dim=4)
+    tags = F.MultiHot(name="tags", size=10, max_items=2, dim=4)
+    raw = pa.record_batch({"ad.brand_id": ["acme", "zeta", "acme"], "ad.tier": ["silver", "platinum", "gold"],
+                           "ad.campaign_type": ["2", "x", "1"], "ad.tags": [[1, 2, 3], [4], []]})
+    stored = pa.record_batch({"ad.brand_id": schema.stable_hash64(["acme", "zeta", "acme"]),
+                              "ad.tags": pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 4, -1, -1, -1]), 2)})
+    path = tmp_path / "ads.parquet"
+    hashed = export._column(raw, "ad.brand_id", brand, 0, path)
+    assert hashed.tolist() == schema.stable_hash64(["acme", "zeta", "acme"]).tolist()
+    assert hashed.tolist() == export._column(stored, "ad.brand_id", brand, 0, path).tolist()
+    assert export._column(raw, "ad.tier", tier, 0, path).tolist() == [1, -1, 0]  # -1: out of the vocabulary
+    padded = export._column(raw, "ad.tags", tags, 0, path)
+    assert padded.tolist() == [[1, 2], [4, -1], [-1, -1]]  # truncated to max_items, padded with -1
+    assert padded.tolist() == export._column(stored, "ad.tags", tags, 0, path).tolist()
+    with pytest.raises(export.CatalogueError, match="'ad.campaign_type' holds strings.*encoding 'ids'"):
+        export._column(raw, "ad.campaign_type", kind, 0, path)

@@ -28,10 +28,12 @@ from typing import Any
 import jax
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from multitower_jax import features as F
+from multitower_jax.data import schema
 from multitower_jax.retrieval import targeting as targeting_lib
 from multitower_jax.retrieval.index import MANIFEST, atomic_dir, check_replaceable, query_rule
 
@@ -59,13 +61,47 @@ def _open(path: Path, required: list[str], what: str) -> pq.ParquetFile:
     return file
 
 
+def _raw_categorical(col: pa.Array, name: str, feature: F.Categorical, path: Path) -> np.ndarray:
+    """A categorical column of strings, as in the logs: `hash` -> `stable_hash64` keys, `vocab` ->
+    the value's index in the vocabulary (-1, the OOV row, for others)."""
+    if feature.encoding == "hash":
+        enc = pc.dictionary_encode(col)  # hash each distinct string once
+        return schema.stable_hash64(enc.dictionary.to_pylist())[enc.indices.to_numpy(zero_copy_only=False)]
+    if feature.encoding == "vocab":
+        idx = pc.index_in(col, value_set=pa.array(feature.vocab, pa.string())).fill_null(-1)
+        return idx.to_numpy(zero_copy_only=False).astype(np.int64)
+    raise CatalogueError(f"{path}: column {name!r} holds strings, but feature {feature.name!r} has encoding 'ids' "
+                         "(integer ids); give it encoding 'hash' or 'vocab', or store the ids")
+
+
+def _multi_hot(col: pa.Array, name: str, feature: F.MultiHot, first_row: int, path: Path) -> np.ndarray:
+    """Lists of ids of any length (as in the logs) -> [N, max_items] padded with -1, truncated."""
+    values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    try:
+        values = values.astype(np.int64)
+    except (TypeError, ValueError):
+        raise CatalogueError(f"{path}: column {name!r}: expected lists of integer ids, got {col.type}") from None
+    pos = np.arange(len(values)) - np.searchsorted(parents, parents)
+    keep = pos < feature.max_items
+    out = np.full((len(col), feature.max_items), -1, np.int64)
+    out[parents[keep], pos[keep]] = values[keep]
+    return out
+
+
 def _column(batch: pa.RecordBatch, name: str, feature: F.Feature | type, first_row: int, path: Path) -> np.ndarray:
-    """One raw column of a record batch as the numpy array the preprocessor expects
-    (`feature` is a feature of the spec, or a numpy scalar type for ids, bids and quality)."""
+    """One column of a record batch as the numpy array the preprocessor expects (`feature` is a
+    feature of the spec, or a numpy scalar type for ids, bids and quality). Values are taken as
+    the datasets store them or raw as in the logs: strings for `hash` / `vocab` categoricals,
+    multi-hot lists of any length."""
     col = batch.column(batch.schema.names.index(name))
     if col.null_count:
         bad = first_row + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise CatalogueError(f"{path}: row {bad}, column {name!r} is null")
+    if isinstance(feature, F.Categorical) and col.type in (pa.string(), pa.large_string()):
+        return _raw_categorical(col, name, feature, path)
+    if isinstance(feature, F.MultiHot) and isinstance(col.type, pa.ListType | pa.LargeListType):
+        return _multi_hot(col, name, feature, first_row, path)
     if isinstance(feature, F.Dense | F.MultiHot):
         width = feature.dim if isinstance(feature, F.Dense) else feature.max_items
         lengths = col.value_lengths().to_numpy(zero_copy_only=False) if hasattr(col, "value_lengths") else None
