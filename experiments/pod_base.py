@@ -1,17 +1,28 @@
 """The recipe shared by the TPU pod experiments (`pod_v5e.py`, `pod_v5p.py`, `pod_v6e.py`).
 
-The seeds' full search model (`search_full.py`) with production-sized hashed id tables
-(advertiser 10M buckets, brand 5M, 64-d), bf16 compute, on a bigger synthetic world, scaled to
-a slice by four rules (the README's "Scaling notes" explain them):
+The seeds' full search model (`search_full.py`), bf16 compute, on a bigger synthetic world (50,000
+advertisers, 500,000 ads, 2M users, 20M training impressions), trained for ``EPOCHS`` passes over
+it, and scaled to a slice by these rules (the README's "Scaling notes" explain them):
+
+* **Epochs, not steps.** ``train.num_steps = ceil(EPOCHS x train impressions / global batch)``
+  with ``EPOCHS = 2``: CTR models with large id tables overfit after about one pass, and early
+  stopping on validation AUC (evaluated every quarter epoch, patience 2) ends the run at the
+  best point. Checkpoints every quarter epoch (keep 3).
+* **Hashed tables sized to the ids they hash**: ``HASH_BUCKETS_PER_ID = 16`` buckets per distinct
+  id of the world (advertisers, their ~2 brands each, cities), so an id shares its bucket with
+  another about 1 - exp(-1/16) = 6 % of the time; not 10M buckets for 50,000 advertisers.
 
 * **Global batch** = ``rows_per_replica x mesh.data``. ``config.data.batch_size`` is the global
   batch; each of the slice's JAX processes (one per TPU VM) feeds ``batch_size / processes`` rows.
 * **Mesh** ``data x model = chips``, laid out by ``mesh_utils``; the batch is split over every
   chip (``data`` and ``model`` together), so no chip repeats another's rows. Tables of at least
   ``sharding.large_table_bytes`` (64 MiB: the advertiser and brand ids) are row-sharded over
-  every chip with their Adam moments; ``model > 1`` also shards the smaller tables row-wise over
-  ``model`` devices (rule ``("vocab", "model")``). Rows are padded to ``model.vocab_multiple``
-  (128). ``model`` must divide the 4 chips of a TPU VM, so a replica never spans two processes.
+  every chip and updated by row-wise Adagrad (``optim.large_table_optimizer``: one accumulator
+  per row, sharded with it; only the batch's rows move); the small tables are replicated and
+  take AdamW. ``model > 1`` would also shard the smaller tables row-wise over ``model`` devices
+  (rule ``("vocab", "model")``); the pod configs use ``model = 1``. Rows are padded to
+  ``model.vocab_multiple`` (128). ``model`` must divide the 4 chips of a TPU VM, so a replica
+  never spans two processes.
   ``multitower compile --config <pod config>`` compiles the step for the config's slice
   (``config.tpu``) on any machine and reports its HBM, FLOPs, collectives and a step-time estimate.
 * **Learning rate**: square-root scaling from the reference run (``base.py``: batch 1,024,
@@ -19,12 +30,11 @@ a slice by four rules (the README's "Scaling notes" explain them):
   factor. For Adam the update size is set by the learning rate, not by the gradient's scale, and
   the square-root rule keeps the update noise of a ``k``-times larger batch the same
   (Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms").
-* **Warm-up** covers as many examples as the reference's 10,000 steps x 1,024, but never fewer
-  than 1,000 updates: with ``b2 = 0.999`` Adam's second-moment estimate averages over ~1,000
-  steps, and the large peak rate must not arrive before it has settled.
+* **Warm-up** covers as many examples as the reference's 10,000 steps x 1,024 (at least 1,000
+  updates, `scaled_warmup_steps`), but at most ``WARMUP_FRACTION`` (a tenth) of the run: a run
+  of two epochs is only a few hundred to a few thousand updates long.
 
-Checkpoints every 1,000 steps (keep 3): a preempted Spot slice loses at most that much, and the
-relaunch resumes from the gs:// workdir.
+A preempted Spot slice loses at most a quarter epoch; the relaunch resumes from the gs:// workdir.
 """
 
 from __future__ import annotations
@@ -41,11 +51,16 @@ REFERENCE_PEAK_LR = 1e-4
 REFERENCE_END_LR = 1e-5
 REFERENCE_WARMUP_STEPS = 10_000
 MIN_WARMUP_STEPS = 1_000  # ~ 1 / (1 - b2) Adam updates
+WARMUP_FRACTION = 0.1  # ... but at most this much of the run
 CHIPS_PER_VM = 4  # every multi-host v5e, v5p and v6e slice
+EPOCHS = 2
 
-# Production-sized hashed id tables: 15M rows x 64 x 4 bytes = 3.84 GB of float32 parameters,
-# 15.4 GB in training with the gradient and Adam's two moments.
-AD_ID_BUCKETS = {"advertiser_id": 10_000_000, "brand_id": 5_000_000}
+# The world: 50,000 advertisers with 1-3 brands each (2 on average, `data/synthetic.py`), 5,000
+# cities. Each hashed table gets HASH_BUCKETS_PER_ID buckets per distinct id.
+NUM_ADVERTISERS = 50_000
+BRANDS_PER_ADVERTISER = 2
+NUM_CITIES = 5_000
+HASH_BUCKETS_PER_ID = 16
 
 
 def scaled_peak_lr(global_batch: int) -> float:
@@ -60,11 +75,19 @@ def scaled_warmup_steps(global_batch: int) -> int:
     return max(MIN_WARMUP_STEPS, math.ceil(REFERENCE_WARMUP_STEPS * REFERENCE_BATCH / global_batch))
 
 
-def table_bytes(config: ml_collections.ConfigDict) -> int:
-    """float32 bytes of the categorical and multi-hot embedding tables (rows x dim x 4), whole.
+def hashed_buckets() -> dict[str, int]:
+    """Buckets of each hashed id table: HASH_BUCKETS_PER_ID per distinct id of the world."""
+    return {"advertiser_id": HASH_BUCKETS_PER_ID * NUM_ADVERTISERS,
+            "brand_id": HASH_BUCKETS_PER_ID * BRANDS_PER_ADVERTISER * NUM_ADVERTISERS,
+            "city": HASH_BUCKETS_PER_ID * NUM_CITIES}
 
-    Training holds 4x this (parameters, gradient, Adam's two moments), divided by mesh.model.
-    """
+
+def steps_for_epochs(epochs: float, train_impressions: int, global_batch: int) -> int:
+    return math.ceil(epochs * train_impressions / global_batch)
+
+
+def table_bytes(config: ml_collections.ConfigDict) -> int:
+    """float32 bytes of the categorical and multi-hot embedding tables (rows x dim x 4), whole."""
     towers = [config.features.user, config.features.ad]
     towers += [config.features.context[p] for p in config.data.placements]
     return sum((f["size"] + 1) * f["dim"] * 4 for tower in towers for f in tower.values()
@@ -72,7 +95,7 @@ def table_bytes(config: ml_collections.ConfigDict) -> int:
 
 
 def pod_config(*, chips: int, processes: int, model: int, rows_per_replica: int,
-               num_steps: int = 10_000) -> ml_collections.ConfigDict:
+               epochs: float = EPOCHS) -> ml_collections.ConfigDict:
     """The pod recipe for a slice of ``chips`` chips on ``processes`` TPU VMs, ``model``-way table sharding."""
     if chips % model or CHIPS_PER_VM % model:
         raise ValueError(f"mesh.model={model} must divide the {chips} chips and the {CHIPS_PER_VM} chips of a VM")
@@ -92,30 +115,39 @@ def pod_config(*, chips: int, processes: int, model: int, rows_per_replica: int,
         raise ValueError(f"global batch {batch} must divide over {processes} processes and "
                          f"{config.data.num_shards} shards")
 
-    for name, buckets in AD_ID_BUCKETS.items():
-        config.features.ad[name].size = buckets
+    buckets = hashed_buckets()
+    config.features.ad.advertiser_id.size = buckets["advertiser_id"]
+    config.features.ad.brand_id.size = buckets["brand_id"]
+    config.features.context.search.city.size = buckets["city"]
     config.model.dtype = "bfloat16"  # bf16 compute; parameters and Adam moments stay float32
     # Table rows padded to a multiple of every model size and chip count used (1 ... 128).
     config.model.vocab_multiple = 128
-    # Tables of 64 MiB and more (the advertiser and brand ids: 2.6 and 1.3 GB) are row-sharded
-    # over every chip together with their Adam moments (`sharding.state_shardings`): each chip
-    # holds, updates and reduces 1/chips of them, so there is no replicated dense table step and
-    # no full-table gradient all-reduce. Smaller tables follow the rules below.
+    # Tables of 64 MiB and more (the advertiser and brand ids: 205 and 410 MB) are row-sharded
+    # over every chip (`sharding.state_shardings`) and take row-wise Adagrad (`optim`), its
+    # per-row accumulator sharded with them: each chip holds and updates 1/chips of them, there
+    # is no full-table gradient all-reduce, and AdamW's two table-sized moments are not kept.
+    # Its peak rate (optim.rowwise_learning_rate, 0.05) is base.py's default, not tuned.
+    # Smaller tables follow the rules below (replicated with model = 1) and take AdamW.
     config.sharding.large_table_bytes = 64 << 20
+    config.optim.large_table_optimizer = "rowwise_adagrad"
+    config.optim.large_table_bytes = 64 << 20
     if model > 1:
         config.sharding.rules = tuple(("vocab", "model") if name == "vocab" else (name, axis)
                                       for name, axis in config.sharding.rules)
 
+    train_impressions = 20_000_000
+    num_steps = steps_for_epochs(epochs, train_impressions, batch)
+    quarter_epoch = max(1, steps_for_epochs(0.25, train_impressions, batch))
     config.optim.peak_lr = scaled_peak_lr(batch)
     config.optim.end_lr = scaled_end_lr(batch)
-    config.optim.warmup_steps = scaled_warmup_steps(batch)
+    config.optim.warmup_steps = min(scaled_warmup_steps(batch), max(1, int(WARMUP_FRACTION * num_steps)))
     config.optim.decay_steps = num_steps - config.optim.warmup_steps
 
     config.train.num_steps = num_steps
-    config.train.log_every = 100
-    config.train.eval_every = 500
-    config.train.patience = 4
-    config.train.checkpoint_every = 1_000
+    config.train.log_every = 10
+    config.train.eval_every = quarter_epoch
+    config.train.patience = 2
+    config.train.checkpoint_every = quarter_epoch
     config.train.keep_checkpoints = 3
 
     # A world big enough to keep a pod busy: 20M training impressions, ~27 GB on each VM's disk
@@ -123,8 +155,8 @@ def pod_config(*, chips: int, processes: int, model: int, rows_per_replica: int,
     # on every VM at once; measured at 7,600 impressions/s on a loaded 2-core VM, up to ~50 min.
     config.synthetic.num_users = 2_000_000
     config.synthetic.num_ads = 500_000
-    config.synthetic.num_advertisers = 50_000
-    config.synthetic.impressions.train = 20_000_000
+    config.synthetic.num_advertisers = NUM_ADVERTISERS
+    config.synthetic.impressions.train = train_impressions
     config.synthetic.impressions.validation = 1_000_000
     config.synthetic.impressions.test = 1_000_000
     return config

@@ -1,11 +1,13 @@
-"""The search model on a TPU v5e (v5litepod-16) slice: 16 chips on 4 TPU VMs, large tables over all chips.
+"""The search model on a TPU v5e (v5litepod-16) slice: 16 chips on 4 TPU VMs, 2 epochs.
 
-Global batch 16,384 (4,096 rows per data replica = per VM), mesh data=4 x model=4: a v5e chip
-has 16 GB of HBM, so the tables' 15.4 GB of training state must be sharded: the advertiser and
-brand tables (over ``sharding.large_table_bytes``) over all 16 chips with their Adam moments, the
-smaller ones over the 4 "model" chips of each VM; the batch is split over all 16 chips. Learning rate by the square-root rule of ``pod_base.py``: peak
-1e-4 x sqrt(16,384 / 1,024) = 4e-4, warm-up 1,000 updates (the reference's 10.24M examples
-would be only 625), cosine decay to step 10,000; bf16 compute; checkpoints every 1,000 steps.
+Global batch 16,384 (1,024 rows per chip, 4,096 per VM), mesh data=16 x model=1: no chip repeats
+another's rows. The advertiser and brand tables (over ``sharding.large_table_bytes``) are
+row-sharded over the 16 chips and updated by row-wise Adagrad; the small tables are replicated
+and take AdamW; ``multitower compile --config experiments/pod_v5e.py`` checks the step fits a
+v5e chip's 16 GiB. 2 epochs of the 20M-impression world = 2,442 steps (evaluation and a
+checkpoint every 306, a quarter epoch); learning rate by the square-root rule of
+``pod_base.py``: peak 1e-4 x sqrt(16,384 / 1,024) = 4e-4, warm-up 244 updates (a tenth of the
+run), cosine decay; bf16 compute.
 
 Launch (tpu_scripts/, every script takes --dry-run to print its commands first; pick a zone with
 v5e capacity):
@@ -18,15 +20,17 @@ v5e capacity):
     tpu_scripts/logs.sh --follow
     tpu_scripts/delete.sh --fetch-logs runs/pod_v5e_logs --type v5litepod-16
 
-Expected runtime (an estimate, not measured: no TPU was at hand): input-bound; 4 processes at the
-~90k examples/s per process that `multitower bench input` measures on a 2-core CPU VM feed ~360k
-examples/s, so 10,000 steps of 16,384 take about 8 minutes, plus the feature statistics pass and
-the evaluations; before that, data.sh generates the 22M-impression world on every VM in parallel
-(up to ~50 min at the 7,600 impressions/s measured on a loaded 2-core VM; stage it once with
-`multitower generate` + `data.sh --from gs://...` to reuse it). Early stopping on validation CTR
-AUC can end the run sooner.
+Expected runtime (an estimate, not measured: no TPU was at hand): the compiled step is estimated
+at ~20 ms (`multitower compile`, a roofline lower bound), ~50 s for 2,442 steps; the input feeds
+~360k examples/s if each of the 4 processes reaches the ~90k examples/s that `multitower bench
+input` measured with the quickstart's settings on a 2-core CPU VM, about 2 minutes for the 40M
+examples, plus the feature statistics pass and eight validation passes. Before that, data.sh
+generates the 22M-impression world on every VM in parallel (up to ~50 min at the 7,600
+impressions/s measured on a loaded 2-core VM; stage it once with `multitower generate` +
+`data.sh --from gs://...` to reuse it), which dominates. Early stopping on validation CTR AUC
+can end the run sooner.
 
-On Spot capacity a preemption costs at most 1,000 steps: rerun launch.sh (after create.sh,
+On Spot capacity a preemption costs at most a quarter epoch: rerun launch.sh (after create.sh,
 setup.sh and data.sh if the slice was reclaimed) and it resumes from the workdir.
 """
 
@@ -36,7 +40,7 @@ from experiments import pod_base
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = pod_base.pod_config(chips=16, processes=4, model=4, rows_per_replica=4096)
+    config = pod_base.pod_config(chips=16, processes=4, model=1, rows_per_replica=1024)
     # The slice `multitower compile --config experiments/pod_v5e.py` compiles for (v5litepod-16).
     config.tpu = ml_collections.ConfigDict(dict(topology="v5e:4x4", chip_config_name="default", num_slices=1))
     return config

@@ -21,11 +21,12 @@ from multitower_jax import features as F
 from multitower_jax.models import model as model_lib
 
 REPO = Path(__file__).resolve().parents[1]
-# name -> (accelerator type, global batch, peak lr, mesh.model), as the docstrings state them.
+# name -> (accelerator type, global batch, peak lr, mesh.model, train steps, quarter epoch, warm-up),
+# as the docstrings state them: 2 epochs of 20M impressions, ceil(40M / batch) steps, a tenth warm-up.
 PODS = {
-    "pod_v5p": ("v5p-128", 65_536, 8e-4, 1),
-    "pod_v6e": ("v6e-32", 32_768, 1e-4 * math.sqrt(32), 2),
-    "pod_v5e": ("v5litepod-16", 16_384, 4e-4, 4),
+    "pod_v5p": ("v5p-128", 65_536, 8e-4, 1, 611, 77, 61),
+    "pod_v6e": ("v6e-32", 32_768, 1e-4 * math.sqrt(32), 1, 1_221, 153, 122),
+    "pod_v5e": ("v5litepod-16", 16_384, 4e-4, 1, 2_442, 306, 244),
 }
 
 
@@ -44,7 +45,7 @@ def pod(request):
 
 def test_mesh_batch_and_learning_rate_follow_the_rules(pod):
     name, config = pod
-    accelerator, batch, peak_lr, model = PODS[name]
+    accelerator, batch, peak_lr, model, steps, quarter, warmup = PODS[name]
     chips, vms = chips_and_vms(accelerator)
     assert config.mesh.data * config.mesh.model == chips
     assert config.mesh.model == model and 4 % model == 0  # a data replica stays on one VM
@@ -53,10 +54,14 @@ def test_mesh_batch_and_learning_rate_follow_the_rules(pod):
     assert config.data.num_shards % vms == 0 and batch % config.data.num_shards == 0
     assert config.optim.peak_lr == pytest.approx(peak_lr, rel=1e-12)
     assert config.optim.end_lr == pytest.approx(peak_lr / 10, rel=1e-12)
-    assert config.optim.warmup_steps == 1_000  # the reference's 10.24M examples are < 1,000 steps here
-    assert config.optim.warmup_steps + config.optim.decay_steps == config.train.num_steps == 10_000
+    assert config.train.num_steps == steps and config.synthetic.impressions.train == 20_000_000
+    assert config.optim.warmup_steps == warmup  # a tenth of the run, under the 1,000-update floor
+    assert config.optim.warmup_steps + config.optim.decay_steps == config.train.num_steps
     assert config.model.dtype == "bfloat16"
-    assert config.train.checkpoint_every == 1_000
+    assert config.train.checkpoint_every == config.train.eval_every == quarter
+    # The large tables take row-wise Adagrad at the threshold that row-shards them.
+    assert config.optim.large_table_optimizer == "rowwise_adagrad"
+    assert config.optim.large_table_bytes == config.sharding.large_table_bytes == 64 << 20
 
 
 @pytest.mark.parametrize("batch, peak_lr, warmup", [
@@ -83,7 +88,10 @@ def test_tables_as_built_and_sharded(pod):
     tables = {jax.tree_util.keystr(path): leaf for path, leaf in leaves if "embed_" in jax.tree_util.keystr(path)}
     built = sum(leaf.value.size * 4 for leaf in tables.values())
     assert tables and pod_base.table_bytes(config) == pytest.approx(built, rel=1e-3)  # rows padded to 128
-    assert 3.8e9 < built < 3.9e9  # the 15.4 GB (x 4) of the docstrings
+    # 16 buckets per id of the world: 50,000 advertisers, ~2 brands each, 5,000 cities.
+    assert config.features.ad.advertiser_id.size == 800_000 and config.features.ad.brand_id.size == 1_600_000
+    assert config.features.context.search.city.size == 80_000
+    assert 0.62e9 < built < 0.63e9  # 205 MB advertiser + 410 MB brand + 10 MB city + small tables
     rules = tuple((str(n), a) for n, a in config.sharding.rules)
     expected = "model" if PODS[name][3] > 1 else None
     for leaf in tables.values():
