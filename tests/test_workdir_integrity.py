@@ -282,3 +282,15 @@ def test_artifacts_older_than_run_identities_are_not_checked():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_identity.check(None, {"run_id": "a", "params_digest": "b"}, "legacy artifact")  # older: not checked
+
+
+def test_evaluate_with_a_corrupt_latest_checkpoint_still_reports(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    for path in (workdir / "checkpoints" / "12").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    shutil.rmtree(workdir / "best")
+    with pytest.warns(trainer_lib.CorruptCheckpointWarning):
+        result = trainer_lib.evaluate_workdir(synthetic_config(trained["data"], *RUN), workdir, "test")
+    assert result["params_step"] == 8 and result["params_from"] == "latest checkpoint"
+    assert result["best_validation_ctr_auc"] == pytest.approx(trained["result"]["best_validation_ctr_auc"], abs=1e-12)

@@ -573,7 +573,12 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
     if latest is None:
         return {}
     out: dict[str, Any] = {"step": int(latest)}
-    progress = trainer.restore_progress(manager, int(latest))
+    try:
+        progress = trainer.restore_progress(manager, int(latest))
+    except Exception as e:  # noqa: BLE001 -- an unreadable progress item: fall back to eval_test.json
+        warnings.warn(f"{trainer.workdir / 'checkpoints' / str(latest)}: early-stopping progress unreadable ({e})",
+                      CorruptCheckpointWarning, stacklevel=2)
+        progress = {}
     if progress:
         out["best_validation_ctr_auc"] = progress["best_auc"]
         out["stopped_early"] = bool(progress["bad_evals"] >= int(trainer.config.train.patience))
