@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from multitower_jax import config as config_lib
 from multitower_jax import fileio
 from multitower_jax.config import ConfigError
 
