@@ -76,6 +76,10 @@ def test_compile_command_writes_the_report(v5e_2x2, tmp_path):
     # Data parallel: the gradients are all-reduced over the 4 chips.
     assert report["programs"]["train_step"]["collectives"]["all-reduce"]["bytes"] > 0
     assert set(report["programs"]) == {"train_step", "eval_step", "scorer"}
+    # The compiled train step's HLO is written beside the report, and its breakdown is the report's.
+    hlo = (tmp_path / "report.train_step.hlo.txt").read_text()
+    assert roofline.bytes_breakdown(hlo) == report["programs"]["train_step"]["bytes_breakdown"]
+    assert 0 < report["programs"]["train_step"]["bytes_breakdown"]["total"]
 
 
 @needs_libtpu
@@ -155,12 +159,17 @@ def test_large_tables_are_row_sharded_over_every_device_and_the_step_is_unchange
 def test_bytes_breakdown_counts_tile_padded_operands_and_results_by_phase_and_part():
     """`roofline.bytes_breakdown` on a hand-written compiled module: fused and reducer computations
     are not counted on their own, async "-done" halves and tuples are free, T(8,128) tiles pad
-    the two minor dims, a copy inherits its producer's component; the sums are worked by hand."""
+    the two minor dims, a copy inherits its producer's component, a fusion that only slices an
+    operand reads the slice; the sums are worked by hand."""
     enc = "jit(_train_step)/{}(MultiTowerModel){}/MultiTowerModel.embed_ad/ad_tower/text_encoder/layer_0/mul"
     hlo = "\n".join([
         "%fused_computation.1 (p0: f32[4,8]) -> f32[4,8] {",
         "  %p0 = f32[4,8]{1,0} parameter(0)",
         "  ROOT %neg.1 = f32[4,8]{1,0} negate(%p0)",
+        "}",
+        "%fused_slice (p0.2: f32[64,8]) -> f32[4,8] {",
+        "  %p0.2 = f32[64,8]{1,0} parameter(0)",
+        "  ROOT %slice.1 = f32[4,8]{1,0} slice(%p0.2), slice={[0:4], [0:8]}",
         "}",
         "%add (a: bf16[], b: bf16[]) -> bf16[] {",
         "  %a = bf16[] parameter(0)",
@@ -170,6 +179,9 @@ def test_bytes_breakdown_counts_tile_padded_operands_and_results_by_phase_and_pa
         "ENTRY %main (param.1: f32[4,8], param.2: bf16[16,48]) -> (f32[4,8], bf16[16,48]) {",
         "  %param.1 = f32[4,8]{1,0:T(8,128)} parameter(0)",
         "  %param.2 = bf16[16,48]{1,0} parameter(1)",
+        "  %param.3 = f32[64,8]{1,0} parameter(2)",
+        '  %fusion.3 = f32[4,8]{1,0} fusion(%param.3), kind=kLoop, calls=%fused_slice, '
+        'metadata={op_name="jit(_train_step)/mul"}',  # reads 4 of the 64 rows
         f'  %fusion.1 = f32[4,8]{{1,0:T(8,128)}} fusion(%param.1), kind=kLoop, calls=%fused_computation.1, '
         f'metadata={{op_name="{enc.format("jvp", "")}"}}',
         f'  %fusion.2 = f32[4,8]{{1,0}} fusion(%fusion.1), kind=kLoop, calls=%fused_computation.1, '
@@ -185,10 +197,10 @@ def test_bytes_breakdown_counts_tile_padded_operands_and_results_by_phase_and_pa
     padded = 8 * 128 * 4  # f32[4,8] in T(8,128) tiles
     plain = 4 * 8 * 4
     assert b["by_phase"] == {"forward": 2 * padded, "backward": padded + plain, "copy": 2 * plain,
-                             "collective": 2 * 16 * 48 * 2, "update": 3 * plain}
+                             "collective": 2 * 16 * 48 * 2, "update": 5 * plain}
     assert b["by_component"] == {"ad_tower/text_encoder": 3 * padded + 3 * plain, "collective": 2 * 16 * 48 * 2,
-                                 "optimizer": 3 * plain}
-    assert b["total"] == 3 * padded + 6 * plain + 2 * 16 * 48 * 2
+                                 "optimizer": 5 * plain}
+    assert b["total"] == 3 * padded + 8 * plain + 2 * 16 * 48 * 2
 
 
 def test_rowwise_adagrad_on_8_devices_moves_only_the_batch_rows(tmp_path):
@@ -226,3 +238,19 @@ def test_rowwise_adagrad_on_8_devices_moves_only_the_batch_rows(tmp_path):
     # The advertiser table's accumulator (the brand table's has other touched rows): untouched rows
     # keep the initial 0.1 exactly (a touched row's increase, mean g^2, can round away in float32).
     assert any((s[untouched] == np.float32(0.1)).all() and (s[touched] >= np.float32(0.1)).all() for s in sums)
+
+
+def test_compile_table_rows_from_json_reports(tmp_path):
+    """`python -m multitower_jax.train.compile_table R.json`: one README row per report, worked by hand."""
+    from multitower_jax.train import compile_table
+
+    report = {"topology": "v5e:4x4", "num_chips": 16, "mesh": {"data": 16, "model": 1},
+              "peak_hbm_bytes_per_chip": 1.5 * 2**30, "hbm_bytes_per_chip": 16 * 2**30, "flops_per_chip": 2.345e11,
+              "collective_bytes_per_step": 96_453_276.0, "estimated_step_seconds": 0.02345,
+              "estimated_examples_per_sec_per_chip": 43_667.4, "estimated_mfu": 0.0508, "bound_by": "hbm"}
+    path = tmp_path / "pod_v5e.json"
+    path.write_text(json.dumps(report))
+    lines = compile_table.table([str(path)]).splitlines()
+    assert lines[0].startswith("| config | topology (chips) |") and len(lines) == 3
+    assert lines[2] == ("| pod_v5e | `v5e:4x4` (16) | 16 x 1 | 1.50 GiB of 16 (9 %) | 234.5 GFLOP | 96.5 MB | "
+                        "23.45 ms | 43,667 | 5.1 % | hbm |")

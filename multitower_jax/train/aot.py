@@ -260,9 +260,19 @@ def run(config: ml_collections.ConfigDict, topology: str | None = None, num_slic
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
+        # The compiled train step beside it (P.json -> P.train_step.hlo.txt), to look into further,
+        # e.g. roofline.bytes_breakdown(text).
+        with open(hlo_path(json_path), "w") as f:
+            f.write(programs["train_step"].as_text())
     if not quiet:
         print(summary(report))
     return report
+
+
+def hlo_path(json_path: str) -> str:
+    """Where `run` writes the compiled train step's HLO text next to its --json report."""
+    stem = json_path[:-5] if json_path.endswith(".json") else json_path
+    return stem + ".train_step.hlo.txt"
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -197,15 +197,33 @@ def _part(op: str, op_name: str) -> tuple[str, str]:
     return phase, component
 
 
+_SLICING = ("slice", "dynamic-slice", "gather")
+
+
+def _fusion_operand_bytes(body: list, index: int, shape: str) -> float:
+    """Bytes a fusion reads of its `index`-th operand: the slices it takes when the fused
+    computation only slices that parameter (as XLA's cost analysis counts it), else all of it."""
+    param = next((m for m in body if m["op"] == "parameter" and m["rest"].split(")", 1)[0].strip() == str(index)),
+                 None)
+    if param is None:
+        return _tiled_bytes(shape)
+    pattern = re.compile(r"%" + re.escape(param["name"]) + r"(?![\w.\-])")
+    users = [m for m in body if m is not param and pattern.search(m["rest"].split(")", 1)[0])]
+    if users and all(m["op"] in _SLICING for m in users):
+        return sum(_tiled_bytes(m["shape"]) for m in users)
+    return _tiled_bytes(shape)
+
+
 def bytes_breakdown(hlo_text: str) -> dict[str, Any]:
     """Bytes each instruction of a compiled (per-device) HLO module reads and writes, summed by
     phase (forward, backward, update, collective, copy) and by model component (from JAX's
     op_name metadata: "ad_tower/text_encoder", "loss", "optimizer", ...).
 
     Each instruction outside fused computations counts its operands' and its result's bytes,
-    padded to the layout's tiles, as XLA's cost analysis counts "bytes accessed"; the sum is
-    close to (not equal to) `cost_analysis()`'s, which sees inside fusions. Instructions in loop
-    bodies are counted once. It tells where the bytes go, not how many there are."""
+    padded to the layout's tiles, as XLA's cost analysis counts "bytes accessed" (a fusion that
+    only slices an operand reads the slices); the sum is near `cost_analysis()`'s, not equal to
+    it (XLA looks further into fusions). Instructions in loop bodies are counted once. It tells
+    where the bytes go, not how many there are."""
     computations: dict[str, list] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -242,11 +260,22 @@ def bytes_breakdown(hlo_text: str) -> dict[str, Any]:
         if name in nested:
             continue
         for m in body:
-            if m["op"] in _FREE:
+            if m["op"] in _FREE or m["op"].endswith("-done"):
                 continue
             operands = re.findall(r"%([\w.\-]+)", m["rest"].split(")", 1)[0])
-            read = sum(_tiled_bytes(shapes.get(o, "")) for o in operands)
-            written = read if m["op"] == "copy-start" else _tiled_bytes(m["shape"])
+            called = _CALLED.search(m["rest"]) if m["op"] == "fusion" else None
+            if called and called[1] in computations:
+                read = sum(_fusion_operand_bytes(computations[called[1]], i, shapes.get(o, ""))
+                           for i, o in enumerate(operands))
+            else:
+                read = sum(_tiled_bytes(shapes.get(o, "")) for o in operands)
+            written = _tiled_bytes(m["shape"])
+            if m["op"].endswith("-start") and m["op"].removesuffix("-start") not in COLLECTIVES:
+                # An async copy / slice: its result tuple echoes the operands, then holds what it
+                # moves (and a context scalar); it reads and writes that much.
+                context = sum(_tiled_bytes(a[0]) for a in _TILED_ARRAY.finditer(m["shape"])
+                              if a["dims"] == "" and a["dtype"] in ("u32", "s32"))
+                read = written = max(written - context - read, 0.0)
             phase, component = _part(m["op"], op_name_of(m["name"]))
             for table, key in ((by_phase, phase), (by_component, component or phase), (by_both, f"{phase}: {component}")):
                 table[key] = table.get(key, 0.0) + read + written
