@@ -172,3 +172,15 @@ def _stored_split(data_dir, split: str) -> dict:
     world = World(config.synthetic, F.parse_spec(config.features))
     chunks = list(world.impressions(config.data.placements[0], split, int(config.synthetic.impressions[split])))
     return {k: np.concatenate([c[k] for c in chunks]) for k in ("impression_id", "user_id", "ad_id", "click", "p_click")}
+
+
+def test_train_without_a_data_dir_generates_the_world_into_the_workdir(tmp_path):
+    """The README's first command: `train` with config.data.dir empty writes <workdir>/data first."""
+    workdir = tmp_path / "w"
+    config = synthetic_config("", "--config.train.num_steps=2", "--config.train.eval_every=2",
+                              "--config.synthetic.impressions.train=1024", "--config.synthetic.impressions.validation=512",
+                              "--config.synthetic.impressions.test=512")
+    result = trainer_lib.train(config, workdir)
+    assert (workdir / "data" / "synthetic_impressions" / "search" / "1.0.0").is_dir()
+    assert json.loads((workdir / "config.json").read_text())["data"]["dir"] == str(workdir / "data")
+    assert result["num_examples"] == 512 and json.loads((workdir / "eval_test.json").read_text())["num_examples"] == 512
