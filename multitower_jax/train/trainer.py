@@ -324,12 +324,16 @@ def _newest_intact(manager: ocp.CheckpointManager, restore, quarantine: bool) ->
     """`restore(step)` of the newest step that restores. Each newer step that fails is reported
     with a CorruptCheckpointWarning and, with `quarantine` (a run that will save again) once an
     intact step is found, moved to ``<folder>/../corrupt/<folder name>-<step>-<time>`` so that a
-    later save can reuse its step number. CheckpointError when no step restores."""
+    later save can reuse its step number. CheckpointError when no step restores; a ConfigError
+    (the run's settings do not fit the checkpoint, e.g. another data.num_shards) is raised as is,
+    since every older step would fail the same way and none of them is damaged."""
     directory = epath.Path(manager.directory)
     errors, failed = [], []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = restore(step)
+        except config_lib.ConfigError:  # the run's settings do not fit the checkpoint: not corruption
+            raise
         except Exception as e:  # noqa: BLE001 -- any failure to read a step means: try the one before
             reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
             errors.append(f"step {step} ({reason})")
