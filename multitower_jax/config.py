@@ -87,17 +87,16 @@ def _import_config(path: Path):
         if where is None and (folder / "__init__.py").is_file():
             spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
                                                           submodule_search_locations=[str(folder)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[package] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[package]
-                raise
+            _exec_registered(package, spec)
             return importlib.import_module(f"{package}.{path.stem}")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
     name = f"multitower_config_{digest}_{''.join(c if c.isalnum() else '_' for c in path.stem)}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    return _exec_registered(name, importlib.util.spec_from_file_location(name, path))
+
+
+def _exec_registered(name: str, spec) -> Any:
+    """Run the module of `spec` registered as sys.modules[name] (its own imports may need that);
+    unregistered again when it fails."""
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
