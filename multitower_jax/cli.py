@@ -108,7 +108,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from multitower_jax.calibration import CalibrationError
     from multitower_jax.serving.commands import user_errors as serving_errors
     from multitower_jax.train.aot import CompileError
-    from multitower_jax.train.trainer import CheckpointError
+    from multitower_jax.train.checkpoint_fallback import CheckpointError
 
     return (ConfigError, LogError, BaselineError, StatsError, SpecError, CalibrationError, distributed.DistributedError,
             IndexMismatchError, CatalogueError, CompileError, CheckpointError, RunMismatchError, WorkdirError,

@@ -19,6 +19,7 @@ from multitower_jax.retrieval import index as index_lib
 from multitower_jax.retrieval.retriever import Retriever
 from multitower_jax.retrieval.settings import RetrievalSettings
 from multitower_jax.serving import portable, requests
+from multitower_jax.train import checkpoint_fallback
 from multitower_jax.train import trainer as trainer_lib
 from tests.conftest import QUICKSTART, TINY_MODEL, synthetic_config
 from tests.test_logs import make_config, make_rows, write
@@ -197,12 +198,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, 
     workdir = _copy(trained, tmp_path)
     _truncate_largest(workdir / "checkpoints" / "12")
     config = synthetic_config(trained["data"], *RUN, "--config.train.num_steps=16")
-    with pytest.warns(trainer_lib.CorruptCheckpointWarning, match="checkpoints/12"):
+    with pytest.warns(checkpoint_fallback.CorruptCheckpointWarning, match="checkpoints/12"):
         result = trainer_lib.train(config, workdir)
     assert result["step"] == 16  # resumed from step 8 and trained on, saving step 12 again
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [8, 12, 16]
-    assert [p.name.split("-")[:2] for p in (workdir / trainer_lib.CORRUPT_DIR).iterdir()] == [["checkpoints", "12"]]
+    assert [p.name.split("-")[:2] for p in (workdir / checkpoint_fallback.CORRUPT_DIR).iterdir()] == [["checkpoints", "12"]]
     metrics = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert metrics == sorted(metrics)
 
@@ -210,7 +211,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, 
 def test_corrupt_best_parameters_fall_back_and_evaluate_states_its_step(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     _truncate_largest(workdir / "best" / "12")
-    with pytest.warns(trainer_lib.CorruptCheckpointWarning, match="best/12"):
+    with pytest.warns(checkpoint_fallback.CorruptCheckpointWarning, match="best/12"):
         result = trainer_lib.evaluate_workdir(synthetic_config(trained["data"], *RUN), workdir, "test")
     train = trained["result"]
     assert result["params_step"] == 8 and result["params_from"] == "best"
@@ -218,7 +219,7 @@ def test_corrupt_best_parameters_fall_back_and_evaluate_states_its_step(trained,
     assert result["stopped_early"] is train["stopped_early"] is False
     assert result["best_validation_ctr_auc"] == pytest.approx(train["best_validation_ctr_auc"], abs=1e-12)
     assert json.loads((workdir / "eval_test.json").read_text())["params_step"] == 8
-    with pytest.raises(trainer_lib.CheckpointError, match="best"):  # nothing intact at all: a clear error
+    with pytest.raises(checkpoint_fallback.CheckpointError, match="best"):  # nothing intact at all: a clear error
         _truncate_largest(workdir / "best" / "8")
         trainer_lib.Trainer(synthetic_config(trained["data"], *RUN), workdir).restore_best_step(
             trainer_lib.Trainer(synthetic_config(trained["data"], *RUN), workdir).best_manager())
@@ -290,7 +291,7 @@ def test_evaluate_with_a_corrupt_latest_checkpoint_still_reports(trained, tmp_pa
         if path.is_file():
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     shutil.rmtree(workdir / "best")
-    with pytest.warns(trainer_lib.CorruptCheckpointWarning):
+    with pytest.warns(checkpoint_fallback.CorruptCheckpointWarning):
         result = trainer_lib.evaluate_workdir(synthetic_config(trained["data"], *RUN), workdir, "test")
     assert result["params_step"] == 8 and result["params_from"] == "latest checkpoint"
     assert result["best_validation_ctr_auc"] == pytest.approx(trained["result"]["best_validation_ctr_auc"], abs=1e-12)

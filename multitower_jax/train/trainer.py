@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 import warnings
@@ -38,15 +37,8 @@ from multitower_jax.data import builders, pipeline
 from multitower_jax.data.generate import generate
 from multitower_jax.models import model as model_lib
 from multitower_jax.train import evaluate, losses, optim, sharding, text_init
+from multitower_jax.train.checkpoint_fallback import CheckpointError, CorruptCheckpointWarning, newest_intact
 from multitower_jax.train.data_checkpoint import DataRestore, DataSave
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint of a folder could be restored (each one is unreadable or does not fit the model)."""
-
-
-class CorruptCheckpointWarning(UserWarning):
-    """A checkpoint could not be restored; an older one is used instead."""
 
 
 class Trainer:
@@ -231,7 +223,7 @@ class Trainer:
         return self.restore_best_step(best, quarantine)[0]
 
     def restore_best_step(self, best: ocp.CheckpointManager, quarantine: bool = False) -> tuple[Any, int]:
-        return _newest_intact(best, lambda s: best.restore(s, args=ocp.args.StandardRestore(
+        return newest_intact(best, lambda s: best.restore(s, args=ocp.args.StandardRestore(
             self.abstract_state["params"])), quarantine)
 
     def restore_final(self, step: int | None = None) -> tuple[Any, int]:
@@ -284,7 +276,7 @@ class Trainer:
         args.update({name: DataRestore(it) for name, it in self._data_items(iterators).items()})
         if step is not None:
             return manager.restore(step, args=ocp.args.Composite(**args))["state"]
-        state, _ = _newest_intact(manager, lambda s: manager.restore(s, args=ocp.args.Composite(**args))["state"],
+        state, _ = newest_intact(manager, lambda s: manager.restore(s, args=ocp.args.Composite(**args))["state"],
                                   quarantine)
         return state
 
@@ -315,48 +307,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-CORRUPT_DIR = "corrupt"
-
-
-def _newest_intact(manager: ocp.CheckpointManager, restore, quarantine: bool) -> tuple[Any, int]:
-    """`restore(step)` of the newest step that restores. Each newer step that fails is reported
-    with a CorruptCheckpointWarning and, with `quarantine` (a run that will save again) once an
-    intact step is found, moved to ``<folder>/../corrupt/<folder name>-<step>-<time>`` so that a
-    later save can reuse its step number. CheckpointError when no step restores; a ConfigError
-    (the run's settings do not fit the checkpoint, e.g. another data.num_shards) is raised as is,
-    since every older step would fail the same way and none of them is damaged."""
-    directory = epath.Path(manager.directory)
-    errors, failed = [], []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = restore(step)
-        except config_lib.ConfigError:  # the run's settings do not fit the checkpoint: not corruption
-            raise
-        except Exception as e:  # noqa: BLE001 -- any failure to read a step means: try the one before
-            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
-            errors.append(f"step {step} ({reason})")
-            failed.append(step)
-            warnings.warn(f"{directory / str(step)} cannot be restored ({reason}); trying the checkpoint before it",
-                          CorruptCheckpointWarning, stacklevel=3)
-            continue
-        if quarantine and failed:
-            _move_aside(directory, failed)
-            manager.reload()
-        return restored, int(step)
-    raise CheckpointError(f"no checkpoint in {directory} can be restored: {'; '.join(errors) or 'none found'}")
-
-
-def _move_aside(directory: epath.Path, steps: list[int]) -> None:
-    if jax.process_index() == 0:
-        for step in steps:
-            target = directory.parent / CORRUPT_DIR / f"{directory.name}-{step}-{int(time.time())}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(directory / str(step)), str(target))
-            print(f"moved the unreadable {directory / str(step)} to {target}")
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("unreadable checkpoints moved aside")
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
