@@ -379,9 +379,8 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
 def ensure_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     """With no ``config.data.dir`` (or that default, ``<workdir>/data``, already filled in), use
     ``<workdir>/data``, generating the synthetic world there once."""
-    default = workdir_lib.absolute(epath.Path(workdir) / "data")
-    config.data.dir = workdir_lib.absolute(config.data.dir or default)
-    if config.data.dir != default:
+    resolve_data_dir(config, workdir)
+    if config.data.dir != workdir_lib.absolute(epath.Path(workdir) / "data"):
         return
     missing = [p for p in config.data.placements
                if not builders.dataset_dir(config.data.dir, config.data.source, p).exists()]
