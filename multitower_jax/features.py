@@ -16,7 +16,9 @@ categorical    int (``ids`` in [0, size)) or str (hashed   int32 id in [0, size]
 numeric        float (counts must be >= 0 when log1p)      float32, log1p then standardized
 text           str                                         int32[max_len] token ids, 0 = pad
 dense          float[dim]                                  float32[dim]
-multi_hot      list of ints in [0, size) (-1 pads)         int32[max_items] ids + 1, 0 = pad
+multi_hot      list of ints in [0, size) (-1 pads), or     int32[max_items] ids + 1, 0 = pad
+               of strings (``hash`` / ``vocab``; a text    (and for unknown or rare items)
+               cell is split at ``separator``)
 =============  ==========================================  =================================
 """
 
@@ -86,9 +88,15 @@ class Dense:
 @dataclasses.dataclass(frozen=True)
 class MultiHot:
     name: str
-    size: int
+    size: int  # number of real item ids, vocabulary entries or hash buckets; the table has size + 1 rows
     max_items: int
     dim: int
+    # "ids": integer items in [0, size); "vocab": string items looked up in ``vocab``; "hash": string
+    # (or integer) items hashed into ``size`` buckets. See `multitower_jax.data.multi_hot`.
+    encoding: Literal["ids", "hash", "vocab"] = "ids"
+    vocab: tuple[str, ...] = ()
+    separator: str = "|"  # splits a text cell ("Comedy|Drama") into the items of a vocab / hash list
+    min_count: int = 0  # items seen fewer times in the train split are dropped (as unknown ones); 0 or 1: off
     type: str = "multi_hot"
 
     @property
@@ -182,13 +190,16 @@ def _parse_feature(path: str, name: str, raw: Any) -> Feature:
         value = getattr(feature, key, None)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise SpecError(f"{path}.{key}: expected a positive integer, got {value!r}")
-    if isinstance(feature, Categorical):
+    if isinstance(feature, Categorical | MultiHot):
         if feature.encoding not in ("ids", "hash", "vocab"):
             raise SpecError(f"{path}.encoding: expected 'ids', 'hash' or 'vocab', got {feature.encoding!r}")
         if feature.encoding == "vocab" and len(feature.vocab) != feature.size:
             raise SpecError(f"{path}: vocab has {len(feature.vocab)} entries but size is {feature.size}")
         if isinstance(feature.min_count, bool) or not isinstance(feature.min_count, int) or feature.min_count < 0:
             raise SpecError(f"{path}.min_count: expected an integer >= 0 (0 or 1: off), got {feature.min_count!r}")
+    if isinstance(feature, MultiHot) and (not isinstance(feature.separator, str) or not feature.separator):
+        raise SpecError(f"{path}.separator: expected a non-empty string (e.g. '|'), got {feature.separator!r}")
+    if isinstance(feature, Categorical):
         rate = feature.oov_rate
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
             raise SpecError(f"{path}.oov_rate: expected a fraction in [0, 1), got {rate!r}")

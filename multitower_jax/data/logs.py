@@ -38,7 +38,7 @@ from multitower_jax import config as config_lib
 from multitower_jax import features as F
 from multitower_jax import fileio
 from multitower_jax import workdir as workdir_lib
-from multitower_jax.data import builders, catalogue, schema
+from multitower_jax.data import builders, catalogue, multi_hot, schema
 from multitower_jax.data.tokenizer import HashTokenizer
 
 REPORT_FILE = "ingest_report.json"
@@ -188,17 +188,32 @@ class _Source:
         return x.astype(np.float32)
 
     def multi_hot(self, arr: pa.Array, column: str, f: F.MultiHot, counts: dict[str, Counter]) -> np.ndarray:
-        expected = "a list of integer ids >= 0"
-        parents, values = self.lists(arr, column, expected, "|,;")
-        ids = self.sub(parents).ints(values, column, expected) if len(values) else np.zeros(0, np.int64)
-        self.sub(parents).check(ids < 0, column, expected, ids)
-        pos = np.arange(len(ids)) - np.searchsorted(parents, parents)  # position within its list
-        keep = pos < f.max_items
-        out = np.full((len(arr), f.max_items), -1, np.int64)
-        out[parents[keep], pos[keep]] = ids[keep]
-        counts["truncated_multi_hot"][column] += int(np.count_nonzero(np.bincount(parents, minlength=len(arr))
-                                                                      > f.max_items))
-        counts["oov"][column] += int(np.count_nonzero(ids[keep] >= f.size))
+        """A list column, or text lists ("3|5|7"; for vocab / hash: "Comedy|Drama" split at the
+        feature's separator) -> the stored form (see `multi_hot`)."""
+        expected = multi_hot.expected(f)
+        if f.encoding != "ids" and arr.type in _TEXT:
+            parents, values = multi_hot.split_text(arr, f.separator)
+        else:
+            parents, values = self.lists(arr, column, expected, "|,;")
+        src = self.sub(parents)
+        if not len(values):
+            items = np.zeros(0, np.int64)
+        elif f.encoding == "vocab":
+            items = multi_hot.vocab_indices(values if values.type in _TEXT else src.cast(
+                values, pa.string(), column, expected), f)
+        elif f.encoding == "hash" and values.type in _TEXT:  # CSV: integer-looking items are ids, as categoricals'
+            numeric = _np(pc.match_substring_regex(values, r"^\s*[+-]?\d{1,18}\s*$")) if self.csv else None
+            items = multi_hot.hash_keys(values)
+            if numeric is not None and numeric.any():
+                items[numeric] = _np(pc.cast(pc.utf8_trim_whitespace(values.filter(pa.array(numeric))), pa.int64()))
+        else:
+            items = src.ints(values, column, expected)
+        src.check(items < (-1 if f.encoding == "vocab" else 0), column, expected, items)  # vocab: -1 = unknown
+        out, cut = multi_hot.pack(parents, items, len(arr), f.max_items)
+        counts["truncated_multi_hot"][column] += cut
+        kept = items[np.arange(len(items)) - np.searchsorted(parents, parents) < f.max_items]
+        if f.encoding != "hash":  # a hash has no unknown items
+            counts["oov"][column] += int(np.count_nonzero((kept < 0) | (kept >= f.size)))
         return out
 
 

@@ -3,8 +3,9 @@
 Normalization statistics come from the training split only (`compute_stats`) and are saved in
 the workdir, so training, evaluation and serving normalize identically. The same pass counts
 ads and users (which rows of an evaluation come from entities seen in train) and, for
-categorical features with ``min_count > 1``, the raw values, so values rarer than that in train
-map to the out-of-vocabulary row 0 everywhere (training, evaluation, export, serving).
+categorical and multi-hot features with ``min_count > 1``, the raw values (a list's items), so
+values rarer than that in train map to the out-of-vocabulary row 0 (a multi-hot item: dropped)
+everywhere (training, evaluation, export, serving).
 
 It also counts, per placement, each ad's train impressions and clicks, so the retrieval loss's
 logQ term is the ad's probability in the stream a batch comes from: that placement's train
@@ -20,12 +21,14 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from functools import partial
+
 import numpy as np
 from etils import epath
 
 from multitower_jax import features as F
 from multitower_jax import fileio
-from multitower_jax.data import schema
+from multitower_jax.data import multi_hot, schema
 from multitower_jax.data.tokenizer import HashTokenizer
 
 STATS_FILE = "feature_stats.json"
@@ -315,7 +318,7 @@ def compute_stats(blocks: Iterable[Mapping[str, np.ndarray]], spec: F.FeatureSpe
     """One streaming pass over raw training blocks (float64 accumulators)."""
     numeric_cols = [c for c, f in spec.columns(placement).items() if isinstance(f, F.Numeric)]
     min_counts = {c: f.min_count for c, f in spec.columns(placement).items()
-                  if isinstance(f, F.Categorical) and f.min_count > 1}
+                  if isinstance(f, F.Categorical | F.MultiHot) and f.min_count > 1}
     acc = {c: np.zeros(4) for c in numeric_cols}  # sum x, sum x^2, sum log1p x, sum log1p^2
     ads, users, clicked_ads = _CountAccumulator(), _CountAccumulator(), _CountAccumulator()
     values = {c: _CountAccumulator() for c in min_counts}  # the raw values, before hashing
@@ -325,8 +328,8 @@ def compute_stats(blocks: Iterable[Mapping[str, np.ndarray]], spec: F.FeatureSpe
         ads.add(block["ad_id"])
         clicked_ads.add(np.asarray(block["ad_id"])[np.asarray(block["click"]) == 1])  # == 1: what downsampling keeps
         users.add(block["user_id"])
-        for c, counter in values.items():
-            counter.add(block[c])
+        for c, counter in values.items():  # a multi-hot list counts each item, never a pad (-1)
+            counter.add(block[c][block[c] >= 0] if np.ndim(block[c]) > 1 else block[c])
         for c in numeric_cols:
             x = block[c].astype(np.float64)
             lx = np.log1p(np.maximum(x, 0.0))
@@ -399,7 +402,7 @@ class Preprocessor:
         if isinstance(f, F.Categorical):
             return self._categorical(column, f)
         if isinstance(f, F.MultiHot):
-            return self._ids(column, f.size, pad_is_valid=True)
+            return self._multi_hot(column, f)
         if isinstance(f, F.Numeric):
             mean, std = self.stats.mean_std(column, f) if f.standardize else (0.0, 1.0 - _EPS)
             shift, scale = np.float32(mean), np.float32(1.0 / (std + _EPS))
@@ -424,6 +427,23 @@ class Preprocessor:
             size = np.uint64(f.size)
             return lambda raw: (schema.mix64(raw) % size).astype(np.int32) + 1
         return self._ids(column, f.size, pad_is_valid=False)
+
+    def _multi_hot(self, column: str, f: F.MultiHot):
+        """Stored items (see `multi_hot`) -> ids + 1, 0 for pads, unknown items and (with min_count)
+        items rarer than that in train."""
+        ids_of = partial(multi_hot.model_ids, f=f) if f.encoding == "hash" else self._ids(column, f.size, True)
+        if f.min_count <= 1:
+            return ids_of
+        kept = self.stats.kept_values(column, f.min_count)
+
+        def frequent_ids(raw):
+            ids = ids_of(raw)
+            rare = (raw >= 0) & ~_member(kept, raw)  # the raw item, before hashing: buckets do not pool counts
+            if rare.any():
+                self.rare_counts[column] += int(np.count_nonzero(rare & (ids > 0)))
+                ids[rare] = 0
+            return ids
+        return frequent_ids
 
     def _ids(self, column: str, size: int, pad_is_valid: bool):
         def ids(raw):

@@ -6,7 +6,8 @@ columns below. Storage dtypes:
 
 * categorical -> int64: the raw id (``ids``), a 64-bit key (``hash``; strings are hashed to
   int64 on ingest with `stable_hash64`) or an index into ``vocab`` (-1 = unknown)
-* numeric -> float32;  text -> str;  dense -> float32[dim];  multi_hot -> int64[max_items], -1 pads
+* numeric -> float32;  text -> str;  dense -> float32[dim];  multi_hot -> int64[max_items], -1 pads:
+  ids, vocab indices or hash keys >= 0 by the feature's encoding (see `multi_hot`)
 
 A model batch (what `pipeline` yields and the model consumes), B rows:
 
