@@ -327,19 +327,6 @@ def test_cli_export_index_retrieve_eval(trained, forward, tmp_path):
     assert again == report
 
 
-def test_bench_retrieve_tiny(tmp_path):
-    from multitower_jax.bench import retrieve
-
-    figures = retrieve.run(None, num_ads=3000, dim=16, num_queries=100, json_path=tmp_path / "b.json",
-                           single_queries=20)
-    saved = json.loads((tmp_path / "b.json").read_text())
-    for key in ("build_seconds", "recall_at_100", "scann_qps_batched", "scann_qps_single", "brute_force_qps"):
-        assert saved[key] == figures[key] and saved[key] > 0
-    assert figures["recall_at_100"] >= 0.95 and figures["num_leaves"] == 55
-    assert saved["target_met"] is (figures["recall_at_100"] >= 0.95
-                                    and figures["scann_qps_batched"] >= 10 * figures["brute_force_qps"])
-
-
 def test_short_filtered_results_fall_back_to_exact_search():
     e, q = _structured(4000, 16, 20, seed=3)
     # Eligible: the 5 % of ads least similar to the queries' mean, so the few leaves searched

@@ -17,7 +17,9 @@ from multitower_jax.retrieval import settings as settings_lib
 COMMANDS = {
     "export": "run the ad tower over the catalogue (and the user tower over known users): writes "
               "embeddings, ad ids, bids, quality, targeting and a manifest to --out",
-    "index": "build a ScaNN index (exact search below config.retrieval.exact_below ads) from an export",
+    "index": "build a ScaNN index (exact search below config.retrieval.exact_below ads) from an export; with "
+             "--target-recall R, tune leaves_to_search and the re-ranking budget on held-out queries for the "
+             "highest QPS at recall@K >= R against exact search",
     "retrieve-eval": "recall of the index vs exact search, and retrieval hit rates of the model (and, on "
                      "synthetic data, of the oracle) on a split: writes <index>/retrieval_eval.json",
 }
@@ -42,6 +44,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default=None, help="take config.retrieval from this workdir's config.json "
                    "(default: the workdir recorded in the export, if it is there); given, the export must come "
                    "from this workdir's training run")
+    p.add_argument("--target-recall", type=_recall, default=None, metavar="R",
+                   help="tune the search settings for recall@K >= R (a number in (0, 1]) against exact search, "
+                   "on queries of the validation split (the model's E_user + E_context of clicked impressions, "
+                   "when the workdir and its data are there; else the export's user embeddings; else a sample "
+                   "of ad embeddings); one half tunes, the other measures; the manifest's `tuning` records the "
+                   "chosen settings, recall and QPS")
+    p.add_argument("--k", type=_at_least(1), default=100, help="with --target-recall: the K of recall@K (default 100)")
+    p.add_argument("--tuning-queries", type=_at_least(4), default=2_000, metavar="N",
+                   help="with --target-recall: queries drawn for tuning and measuring (default 2000)")
     add_allow_flag(p)
     p = sub.add_parser("retrieve-eval", help=COMMANDS["retrieve-eval"], description=COMMANDS["retrieve-eval"])
     p.add_argument("--workdir", required=True, help="the trained workdir the index was built from")
@@ -49,6 +60,57 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--max-queries", type=int, default=20_000, help="evaluate on at most this many clicked impressions")
     add_allow_flag(p)
+
+
+def _recall(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a recall in (0, 1], got {text!r}")
+    return value
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            return_value = int(text)
+        except ValueError:
+            return_value = low - 1
+        if return_value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return return_value
+    return parse
+
+
+def tuning_queries(export_dir: str, manifest: dict, workdir: str | None, overrides, count: int
+                   ) -> tuple[Any, str]:
+    """Queries to tune an index on: Q = E_user + E_context (the query rule) of clicked validation
+    impressions when `workdir` has a checkpoint and data; else the export's user embeddings; else a
+    random sample of its ad embeddings. Returns (float32[Q, D], a description)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    normalize = bool(manifest["query_rule"]["l2_normalize"])
+    if workdir and (epath.Path(workdir) / "config.json").is_file():
+        from multitower_jax.retrieval import evaluate
+
+        trained = _load_trained(workdir, overrides)
+        placement = trained.config.data.placements[0]
+        q = evaluate.clicked_queries(trained, placement, "validation", max_rows=count)
+        Q = (q["e_user"] + q["e_context"]).astype(np.float32)
+        source = f"model E_user + E_context of {len(Q):,} clicked validation impressions ({placement})"
+    else:
+        users = Path(export_dir) / "user_embeddings.npy"
+        use_users = manifest.get("num_users", 0) > 0 and users.is_file()
+        pool = np.load(users if use_users else Path(export_dir) / "embeddings.npy", mmap_mode="r")
+        rows = np.sort(rng.choice(len(pool), min(count, len(pool)), replace=False))
+        Q = np.asarray(pool[rows], np.float32)
+        source = f"{len(Q):,} exported {'user' if use_users else 'ad'} embeddings (no workdir to embed queries with)"
+    if normalize:
+        Q = Q / np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), 1e-12)
+    return Q, source
 
 
 def add_allow_flag(p: argparse.ArgumentParser) -> None:
@@ -103,10 +165,17 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
         elif overrides:
             config = config_lib.apply_overrides(
                 ml_collections.ConfigDict({"retrieval": settings_lib.default_config()}), overrides)
-        index = index_lib.build_from_export(args.embeddings, args.out, RetrievalSettings.from_config(config))
+        tune = None
+        if args.target_recall is not None:
+            from multitower_jax.retrieval import tuning
+
+            queries, source = tuning_queries(args.embeddings, manifest, workdir, overrides, args.tuning_queries)
+            tune = lambda index: tuning.tune_index(index, queries, args.k, args.target_recall, source=source)
+        index = index_lib.build_from_export(args.embeddings, args.out, RetrievalSettings.from_config(config), tune)
         print(f"wrote {args.out} ({len(index):,} ads, {index.mode}, {index.manifest['num_leaves']} leaves, "
               f"{index.manifest['build_seconds']} s)")
-        return {k: index.manifest[k] for k in ("mode", "num_leaves", "built_size", "build_seconds", "fingerprint")}
+        keys = ("mode", "num_leaves", "built_size", "build_seconds", "fingerprint", "tuning")
+        return {k: index.manifest[k] for k in keys if k in index.manifest}
     if args.command == "retrieve-eval":
         from multitower_jax.retrieval import evaluate
 

@@ -467,13 +467,16 @@ class AdIndex:
 
 
 def build_from_export(embeddings_dir: str | os.PathLike, out: str | os.PathLike,
-                      settings: RetrievalSettings) -> AdIndex:
-    """`multitower index`: read an export folder, build and save the index."""
+                      settings: RetrievalSettings, tune=None) -> AdIndex:
+    """`multitower index`: read an export folder, build the index, `tune(index)` it when given
+    (`tuning.tune_index`: search settings for a target recall), and save it."""
     embeddings_dir = Path(embeddings_dir)
     manifest = read_manifest(embeddings_dir, "multitower-export")
     check_replaceable(out, "multitower-index", [embeddings_dir])  # before the (long) build
     store = AdStore.load(embeddings_dir)
     store = AdStore(**{n: np.asarray(getattr(store, n)) for n in STORE_ARRAYS})
     index = AdIndex.build(store, {**manifest, "embeddings": str(embeddings_dir)}, settings)
+    if tune is not None:
+        tune(index)
     index.save(out, inputs=[embeddings_dir])
     return index
