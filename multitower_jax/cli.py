@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=128, help="bench retrieve: embedding dimension")
     p.add_argument("--queries", type=int, default=2_000, help="bench retrieve: number of queries; bench score, "
                    "bench serve: number of timed requests")
+    p.add_argument("--data", choices=("structured", "hard"), default="structured", help="bench retrieve: the "
+                   "synthetic set (hard: 10k Zipf-popular centres plus noise of the centres' energy)")
+    p.add_argument("--embeddings", default=None, metavar="E", help="bench retrieve: a `multitower export` folder "
+                   "to benchmark on instead (its ads; its user embeddings as queries)")
     p = add("compile")
     p.add_argument("--topology", default=None, help="TPU topology, e.g. v5e:2x2, v5:4x4x4 (v5p), v6e:4x8 "
                    "(default: config.tpu.topology)")
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.what == "retrieve":
             from multitower_jax.bench import retrieve as bench_retrieve
 
-            bench_retrieve.run(config, args.num_ads, args.dim, args.queries, args.json)
+            bench_retrieve.run(config, args.num_ads, args.dim, args.queries, args.json, data=args.data,
+                               embeddings=args.embeddings)
         elif args.command == "bench" and args.what == "input":
             from multitower_jax.bench import input as bench_input
 
