@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.logs.time_column = "timestamp"
     config.data.logs.validation_start = ""  # rows with time >= this go to validation ...
     config.data.logs.test_start = ""  # ... and >= this to test (ISO date or epoch seconds)
+    # Or, instead of paths + validation_start / test_start, files (or globs) per split:
+    config.data.logs.split_paths = ml_collections.ConfigDict({"train": (), "validation": (), "test": ()})
 
     config.synthetic = ml_collections.ConfigDict()
     config.synthetic.seed = 0

@@ -24,6 +24,7 @@ from etils import epath
 
 from multitower_jax import features as features_lib
 from multitower_jax import fileio
+from multitower_jax.data import log_splits
 
 OVERRIDE_PREFIX = "--config."
 
@@ -243,12 +244,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(rate, float | int) and 0 < rate <= 1, "data.negative_downsample_rate",
              "a fraction in (0, 1] of negatives to keep", rate)
     if data.source == "logs":
-        _require(len(data.logs.paths) > 0, "data.logs.paths", "at least one Parquet/CSV/JSONL file", data.logs.paths)
         _require(data.logs.format in ("auto", "parquet", "csv", "jsonl"), "data.logs.format",
                  "'auto', 'parquet', 'csv' or 'jsonl'", data.logs.format)
-        _require(bool(data.logs.validation_start) and bool(data.logs.test_start), "data.logs.validation_start",
-                 "both data.logs.validation_start and data.logs.test_start (timestamps splitting train/validation/test)",
-                 (data.logs.validation_start, data.logs.test_start))
+        if problem := log_splits.validate(data.logs):  # by time (paths + boundaries) or by file (split_paths)
+            raise ConfigError(problem)
     if "model" in config:
         from multitower_jax.models.model import validate_config as validate_model  # noqa: PLC0415 (jax import)
 

@@ -81,14 +81,17 @@ def _fixed(key: str) -> bool:
     return any(under(key, s) for s in RESUME_FIXED) and not any(under(key, s) for s in RESUME_FREE)
 
 
-def resume_conflicts(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+def resume_conflicts(saved: dict[str, Any], config: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
     """``"model.embed_dim: 16 -> 64"`` for every key a resume may not change (plain dicts, as in
-    config.json)."""
-    old, new = dict(_leaves(saved)), dict(_leaves(config))
+    config.json). A key the saved config lacks is no conflict when the new value is its value in
+    `defaults` (the base config): the run was written before the key existed, and ran as its default does."""
+    old, new, base = dict(_leaves(saved)), dict(_leaves(config)), dict(_leaves(defaults or {}))
     missing = object()
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
+        if a is missing and key in base and b == base[key]:
+            continue
         if _fixed(key) and a != b:
             show = lambda v: "(absent)" if v is missing else json.dumps(v)  # noqa: E731
             out.append(f"{key}: {show(a)} -> {show(b)}")
@@ -111,7 +114,10 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     if not has_checkpoints(workdir) or not saved_path.is_file():
         return
     saved = json.loads(saved_path.read_text())
-    conflicts = resume_conflicts(_paths_absolute(saved), _paths_absolute(json.loads(config_lib.to_json(config))))
+    from experiments import base  # noqa: PLC0415 (imports the calibration and serving settings: only when resuming)
+
+    conflicts = resume_conflicts(_paths_absolute(saved), _paths_absolute(json.loads(config_lib.to_json(config))),
+                                 json.loads(config_lib.to_json(base.get_config())))
     if conflicts:
         listed = "\n  ".join(conflicts)
         raise WorkdirError(

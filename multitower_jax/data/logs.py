@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import glob
 import itertools
 import json
 import os
@@ -38,22 +37,18 @@ from multitower_jax import config as config_lib
 from multitower_jax import features as F
 from multitower_jax import fileio
 from multitower_jax import workdir as workdir_lib
-from multitower_jax.data import builders, catalogue, multi_hot, schema
+from multitower_jax.data import builders, catalogue, log_splits, multi_hot, schema
+from multitower_jax.data.log_splits import FORMATS, LogError  # noqa: F401 (logs.LogError, logs.FORMATS)
 from multitower_jax.data.tokenizer import HashTokenizer
 
 REPORT_FILE = "ingest_report.json"
 CHUNK_ROWS = 65_536  # rows per Parquet / JSON read batch
 SHUFFLE_BUFFER = 65_536  # rows mixed at a time, so that blocks are not time-ordered
 WORD_PATTERN = "[0-9a-z]+"  # a word of HashTokenizer (in lower-cased text); a test checks they agree
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 _FLOAT16_MAX = 65504.0  # dense vectors are stored as float16 (builders.storage_dtype)
 _FAR = 2**62  # beyond any epoch second
 _NUMBER = r"^[+-]?\d+(\.\d*)?$"
 _TEXT = (pa.string(), pa.large_string())
-
-
-class LogError(ValueError):
-    """A log file breaks the raw column contract; the message names the file, row, field and expectation."""
 
 
 class _Said(str):
@@ -225,21 +220,14 @@ class _Plan:
     columns: dict[str, tuple[np.dtype, tuple[int, ...]]]  # schema.raw_columns
     features: dict[str, F.Feature]
     with_oracle: bool
-    validation_start: int  # epoch seconds
+    validation_start: int  # epoch seconds (a split by time)
     test_start: int
     bid_column: str = "bid"  # the file column of an ad's bid (for the ads catalogue), if the files have it
+    by_file: Mapping[str, tuple[int, ...]] | None = None  # split -> indices into `files` (None: by time)
 
 
 def _utc(seconds: int) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat()
-
-
-def _text_seconds(text: str) -> int:
-    """Epoch seconds from "1706486400" or an ISO date / datetime (no zone = UTC); ValueError if neither."""
-    if re.fullmatch(_NUMBER, text := text.strip()):
-        return int(float(text) // 1)
-    t = datetime.datetime.fromisoformat(text)
-    return int((t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)).timestamp() // 1)
 
 
 def _flatten(mapping, prefix: str = "") -> dict[str, str]:
@@ -306,14 +294,8 @@ def _located(path: Path, fmt: str, error: Exception) -> str:
 
 def _plan(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str) -> _Plan:
     logs = config.data.logs
-    patterns = (logs.paths,) if isinstance(logs.paths, str) else tuple(logs.paths)
-    paths = sorted({Path(p) for pat in patterns for p in glob.glob(os.path.expanduser(str(pat))) if Path(p).is_file()})
-    if not paths:
-        raise LogError(f"no files match config.data.logs.paths={patterns!r}")
-    exts = {p: os.path.splitext(re.sub(r"\.(gz|bz2|zst|lz4)$", "", p.name.lower()))[1] for p in paths}
-    if logs.format == "auto" and (unknown := [str(p) for p, ext in exts.items() if ext not in FORMATS]):
-        raise LogError(f"{unknown}: cannot tell the format from the file name; set config.data.logs.format")
-    files = tuple((p, FORMATS[ext] if logs.format == "auto" else logs.format) for p, ext in exts.items())
+    splits = log_splits.resolve(logs)
+    files = splits.files
     everything = schema.raw_columns(spec, placement, with_oracle=True)
     names = _flatten(logs.columns)
     bid_column = names.pop("bid", "bid")
@@ -327,16 +309,8 @@ def _plan(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str
             names[feature] = names.get(meta, meta)
     names = {c: names.get(c, c) for c in everything} | {"bid": bid_column}
     with_oracle = all(names[c] in first_columns for c in schema.ORACLE_COLUMNS)
-    try:
-        start = {k: int(logs[k]) if isinstance(logs[k], int | float) else _text_seconds(str(logs[k]))
-                 for k in ("validation_start", "test_start")}
-    except ValueError:
-        raise LogError(f"config.data.logs.validation_start / test_start: expected ISO dates (2024-01-29T06:00Z) or "
-                       f"epoch seconds, got {logs.validation_start!r} / {logs.test_start!r}") from None
-    if start["validation_start"] > start["test_start"]:
-        raise LogError(f"config.data.logs.validation_start is after test_start: {start}")
-    return _Plan(placement, files, names, schema.raw_columns(spec, placement, with_oracle),
-                 spec.columns(placement), with_oracle, **start, bid_column=bid_column)
+    return _Plan(placement, files, names, schema.raw_columns(spec, placement, with_oracle), spec.columns(placement),
+                 with_oracle, splits.validation_start, splits.test_start, bid_column, splits.by_file)
 
 
 def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str, Counter],
@@ -410,17 +384,23 @@ def _shuffled(chunks: Iterator[dict[str, np.ndarray]], rng: np.random.Generator,
 def _read_split(plan: _Plan, seed: int, split: str, report: dict, seen: dict) -> Iterator[dict[str, np.ndarray]]:
     """One split's validated, shuffled chunks. `seen` keeps (rows, min time, max time) per row group
     from earlier passes, so that a later pass skips row groups (or files) holding none of its rows."""
-    lo, hi = {"train": (-_FAR, plan.validation_start), "validation": (plan.validation_start, plan.test_start),
-              "test": (plan.test_start, _FAR)}[split]
+    if plan.by_file is None:
+        lo, hi = {"train": (-_FAR, plan.validation_start), "validation": (plan.validation_start, plan.test_start),
+                  "test": (plan.test_start, _FAR)}[split]
+        file_indices, split_by = range(len(plan.files)), {"validation_start": _utc(plan.validation_start),
+                                                         "test_start": _utc(plan.test_start)}
+    else:  # every row of the split's files
+        lo, hi, file_indices = -_FAR, _FAR, plan.by_file[split]
+        split_by = {"split_files": {s: [str(plan.files[i][0]) for i in ix] for s, ix in plan.by_file.items()}}
     for key, value in {"placement": plan.placement, "files": [str(p) for p, _ in plan.files], "rows": {}, "splits": {},
-                       "with_oracle": plan.with_oracle, "validation_start": _utc(plan.validation_start),
-                       "test_start": _utc(plan.test_start)}.items():
+                       "with_oracle": plan.with_oracle, **split_by}.items():
         report.setdefault(key, value)
     counts = report["splits"][split] = {k: Counter() for k in ("oov", "truncated_text", "truncated_multi_hot")}
     tokenizers = {c: HashTokenizer(f.vocab_size, f.max_len) for c, f in plan.features.items() if isinstance(f, F.Text)}
 
     def chunks() -> Iterator[dict[str, np.ndarray]]:
-        for file_index, (path, fmt) in enumerate(plan.files):
+        for file_index in file_indices:
+            path, fmt = plan.files[file_index]
             have = _file_columns(path, fmt)
             if not have:
                 raise LogError(f"{path}: the file is empty (expected " + ("a header line, then one impression per "
@@ -544,6 +524,8 @@ def ingest_command(config: ml_collections.ConfigDict, out: str | os.PathLike) ->
     config.data.dir = out
     paths = config.data.logs.paths
     config.data.logs.paths = tuple(workdir_lib.absolute(p) for p in ((paths,) if isinstance(paths, str) else paths))
+    for split, patterns in log_splits.split_paths(config.data.logs).items():
+        config.data.logs.split_paths[split] = tuple(workdir_lib.absolute(p) for p in patterns)
     report = ingest(config, F.parse_spec(config.features), out)
     config_lib.write_resolved(config, out)
     print(json.dumps(report, indent=2))
