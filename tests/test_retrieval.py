@@ -327,6 +327,36 @@ def test_cli_export_index_retrieve_eval(trained, forward, tmp_path):
     assert again == report
 
 
+def test_cli_index_target_recall_tunes_on_held_out_model_queries(trained, exported, tmp_path, capsys):
+    from multitower_jax.retrieval import tuning
+
+    I = tmp_path / "I"
+    assert cli.main(["index", "--embeddings", str(exported), "--out", str(I), "--target-recall", "0.9", "--k", "10",
+                     "--tuning-queries", "300", "--config.retrieval.exact_below=0"]) == 0
+    manifest = json.loads((I / "manifest.json").read_text())
+    tuned = manifest["tuning"]
+    assert tuned["target_recall"] == 0.9 and tuned["k"] == 10 and "validation" in tuned["queries"]
+    assert tuned["qps_batched"] > 0 and tuned["mode"] == "scann"
+    # Reference: the same validation queries (the model's Q), the other half, numpy brute force.
+    q = evaluate_lib.clicked_queries(trained, "search", "validation", max_rows=300)
+    _, held = tuning.split_queries(q["e_user"] + q["e_context"])
+    store = AdStore.load(exported)
+    want, _ = _brute_top(held, store.embeddings, 10)
+    index = AdIndex.load(I)
+    got = tuning.recall_per_query(index.search(held / np.linalg.norm(held, axis=1, keepdims=True), 10)[0], want)
+    assert abs(got.mean() - tuned["recall_at_k_held_out"]) < 2e-3
+    assert tuned["target_met"] is (tuned["recall_at_k_held_out"] >= 0.9)
+    # retrieve-eval searches at the tuned settings and shows the target next to them.
+    report = evaluate_lib.evaluate(trained, I, ks=(10,))
+    assert report["leaves_to_search_at_k"]["10"] == tuned["leaves_to_search"]
+    assert report["reorder_at_k"]["10"] == tuned["reorder"] and report["index_tuning"]["target_recall"] == 0.9
+    for bad in (["--target-recall", "0"], ["--target-recall", "x"], ["--target-recall", "0.9", "--k", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["index", "--embeddings", str(exported), "--out", str(tmp_path / "J"), *bad])
+        assert exit_.value.code == 2
+        assert ("--target-recall" if "--k" not in bad else "--k") in capsys.readouterr().err
+
+
 def test_short_filtered_results_fall_back_to_exact_search():
     e, q = _structured(4000, 16, 20, seed=3)
     # Eligible: the 5 % of ads least similar to the queries' mean, so the few leaves searched

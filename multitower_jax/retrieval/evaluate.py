@@ -10,6 +10,9 @@ Writes ``<index>/retrieval_eval.json`` with
   oracle_hit_rate_at_k     synthetic data only: the same with ads ranked by their true p_click for
                            that impression (user, intent, context and hour replayed from the world)
   random_hit_rate_at_k     K / number of ads
+  leaves_to_search_at_k, reorder_at_k   the search settings used at each K (the index's own, e.g. those
+                           `index --target-recall` chose, unless --config.retrieval.* overrides them)
+  index_tuning             when the index was tuned: its target, K and the recall it measured then
   model_step, index_model_step   the checkpoint evaluated and the one the index was exported from
                            (they differ: the index is stale, and Retriever.load warned)
 The queries are a seeded uniform sample of at most `max_queries` clicked impressions
@@ -215,6 +218,7 @@ def evaluate(trained, index_dir: str | os.PathLike, split: str = "test", ks=KS,
         "num_ads": len(index), "index_mode": index.mode, "num_leaves": index.manifest["num_leaves"],
         "leaves_to_search_at_k": {str(k): index.settings.search_leaves(index.manifest["num_leaves"], k, len(index))
                                   if index.mode == "scann" else 0 for k in ks},
+        "reorder_at_k": {str(k): index.settings.reorder(k) if index.mode == "scann" else 0 for k in ks},
         "model_step": trained.step,
         "index_model_step": index.manifest.get("model_step"),
         "recall_at_k_vs_exact": {str(k): float(overlap[k].mean() / max(min(k, exact_found[k]), 1)) for k in ks},
@@ -225,6 +229,11 @@ def evaluate(trained, index_dir: str | os.PathLike, split: str = "test", ks=KS,
         "random_hit_rate_at_k": {str(k): min(1.0, k / max(len(index), 1)) for k in ks},
         "targeting_applied_to_headline": False,
     }
+    tuned = index.manifest.get("tuning")
+    if tuned:  # `index --target-recall`: the target next to the recall measured here, at the tuned K
+        report["index_tuning"] = {key: tuned.get(key) for key in (
+            "target_recall", "k", "leaves_to_search", "reorder", "recall_at_k_tuning", "recall_at_k_held_out",
+            "qps_batched", "queries")}
     oracle = _oracle_hit_rates(trained, placement, split, q, ids, ks)
     if oracle is not None:
         report["oracle_hit_rate_at_k"] = oracle
