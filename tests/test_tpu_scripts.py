@@ -307,6 +307,48 @@ def test_launch_status_stop_command_lines_work_on_a_worker(env, tmp_path):
             pass
 
 
+def test_setup_stops_on_untracked_files_it_would_not_copy(tmp_path):
+    """A new experiment file that is not committed would be missing on the workers (git archive copies
+    the commit): setup stops and names it, before any gcloud call; --allow-untracked copies the commit
+    with a warning. Untracked files outside the committed folders, and ignored ones, do not count."""
+    repo, bin_dir, calls = tmp_path / "repo", tmp_path / "bin", tmp_path / "gcloud_calls"
+    shutil.copytree(SCRIPTS_DIR, repo / "tpu_scripts")
+    (repo / "experiments").mkdir()
+    (repo / "experiments" / "base.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("*.pyc\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "first"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    (repo / "experiments" / "new_exp.py").write_text("y = 2\n")  # the file a worker would miss
+    (repo / "experiments" / "cache.pyc").write_text("")  # ignored
+    (repo / "notes.txt").write_text("")  # not in a folder the commit holds
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", TMPDIR=str(tmp_path))
+
+    def setup(*args):
+        return subprocess.run([str(repo / "tpu_scripts" / "setup.sh"), *COMMON, "--no-check", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    refused = setup()
+    assert refused.returncode == 2 and not calls.exists()
+    assert "untracked files" in refused.stderr and "  experiments/new_exp.py" in refused.stderr
+    assert "--allow-untracked" in refused.stderr
+    assert "notes.txt" not in refused.stderr and "cache.pyc" not in refused.stderr
+
+    allowed = setup("--allow-untracked")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "warning: untracked files are not copied" in allowed.stderr and "experiments/new_exp.py" in allowed.stderr
+    assert [line.split()[:3] for line in calls.read_text().splitlines()] == [["compute", "tpus", "tpu-vm"]] * 2
+
+    subprocess.run([*git, "add", "experiments/new_exp.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "the experiment"], check=True)
+    committed = setup()
+    assert committed.returncode == 0 and "untracked files" not in committed.stderr
+
+
 # -- shellcheck -----------------------------------------------------------------------------------
 
 def test_scripts_are_shellcheck_clean():

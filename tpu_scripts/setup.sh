@@ -15,7 +15,9 @@ worker (rerun it after a code change).
 The source goes to ~/multitower_jax on each worker, the virtualenv to ~/multitower-venv.
 
   --ref REF           copy this commit of the local checkout (git archive; default HEAD).
-                      Uncommitted changes are not copied.
+                      Uncommitted changes are not copied (a warning says so); untracked files
+                      in the folders the commit holds (a new experiment file) stop the script
+  --allow-untracked   ... unless given: copy the commit without them
   --git-url URL       instead, git clone URL on every worker ...
   --git-branch B      ... at this branch or tag (default main)
   --jax SPEC          the JAX requirement to install (default: $JAX_TPU_SPEC)
@@ -29,6 +31,7 @@ REF=HEAD
 GIT_URL=""
 GIT_BRANCH=main
 CHECK=1
+ALLOW_UNTRACKED=0
 
 split_args "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
@@ -39,6 +42,7 @@ while (($#)); do
     --git-branch) GIT_BRANCH=$(value_of "$@"); shift 2 ;;
     --jax) JAX_TPU_SPEC=$(value_of "$@"); shift 2 ;;
     --no-check) CHECK=0; shift ;;
+    --allow-untracked) ALLOW_UNTRACKED=1; shift ;;
     *)
       parse_common_flag "$@"
       ((SHIFT)) || die "unknown argument $1 (see --help)"
@@ -53,8 +57,25 @@ if [[ -n $GIT_URL ]]; then
   fetch_source="rm -rf $REMOTE_REPO && git clone --depth 1 --branch $(quote_cmd "$GIT_BRANCH") $(quote_cmd "$GIT_URL") $REMOTE_REPO"
 else
   archive="${TMPDIR:-/tmp}/multitower_jax-$NAME.tar.gz"
-  if ((!DRY_RUN)) && [[ -n $(git -C "$REPO_ROOT" status --porcelain --untracked-files=no) ]]; then
-    note "warning: $REPO_ROOT has uncommitted changes; only $REF is copied"
+  if ((!DRY_RUN)); then
+    if [[ -n $(git -C "$REPO_ROOT" status --porcelain --untracked-files=no) ]]; then
+      note "warning: $REPO_ROOT has uncommitted changes; only $REF is copied"
+    fi
+    # Untracked (not ignored) files in the folders the commit ships: git archive leaves them out,
+    # and a worker then misses e.g. a new experiment file.
+    mapfile -t shipped < <(git -C "$REPO_ROOT" ls-tree -d --name-only "$REF")
+    untracked=""
+    if ((${#shipped[@]})); then
+      untracked=$(git -C "$REPO_ROOT" ls-files --others --exclude-standard -- "${shipped[@]}")
+    fi
+    if [[ -n $untracked ]]; then
+      listed="  ${untracked//$'\n'/$'\n'  }"  # one file a line, indented
+      if ((ALLOW_UNTRACKED)); then
+        note "warning: untracked files are not copied to the workers (only $REF is):"$'\n'"$listed"
+      else
+        die "untracked files in $REPO_ROOT would not be copied to the workers (only $REF is):"$'\n'"$listed"$'\n'"commit them (git add, git commit), or pass --allow-untracked to copy $REF without them"
+      fi
+    fi
   fi
   run git -C "$REPO_ROOT" archive --format=tar.gz --output="$archive" "$REF"
   run gcloud compute tpus tpu-vm scp "$archive" "$NAME:$ARCHIVE_NAME" \
