@@ -53,6 +53,9 @@ def test_frontier_finds_the_smallest_leaves_per_budget():
         assert p.leaves_to_search == want and p.recall >= 0.95 and p.recall_se == 0
     assert [p.reorder for p in points] == [100, 500, 5000]  # 50 < K is raised to K (and not tried twice)
     assert len(tried) <= 3 * math.ceil(math.log2(len(grid)) + 1)  # bisection, not a scan
+    # A floor (the index's fewest leaves for a budget) is where that budget's grid starts.
+    floored, _ = tuning.frontier(search, exact, 1000, 100, 0.95, reorders=(5000,), floor=lambda r: 300)
+    assert [p.leaves_to_search for p in floored] == [300]
     # Unreachable: no frontier point.
     assert tuning.frontier(lambda n, r: np.full((10, 100), -1), exact, 1000, 100, 0.95)[0] == []
 

@@ -55,12 +55,15 @@ def leaf_grid(num_leaves: int) -> list[int]:
 
 def frontier(search: Callable[[int, int], np.ndarray], exact_BxK: np.ndarray, num_leaves: int, k: int,
              target: float, reorders: Sequence[int] = REORDERS, margin_se: float = 2.0,
-             log: Callable[[str], None] | None = None) -> tuple[list[Setting], list[Setting]]:
+             log: Callable[[str], None] | None = None, floor: Callable[[int], int] | None = None
+             ) -> tuple[list[Setting], list[Setting]]:
     """(frontier, tried). `search(leaves, reorder)` returns rows int[B, K] for the tuning queries.
     For each budget in `reorders` (>= K) the smallest leaf count of `leaf_grid` whose recall
     minus `margin_se` standard errors is >= target, found by bisection (recall grows with the
-    leaves searched). A budget that misses even at all leaves gives no frontier point."""
-    grid, tried, out = leaf_grid(num_leaves), [], []
+    leaves searched). A budget that misses even at all leaves gives no frontier point. `floor(reorder)`,
+    when given, is the fewest leaves a budget is searched with (the index's own floor: enough
+    leaves to hold the candidates it re-ranks), so the grid of that budget starts there."""
+    tried, out = [], []
     budgets = sorted({max(k, r) for r in reorders})
 
     def measure(leaves: int, reorder: int) -> Setting:
@@ -73,6 +76,9 @@ def frontier(search: Callable[[int, int], np.ndarray], exact_BxK: np.ndarray, nu
 
     ok = lambda s: s.recall - margin_se * s.recall_se >= target
     for reorder in budgets:
+        grid = leaf_grid(num_leaves)
+        if floor is not None:
+            grid = sorted({min(num_leaves, max(g, floor(reorder))) for g in grid})
         lo, hi, best = 0, len(grid) - 1, None
         while lo <= hi:
             mid = (lo + hi) // 2
@@ -151,7 +157,7 @@ def tune_index(index, q_QxD: np.ndarray, k: int, target: float, rounds: int = 3,
         log(f"tuning leaves_to_search and reorder for recall@{kk} >= {target} on {len(tune_q)} queries "
             f"({source or 'given'}), {num_leaves} leaves")
     points, tried = frontier(lambda leaves, reorder: search(tune_q, leaves, reorder), exact_tune, num_leaves, kk,
-                             target, log=log)
+                             target, log=log, floor=lambda reorder: effective(1, reorder)[0])
     target_met = bool(points)
     if not points:  # unreachable: the most accurate setting tried
         points = [max(tried, key=lambda s: s.recall)]
