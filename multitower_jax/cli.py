@@ -47,7 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     p = add("generate")
-    p.add_argument("--out", required=True, help="folder for the datasets (becomes config.data.dir)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="folder for the datasets (becomes config.data.dir)")
+    where.add_argument("--as-logs", metavar="DIR", help="instead, write the world as raw logs a user brings: "
+                       "DIR/impressions.csv (config.data.logs.placement, every split), ads.parquet and users.parquet "
+                       "(the catalogues), request.json (a rank request) and config.py (the config with "
+                       "config.data.logs set for them), for `multitower ingest --config DIR/config.py`")
     p = add("ingest")
     p.add_argument("--out", required=True, help="folder for the datasets (becomes config.data.dir)")
     p = add("train")
@@ -172,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        if args.command == "generate":
+        if args.command == "generate" and args.as_logs:
+            from multitower_jax.data.as_logs import as_logs_command
+
+            as_logs_command(config, args.config, args.as_logs)
+        elif args.command == "generate":
             from multitower_jax.data.generate import generate_command
 
             generate_command(config, args.out)
