@@ -24,7 +24,8 @@ COMMANDS = {
                      "synthetic data, of the oracle) on a split: writes <index>/retrieval_eval.json",
 }
 RETRIEVAL_KNOBS = ("Knobs: --config.retrieval.<key>=VALUE (num_leaves, leaves_to_search, leaves_fraction, "
-                   "training_sample_size, dims_per_block, anisotropic_threshold, reorder_multiplier, min_reorder, "
+                   "training_sample_size, dims_per_block, anisotropic_threshold, soar_lambda, reorder_multiplier, "
+                   "min_reorder, "
                    "exact_below, overfetch, exact_eligible_below, rebuild_fraction, auto_rebuild, export_batch_size).")
 
 

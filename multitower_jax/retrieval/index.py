@@ -254,8 +254,9 @@ def _top_k(scores_BxN: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scann_builder(db_NxD: np.ndarray, s: RetrievalSettings, leaves: int):
-    """The ScaNN builder for `db_NxD` (dot product): a k-means tree of `leaves` leaves, asymmetric
-    hashing, exact reordering. `anisotropic_threshold <= 0` is ScaNN's "off", NaN (its default);
+    """The ScaNN builder for `db_NxD` (dot product): a k-means tree of `leaves` leaves (with SOAR
+    spilling when `soar_lambda` > 0), asymmetric hashing, exact reordering.
+    `anisotropic_threshold <= 0` is ScaNN's "off", NaN (its default);
     0 itself would be passed through as a threshold."""
     import scann  # heavy; only when a tree is needed
 
@@ -263,7 +264,8 @@ def scann_builder(db_NxD: np.ndarray, s: RetrievalSettings, leaves: int):
     n = len(db_NxD)
     return (scann.scann_ops_pybind.builder(db_NxD, 10, "dot_product")
             .tree(num_leaves=leaves, num_leaves_to_search=s.search_leaves(leaves),
-                  training_sample_size=min(n, s.training_sample_size))
+                  training_sample_size=min(n, s.training_sample_size),
+                  soar_lambda=float(s.soar_lambda) if s.soar_lambda > 0 else None)
             .score_ah(s.dims_per_block, anisotropic_quantization_threshold=threshold)
             .reorder(s.reorder(10)))
 

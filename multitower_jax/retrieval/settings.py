@@ -25,6 +25,10 @@ def default_config() -> ml_collections.ConfigDict:
     r.training_sample_size = 250_000  # vectors used to train the partitioner and the codebooks
     r.dims_per_block = 2  # asymmetric hashing: 2 dims per 16-centroid block (4 bits)
     r.anisotropic_threshold = 0.2  # score-aware quantization (dot product); <= 0 turns it off (NaN to ScaNN)
+    # SOAR (ScaNN's spilled assignments): > 0 also puts each ad in a second leaf chosen with this
+    # lambda (ScaNN suggests 1.5), so fewer leaves reach a recall on data whose neighbours straddle
+    # leaves; 0 turns it off. The index holds ~2x the assignments (memory, build time).
+    r.soar_lambda = 0.0
     r.reorder_multiplier = 5  # re-score reorder_multiplier * k candidates exactly before returning k
     r.min_reorder = 100
     # Targeting: ask ScaNN for k / eligible_fraction * overfetch candidates, then filter; a query
@@ -50,6 +54,7 @@ class RetrievalSettings:
     training_sample_size: int = 250_000
     dims_per_block: int = 2
     anisotropic_threshold: float = 0.2
+    soar_lambda: float = 0.0
     reorder_multiplier: int = 5
     min_reorder: int = 100
     overfetch: float = 1.5
@@ -85,6 +90,7 @@ class RetrievalSettings:
             need(getattr(self, key) >= 0, key, "a non-negative integer")
         need(0 < self.leaves_fraction <= 1, "leaves_fraction", "a fraction in (0, 1]")
         need(self.overfetch >= 1, "overfetch", "a number >= 1")
+        need(self.soar_lambda >= 0, "soar_lambda", "a number >= 0 (0: off)")
         need(0 < self.rebuild_fraction, "rebuild_fraction", "a positive fraction")
 
     def leaves(self, num_ads: int) -> int:
