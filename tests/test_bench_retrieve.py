@@ -113,7 +113,8 @@ def test_bench_retrieve_tiny(tmp_path):
                            single_queries=20, rounds=2, exact_single_queries=3, data="hard")
     saved = json.loads((tmp_path / "b.json").read_text())
     for key in ("build_seconds", "recall_at_100", "scann_qps_batched", "scann_qps_single", "brute_force_qps",
-                "exact_qps_single", "speedup_batched", "speedup_single"):
+                "exact_qps_single", "jax_exact_qps_batched", "jax_exact_qps_single", "speedup_batched",
+                "speedup_single"):
         assert saved[key] == figures[key] and saved[key] > 0
     try:
         import faiss  # noqa: F401
