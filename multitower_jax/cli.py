@@ -25,11 +25,12 @@ COMMANDS = {
              "`bench score` (scorer p50/p99 for 500 candidates, micro-batched requests/s), `bench serve` (whole "
              "request p50/p99 over a --num-ads index, K=500, top-20), `bench ceiling` (oracle AUC without each latent term "
              "no feature reveals, and with the user bias and ad quality inferred from the train split: what the "
-             "synthetic world lets a model reach)",
+             "synthetic world lets a model reach), `bench report` (every bench above, each in its own process: one "
+             "Markdown table and one JSON with each bench's date, machine, CPU model and load average)",
     "compile": "compile the train step, eval step and scorer for the config's TPU topology on this machine "
                "(needs the tpu extra): per-chip HBM, FLOPs, collectives and a roofline step-time estimate",
 }
-BENCHES = ("input", "train", "retrieve", "score", "serve", "ceiling")
+BENCHES = ("input", "train", "retrieve", "score", "serve", "ceiling", "report")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=128, help="bench retrieve: embedding dimension")
     p.add_argument("--queries", type=int, default=2_000, help="bench retrieve: number of queries; bench score, "
                    "bench serve: number of timed requests")
+    p.add_argument("--benches", default=None, help="bench report: which benches, comma-separated (default: "
+                   "input,train,retrieve,score,serve,ceiling). --num-ads and --queries size retrieve, score and serve "
+                   "only when given; otherwise each runs at its default size; --json writes the report's JSON")
+    p.add_argument("--markdown", default=None, help="bench report: also write the Markdown table to this file")
+    p.add_argument("--readme", default=None, help="bench report: replace the generated table in this README "
+                   "(between its '<!-- bench report: begin ... -->' and '<!-- bench report: end -->' lines)")
     p.add_argument("--data", choices=("structured", "hard"), default="structured", help="bench retrieve: the "
                    "synthetic set (hard: 10k Zipf-popular centres plus noise of the centres' energy)")
     p.add_argument("--embeddings", default=None, metavar="E", help="bench retrieve: a `multitower export` folder "
@@ -262,6 +269,19 @@ def main(argv: list[str] | None = None) -> int:
             from multitower_jax.train import aot
 
             aot.run(config, args.topology, args.num_slices, args.json)
+        elif args.command == "bench" and args.what == "report":
+            from multitower_jax.bench import reporting as bench_report
+
+            def given(flag: str, value):  # only flags on the command line size the benches
+                return value if any(a == flag or a.startswith(flag + "=") for a in argv) else None
+
+            try:
+                bench_report.run(args.config, rest, args.benches, given("--num-ads", args.num_ads),
+                                 given("--queries", args.queries), given("--workdir", args.workdir), args.json,
+                                 args.markdown, args.readme)
+            except bench_report.ReportError as e:
+                print(f"multitower: {e}", file=sys.stderr)
+                return 2
         elif args.command == "bench" and args.what == "ceiling":
             from multitower_jax.bench import ceiling as bench_ceiling
 

@@ -9,7 +9,7 @@ import pytest
 from multitower_jax import features as F
 from multitower_jax.calibration import Calibration
 from multitower_jax.models import model as model_lib
-from multitower_jax.serving.scorer import Scorer
+from multitower_jax.serving.scorer import AdCatalogue, Scorer
 from multitower_jax.serving.settings import ServingConfigError, ServingSettings, bucket_for
 from tests.conftest import TINY_MODEL, synthetic_config
 
@@ -65,6 +65,47 @@ def test_factorized_equals_score_embeddings_and_ranks_by_ecpm(fusion, head):
         order = np.argsort(-ecpm[i, :nv], kind="stable")[:5]
         np.testing.assert_array_equal(out["top_index"][i], order)
         np.testing.assert_allclose(out["top_ecpm"][i], ecpm[i, order], rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["dot", "concat", "product"])
+@pytest.mark.parametrize("head", ["ctr", "ctr_cvr", "esmm"])
+def test_batched_serving_path_equals_each_request_alone_and_the_model(fusion, head):
+    """`score_rows` (catalogue rows gathered into the preallocated buffers, one vectorised call for
+    the batch, only the top-N rows fetched) against the same requests scored one at a time and
+    against the unfactorized model with numpy's ranking."""
+    config, model, params = fusion_model(fusion, head)
+    scorer = Scorer(params, model_lib.ModelConfig.from_config(config), "search",
+                    settings=ServingSettings(buckets=(8, 16), num_candidates=16, top_n=5, max_batch_size=4))
+    rng = np.random.default_rng(7)
+    n_ads, k = 40, 13
+    e_cat = rng.normal(size=(n_ads, D)).astype(np.float32)
+    catalogue = AdCatalogue(e_cat, scorer.ad_part(e_cat), rng.uniform(0.1, 3.0, n_ads).astype(np.float32),
+                            rng.uniform(0.5, 1.5, n_ads).astype(np.float32))
+    rows = np.stack([rng.choice(n_ads, k, replace=False) for _ in range(3)])
+    rows[1, 7:] = -1  # fewer candidates than K: the retriever's padding
+    e_user, e_ctx = (rng.normal(size=(3, D)).astype(np.float32) for _ in range(2))
+    batched = scorer.score_rows(e_user, e_ctx, rows, catalogue)
+    alone = [scorer.score_rows(e_user[i:i + 1], e_ctx[i:i + 1], rows[i:i + 1], catalogue) for i in range(3)]
+    out_keys = ["top_index", "top_ecpm", "top_pctr"] + (["top_pcvr", "top_pctcvr"] if head != "ctr" else [])
+    assert sorted(batched) == sorted(out_keys) and batched["top_index"].shape == (3, 5)
+    for key in out_keys:  # the batch's program gives each request what it gets alone
+        np.testing.assert_allclose(batched[key], np.concatenate([a[key] for a in alone]), rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+    ref = reference(model, params, e_user, e_ctx, e_cat[np.maximum(rows, 0)])
+    ecpm = catalogue.bid[np.maximum(rows, 0)] * ref["pctr"] * catalogue.quality[np.maximum(rows, 0)] * 1000.0
+    for i in range(3):
+        valid = np.flatnonzero(rows[i] >= 0)
+        order = valid[np.argsort(-ecpm[i, valid], kind="stable")][:5]
+        np.testing.assert_array_equal(batched["top_index"][i], order)
+        np.testing.assert_allclose(batched["top_ecpm"][i], ecpm[i, order], rtol=1e-5)
+        for key in out_keys[2:]:
+            np.testing.assert_allclose(batched[key][i], ref[key.removeprefix("top_")][i, order], rtol=1e-5,
+                                       atol=1e-6, err_msg=key)
+    # A request with fewer valid candidates than top_n: the tail ranks last with eCPM -inf.
+    few = rows[1:2].copy()
+    few[0, 3:] = -1
+    got = scorer.score_rows(e_user[1:2], e_ctx[1:2], few, catalogue)
+    assert np.all(np.isfinite(got["top_ecpm"][0, :3])) and np.all(np.isneginf(got["top_ecpm"][0, 3:]))
 
 
 def test_weighted_objective_and_calibration_inside_the_compiled_function():

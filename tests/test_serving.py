@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -173,21 +172,12 @@ def test_concurrent_requests_are_micro_batched_without_recompiling(served):
     reqs = [make_request(ranker, 100 + i, country=5 if i % 3 == 0 else 3) for i in range(6)]
     alone = [ranker.rank_batch([r])[0] for r in reqs]
     traces = ranker.scorers["search"].trace_count
-    results = [None] * len(reqs)
-    barrier = threading.Barrier(len(reqs))
-
-    def call(i):
-        barrier.wait()
-        results[i] = ranker.rank(reqs[i])
-
     before = len(ranker.batcher.batch_sizes)
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ranker.batcher.paused():  # what concurrent `rank` callers do, queued at the same moment
+        futures = [ranker.batcher.submit(ranker.prepare(r)) for r in reqs]
+    results = [f.result(timeout=120) for f in futures]
     sizes = ranker.batcher.batch_sizes[before:]
-    assert max(sizes) == 2  # grouped, never above max_batch_size
+    assert sizes == [2, 2, 2]  # grouped, never above max_batch_size
     for got, want in zip(results, alone):
         assert [a["ad_id"] for a in got["ads"]] == [a["ad_id"] for a in want["ads"]]
         np.testing.assert_allclose([a["ecpm"] for a in got["ads"]], [a["ecpm"] for a in want["ads"]], rtol=1e-5)
@@ -270,16 +260,17 @@ def test_micro_batcher_per_item_errors_lone_request_wait_and_close():
     def fn(items):
         return [ValueError(f"item {x} is bad") if x < 0 else x * 10 for x in items]
 
-    with MicroBatcher(fn, max_batch_size=4, max_wait_s=0.2) as batcher:
-        good, bad = batcher.submit(3), batcher.submit(-1)  # queued together: one batch
+    # max_wait_s far beyond the result timeouts: a call that waited for company would fail them.
+    with MicroBatcher(fn, max_batch_size=2, max_wait_s=600) as batcher:
+        with batcher.paused():  # queued together: one (full) batch
+            good, bad = batcher.submit(3), batcher.submit(-1)
         assert good.result(timeout=30) == 30
         with pytest.raises(ValueError, match="item -1 is bad"):
             bad.result(timeout=30)
         assert batcher.batch_sizes == [2]
-        # A lone request waits for company at most max_wait_s (generous margin for a busy CPU).
-        start = time.perf_counter()
-        assert batcher(7) == 70
-        assert time.perf_counter() - start < 0.2 + 2.0
+        # A lone request on an idle worker is dispatched at once, not after max_wait_s.
+        assert batcher.submit(7).result(timeout=60) == 70
+        assert batcher.batch_sizes == [2, 1] and len(batcher.wait_seconds) == 2
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(1)
 
@@ -301,6 +292,30 @@ def test_micro_batcher_per_item_errors_lone_request_wait_and_close():
     assert [f.result(timeout=1) for f in futures[:2]] == [0, 1] and futures[2].cancelled()
     with pytest.raises(RuntimeError, match="closed"):
         batcher(5)
+
+
+def test_micro_batcher_waits_to_fill_only_when_others_are_queued():
+    with MicroBatcher(lambda items: list(items), max_batch_size=3, max_wait_s=600) as batcher:
+        with batcher.paused():
+            first = [batcher.submit(i) for i in range(2)]
+        # Two were queued together (load): the worker waits (up to max_wait_s) to fill the batch,
+        # so a third arriving later still joins it.
+        third = batcher.submit(2)
+        assert [f.result(timeout=60) for f in (*first, third)] == [0, 1, 2]
+        assert batcher.batch_sizes == [3]
+        with batcher.paused():  # full batches go at once, without waiting
+            rest = [batcher.submit(i) for i in range(3, 9)]
+        assert [f.result(timeout=60) for f in rest] == [3, 4, 5, 6, 7, 8]
+        assert batcher.batch_sizes[1:] == [3, 3]
+    # close() while paused does not leave the worker (or close) waiting.
+    batcher = MicroBatcher(lambda items: list(items), max_batch_size=2, max_wait_s=600)
+    with batcher.paused():
+        pending = batcher.submit(1)
+        closer = threading.Thread(target=batcher.close)
+        closer.start()
+        closer.join(30)
+        assert not closer.is_alive()
+    assert pending.result(timeout=30) == 1
 
 
 def test_cache_counts_get_lookups():
@@ -362,11 +377,12 @@ def test_a_bad_request_fails_alone_and_names_its_field(served):
             raise errors["bad"]
     # Inside one batch call too: the bad request's slot holds its error, the good one its answer.
     before = len(ranker.batcher.batch_sizes)
-    futures = [ranker.batcher.submit(good), *(ranker.batcher.submit(bad) for bad, _ in _bad_requests(ranker)[:1])]
+    with ranker.batcher.paused():
+        futures = [ranker.batcher.submit(good), *(ranker.batcher.submit(bad) for bad, _ in _bad_requests(ranker)[:1])]
     assert futures[0].result(timeout=60)["ads"] == want["ads"]
     with pytest.raises(requests_lib.RequestError, match=r"context\.query: missing"):
         futures[1].result(timeout=60)
-    assert ranker.batcher.batch_sizes[before:] == [2]  # they did share a batch (max_wait_ms=30)
+    assert ranker.batcher.batch_sizes[before:] == [2]  # they did share a batch
 
 
 def test_request_file_errors_name_the_file(served, tmp_path):

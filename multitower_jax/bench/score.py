@@ -1,13 +1,21 @@
-"""`multitower bench score`: the jitted scorer's latency for one request with 500 candidates, and
-the throughput of concurrent requests grouped by the micro-batcher.
+"""`multitower bench score`: the jitted scorer's latency for one request with 500 candidates, the
+same compiled call's time with its inputs already on the device, and the throughput of
+concurrent requests grouped by the micro-batcher against one request at a time.
 
 The model is the config's fusion and heads with random weights drawn on the host (latency does
-not depend on their values). The calibrators are the config's methods (default: isotonic for CTR, temperature for
-CVR) fitted on synthetic validation-sized scores (`bench_calibration`), so the timings include
-the calibration as served: an isotonic map with hundreds of thresholds. Inputs are host numpy arrays, as the Ranker hands them over, and each call returns the
-outputs to the host, so a timing covers transfer + compute + top-N. FLOPs per request come from
-XLA's cost analysis of the factorized scorer and of the unfactorized `score_embeddings` on the
-same candidates.
+not depend on their values). The calibrators are the config's methods (default: isotonic for CTR,
+temperature for CVR) fitted on synthetic validation-sized scores (`bench_calibration`), so the
+timings include the calibration as served: an isotonic map with hundreds of thresholds.
+
+Each request is what the Ranker hands the scorer: a user and a context embedding and its
+candidates as rows of an ad catalogue (random embeddings, fusion ad parts, bids, qualities).
+The full path (`Scorer.score_rows`, the Ranker's) gathers the rows into preallocated
+bucket-sized buffers, runs the compiled call and fetches the top-N rows; `device_*` times the
+same compiled call on inputs already on the device, outputs left there. Single requests, the
+on-device call and 32 micro-batched clients are timed in interleaved rounds; the ratios
+(`p50_over_device_p50`, `microbatch_speedup`) are medians of per-round ratios, so a load change
+on a shared machine hits both sides of a ratio. FLOPs per request come from XLA's cost analysis
+of the factorized scorer and of the unfactorized `score_embeddings` on the same candidates.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from multitower_jax import calibration as calibration_lib
 from multitower_jax import features as F
 from multitower_jax.models import model as model_lib
 from multitower_jax.serving.batcher import MicroBatcher
-from multitower_jax.serving.scorer import Scorer, pad_to
+from multitower_jax.serving.scorer import AdCatalogue, Scorer
 from multitower_jax.serving.settings import ServingSettings, bucket_for
 
 NUM_CANDIDATES = 500
@@ -81,14 +89,17 @@ def scorer_from_config(config: ml_collections.ConfigDict, settings: ServingSetti
     return scorer, model, params
 
 
-def _request(rng: np.random.Generator, d: int, h: int, n: int, bucket: int) -> tuple[np.ndarray, ...]:
-    """One request's scorer inputs, already padded to the candidate bucket (as the Ranker builds them)."""
-    valid = np.arange(bucket) < n
-    return (rng.normal(size=d).astype(np.float32), rng.normal(size=d).astype(np.float32),
-            pad_to(rng.normal(size=(n, d)).astype(np.float32), bucket),
-            pad_to(rng.normal(size=(n, h)).astype(np.float32), bucket),
-            pad_to(rng.uniform(0.1, 5.0, n).astype(np.float32), bucket), pad_to(np.ones(n, np.float32), bucket),
-            valid)
+def _catalogue(rng: np.random.Generator, num_ads: int, d: int, h: int) -> AdCatalogue:
+    """Random ads (the values do not change the timings)."""
+    return AdCatalogue(rng.normal(size=(num_ads, d)).astype(np.float32),
+                       rng.normal(size=(num_ads, h)).astype(np.float32),
+                       rng.uniform(0.1, 5.0, num_ads).astype(np.float32), np.ones(num_ads, np.float32))
+
+
+def _requests(rng: np.random.Generator, count: int, d: int, num_ads: int, n: int) -> list[tuple[np.ndarray, ...]]:
+    """(e_user [D], e_context [D], catalogue rows [n]) per request, as retrieval hands them over."""
+    return [(rng.normal(size=d).astype(np.float32), rng.normal(size=d).astype(np.float32),
+             rng.choice(num_ads, n, replace=False)) for _ in range(count)]
 
 
 def _flops(fn, *args) -> float:
@@ -98,75 +109,103 @@ def _flops(fn, *args) -> float:
 
 
 def run(config: ml_collections.ConfigDict, num_requests: int = 2_000, json_path: str | None = None,
-        clients: int = 32, num_candidates: int = NUM_CANDIDATES) -> dict:
+        clients: int = 32, num_candidates: int = NUM_CANDIDATES, rounds: int = 5, num_ads: int = 20_000) -> dict:
     settings = ServingSettings.from_config(config)
     cal = bench_calibration(config)
     scorer, model, params = scorer_from_config(config, settings, cal)
     d, h = scorer.spec.embed_dim, scorer.spec.fusion_hidden[0]
     bucket = bucket_for(num_candidates, settings.buckets)
     rng = np.random.default_rng(0)
-    pool = [_request(rng, d, h, num_candidates, bucket) for _ in range(64)]
-
-    def batch_of(reqs):
-        bb = bucket_for(len(reqs), settings.batch_buckets, "requests")
-        return [pad_to(np.stack(parts), bb) for parts in zip(*reqs)]
+    num_ads = max(num_ads, num_candidates)
+    catalogue = _catalogue(rng, num_ads, d, h)
+    pool = _requests(rng, 64, d, num_ads, num_candidates)
 
     def score(reqs):
-        return jax.device_get(scorer.score_padded(*batch_of(reqs)))
+        """The full path for a group of requests: gather, compiled call, top-N rows to the host."""
+        users, contexts, rows = (np.stack(parts) for parts in zip(*reqs))
+        return scorer.score_rows(users, contexts, rows, catalogue)
 
     for b in settings.batch_buckets:  # compile every batch bucket before timing
         score(pool[:b])
+    # The same compiled call (batch bucket 1) with its inputs on the device and its outputs left there.
+    buffers = scorer.buffers(1, num_candidates)
+    buffers.fill(*(x[None] for x in pool[0]), catalogue)
+    on_device = jax.device_put([x.copy() for x in buffers.arrays()])  # (the buffers are refilled)
+    jax.block_until_ready(scorer.score_padded(*on_device, top_only=True))
 
-    # One request at a time.
-    latencies = np.empty(num_requests)
-    for i in tqdm(range(num_requests), desc="bench score: single requests", leave=False):
-        start = time.perf_counter()
-        score([pool[i % len(pool)]])
-        latencies[i] = time.perf_counter() - start
-
-    # Concurrent clients through the micro-batcher.
     batcher = MicroBatcher(lambda reqs: _split(score(reqs), len(reqs)), settings.max_batch_size,
                            settings.max_wait_ms / 1000.0)
-    per_client = max(1, num_requests // clients)
-    client_latencies: list[float] = []
-    lock = threading.Lock()
-
-    def client(c: int) -> None:
-        own = []
-        for i in range(per_client):
+    per_round = max(1, num_requests // rounds)
+    per_client = max(1, per_round // clients)
+    single, device, concurrent, batch_sizes = [], [], [], []
+    single_rps, concurrent_rps, p50_ratio, speedup = [], [], [], []
+    for r in tqdm(range(rounds), desc="bench score: rounds", leave=False):
+        # One request at a time through the full path.
+        lat = np.empty(per_round)
+        for i in range(per_round):
             start = time.perf_counter()
-            batcher(pool[(c * per_client + i) % len(pool)])
-            own.append(time.perf_counter() - start)
-        with lock:
-            client_latencies.extend(own)
+            score([pool[(r * per_round + i) % len(pool)]])
+            lat[i] = time.perf_counter() - start
+        # The same compiled call, inputs already on the device.
+        dev = np.empty(per_round)
+        for i in range(per_round):
+            start = time.perf_counter()
+            jax.block_until_ready(scorer.score_padded(*on_device, top_only=True))
+            dev[i] = time.perf_counter() - start
+        # Concurrent clients through the micro-batcher.
+        done: list[float] = []
+        lock = threading.Lock()
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+        def client(c: int) -> None:
+            own = []
+            for i in range(per_client):
+                t0 = time.perf_counter()
+                batcher(pool[(c * per_client + i) % len(pool)])
+                own.append(time.perf_counter() - t0)
+            with lock:
+                done.extend(own)
+
+        first_batch = len(batcher.batch_sizes)
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        batch_sizes += batcher.batch_sizes[first_batch:]
+        single.append(lat)
+        device.append(dev)
+        concurrent += done
+        single_rps.append(per_round / float(lat.sum()))
+        concurrent_rps.append(len(done) / seconds)
+        p50_ratio.append(float(np.percentile(lat, 50) / np.percentile(dev, 50)))
+        speedup.append(concurrent_rps[-1] / single_rps[-1])
     batcher.close()
-    mb = np.asarray(client_latencies)
+    lat, dev, mb = np.concatenate(single), np.concatenate(device), np.asarray(concurrent)
 
-    x = batch_of([pool[0]])
-    flops = _flops(scorer._score, scorer.params, None, *x)
+    flops = _flops(scorer._score_top, scorer.params, None, *buffers.arrays())
     rep = lambda v: jnp.repeat(jnp.asarray(v)[:, None], bucket, 1).reshape(bucket, d)  # noqa: E731
     unfactorized = jax.jit(lambda p, u, c, a: model.apply(p, u, c, a, scorer.placement,
                                                           method=model.score_embeddings))
-    flops_ref = _flops(unfactorized, params, rep(x[0]), rep(x[1]), jnp.asarray(x[2][0]))
+    flops_ref = _flops(unfactorized, params, rep(buffers.user), rep(buffers.context), jnp.asarray(buffers.ad[0]))
     figures = {
         "device": f"{jax.devices()[0].device_kind} ({jax.device_count()} device)",
+        "fusion": scorer.spec.fusion, "head": scorer.spec.head,
         "candidates": num_candidates, "candidate_bucket": bucket, "calibration": describe_calibration(cal),
-        "p50_ms": 1000 * float(np.percentile(latencies, 50)),
-        "p99_ms": 1000 * float(np.percentile(latencies, 99)),
-        "single_requests_per_sec": num_requests / float(latencies.sum()),
+        "rounds": rounds, "requests_per_round": per_round,
+        "p50_ms": 1000 * float(np.percentile(lat, 50)),
+        "p99_ms": 1000 * float(np.percentile(lat, 99)),
+        "device_p50_ms": 1000 * float(np.percentile(dev, 50)),
+        "device_p99_ms": 1000 * float(np.percentile(dev, 99)),
+        "p50_over_device_p50": float(np.median(p50_ratio)),
+        "single_requests_per_sec": float(np.median(single_rps)),
         "microbatch_clients": clients,
         "microbatch_max_batch_size": settings.max_batch_size,
         "microbatch_max_wait_ms": settings.max_wait_ms,
-        "microbatch_mean_batch_size": float(np.mean(batcher.batch_sizes)),
-        "microbatch_requests_per_sec": len(mb) / seconds,
+        "microbatch_mean_batch_size": float(np.mean(batch_sizes)),
+        "microbatch_requests_per_sec": float(np.median(concurrent_rps)),
+        "microbatch_speedup": float(np.median(speedup)),
         "microbatch_p50_ms": 1000 * float(np.percentile(mb, 50)),
         "microbatch_p99_ms": 1000 * float(np.percentile(mb, 99)),
         "flops_per_request": flops,

@@ -7,7 +7,9 @@ index holds structured synthetic
 ad embeddings (`bench.retrieve.structured_embeddings`: running the ad tower over 1M ads on a
 2-core CPU would take longer than the benchmark). Requests carry random raw user and context
 features for a pool of users, so the user cache sees both misses and hits, as in production.
-Each request goes through `Ranker.rank` (the micro-batcher included), one at a time.
+Each request goes through `Ranker.rank` (the micro-batcher included), one at a time; the
+micro-batcher dispatches a lone request at once, and `queue_wait_ms_mean` (submit -> batch call)
+shows what it cost. Then concurrent clients.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def run(config: ml_collections.ConfigDict, num_ads: int = 1_000_000, num_request
 
     ranker.times = type(ranker.times)()
     hits0, misses0 = ranker.cache.hits, ranker.cache.misses
+    waits0 = len(ranker.batcher.wait_seconds)
     latencies = np.empty(num_requests)
     for i in tqdm(range(num_requests), desc="bench serve: requests", leave=False):
         t0 = time.perf_counter()
@@ -135,6 +138,7 @@ def run(config: ml_collections.ConfigDict, num_ads: int = 1_000_000, num_request
     stage_ms = {f"{stage}_ms_mean": 1000 * ranker.times.seconds[stage] / max(ranker.times.batches, 1)
                 for stage in STAGES}
     hits, misses = ranker.cache.hits - hits0, ranker.cache.misses - misses0
+    queue_wait = np.asarray(ranker.batcher.wait_seconds[waits0:])
 
     # Concurrent clients: the micro-batcher groups their requests.
     per_client = max(1, num_requests // clients)
@@ -168,12 +172,14 @@ def run(config: ml_collections.ConfigDict, num_ads: int = 1_000_000, num_request
         "p50_ms": 1000 * float(np.percentile(latencies, 50)),
         "p99_ms": 1000 * float(np.percentile(latencies, 99)),
         **stage_ms,
+        "queue_wait_ms_mean": 1000 * float(queue_wait.mean()),
         "concurrent_clients": clients,
         "concurrent_requests_per_sec": len(done) / concurrent_seconds,
         "concurrent_mean_batch_size": float(np.mean(ranker.batcher.batch_sizes[batches0:])),
         "concurrent_p50_ms": 1000 * float(np.percentile(done, 50)),
         "concurrent_p99_ms": 1000 * float(np.percentile(done, 99)),
     }
-    bench.report(f"whole request: {num_ads:,} ads, K={s.num_candidates}, top-{s.top_n} (p99 target <= 15 ms)",
+    bench.report(f"whole request: {num_ads:,} ads, K={s.num_candidates}, top-{s.top_n} "
+                 "(lone-request target p50 <= 4 ms, p99 <= 8 ms at 1M ads)",
                  figures, json_path)
     return figures

@@ -3,10 +3,17 @@
     batcher = MicroBatcher(lambda items: [answer(i) for i in ...], max_batch_size=16, max_wait_s=0.002)
     result = batcher(item)            # blocks; or batcher.submit(item) -> Future
 
-One worker thread takes the first waiting item, then keeps collecting until the batch has
-`max_batch_size` items or `max_wait_s` has passed since that first item, calls `fn(items)` once
-and hands result i to caller i. Under load batches fill up (throughput); when idle a lone request
-waits at most `max_wait_s` (latency).
+One worker thread takes the first waiting item together with every item already queued behind
+it. A lone item (nothing else queued) is dispatched at once: an idle server never waits for
+company. When other items were queued, the worker keeps collecting until the batch has
+`max_batch_size` items or `max_wait_s` has passed since it took the first, then calls `fn(items)`
+once and hands result i to caller i. Under load batches fill up (throughput: requests arriving
+while `fn` runs queue up and form the next batch); a lone request pays no wait (latency).
+
+`paused()` holds the worker (it takes at most one item and does not dispatch it), so a test or a
+caller can queue a known group and have it served as one batch. `wait_seconds` records, per
+batch, how long its first item waited between `submit` and the call of `fn` (queueing plus the
+fill wait; `bench serve` reports it).
 
 Errors: a result that is an exception instance (`fn` may return one in place of an item's result,
 like `asyncio.gather(return_exceptions=True)`) is raised to that item's caller only; an exception
@@ -16,10 +23,11 @@ queued before `close()` are still served, and any left when the worker stops fai
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
@@ -45,6 +53,9 @@ class MicroBatcher(Generic[T, R]):
         self._lock = threading.Lock()
         self._closed = False
         self.batch_sizes: list[int] = []  # one entry per batch call (for benchmarks and tests)
+        self.wait_seconds: list[float] = []  # per batch call: its first item's submit -> fn
+        self._running = threading.Event()  # cleared while paused()
+        self._running.set()
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
@@ -53,7 +64,7 @@ class MicroBatcher(Generic[T, R]):
         with self._lock:
             if self._closed:
                 raise BatcherClosedError("MicroBatcher is closed")
-            self._queue.put((item, future))
+            self._queue.put((item, future, time.perf_counter()))
         return future
 
     def __call__(self, item: T) -> R:
@@ -66,8 +77,19 @@ class MicroBatcher(Generic[T, R]):
                 return
             self._closed = True
             self._queue.put(_STOP)
+        self._running.set()  # a paused worker must reach the stop marker
         if threading.current_thread() is not self._worker:
             self._worker.join()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold dispatching inside the block; items submitted meanwhile are served together after it
+        (up to `max_batch_size` per batch)."""
+        self._running.clear()
+        try:
+            yield
+        finally:
+            self._running.set()
 
     def __enter__(self) -> MicroBatcher[T, R]:
         return self
@@ -82,23 +104,38 @@ class MicroBatcher(Generic[T, R]):
                 first = self._queue.get()
                 if first is _STOP:
                     return
+                self._running.wait()
                 batch = [first]
-                deadline = time.perf_counter() + self.max_wait_s
-                while len(batch) < self.max_batch_size:
-                    timeout = deadline - time.perf_counter()
-                    try:
-                        entry = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if entry is _STOP:
-                        stop = True
-                        break
-                    batch.append(entry)
+                # Everything already queued joins at once; waiting for more only pays when others
+                # are queued (load): a lone request is dispatched without delay.
+                stop = self._collect(batch, block=False)
+                if not stop and 1 < len(batch) < self.max_batch_size and self.max_wait_s > 0:
+                    stop = self._collect(batch, block=True)
                 self._dispatch(batch)
         finally:  # however the worker ends, nobody is left waiting on a future it will never set
             with self._lock:
                 self._closed = True
             self._fail_pending()
+
+    def _collect(self, batch: list[Any], block: bool) -> bool:
+        """Append queued items to `batch` up to `max_batch_size`: those already queued, or (`block`)
+        those arriving until `max_wait_s` after now. True when the stop marker was met."""
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                if block:
+                    timeout = deadline - time.perf_counter()
+                    if timeout <= 0:
+                        return False
+                    entry = self._queue.get(timeout=timeout)
+                else:
+                    entry = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if entry is _STOP:
+                return True
+            batch.append(entry)
+        return False
 
     def _fail_pending(self) -> None:
         while True:
@@ -107,16 +144,18 @@ class MicroBatcher(Generic[T, R]):
             except queue.Empty:
                 return
             if entry is not _STOP:
-                _, future = entry
+                future = entry[1]
                 if future.set_running_or_notify_cancel():
                     future.set_exception(BatcherClosedError("MicroBatcher closed before serving this item"))
 
-    def _dispatch(self, batch: list[tuple[T, Future[R]]]) -> None:
-        batch = [(item, f) for item, f in batch if f.set_running_or_notify_cancel()]  # drop cancelled callers
+    def _dispatch(self, entries: list[tuple[T, Future[R], float]]) -> None:
+        first_submitted = entries[0][2]
+        batch = [(item, f) for item, f, _ in entries if f.set_running_or_notify_cancel()]  # drop cancelled callers
         if not batch:
             return
         items = [item for item, _ in batch]
         self.batch_sizes.append(len(items))
+        self.wait_seconds.append(time.perf_counter() - first_submitted)
         try:
             results = self.fn(items)
             if len(results) != len(items):

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from multitower_jax.serving import requests as requests_lib
 from multitower_jax.serving.batcher import MicroBatcher
 from multitower_jax.serving.cache import TTLCache
-from multitower_jax.serving.scorer import AD_PART_FILE, Scorer, compute_ad_parts, pad_to
+from multitower_jax.serving.scorer import AD_PART_FILE, AdCatalogue, Scorer, compute_ad_parts, pad_to
 from multitower_jax.serving.settings import ServingSettings, bucket_for
 
 log = logging.getLogger(__name__)
@@ -307,54 +307,47 @@ class Ranker:
         if self._targeted:
             eligibility = Eligibility(country=np.array([p.country for p in preps]),
                                       device=np.array([p.device for p in preps]), placement=placement)
-        cands = self.retriever.search(q, s.num_candidates, eligibility)
-        rows = np.maximum(cands.rows, 0)
-        part = np.where(cands.valid[..., None], ad_parts[rows.reshape(-1)].reshape(*rows.shape, -1), 0.0)
+        rows, scores = self.retriever.search_rows(q, s.num_candidates, eligibility)
         t3 = time.perf_counter()
-        bb, nb = bucket_for(n, s.batch_buckets, "requests"), bucket_for(cands.rows.shape[1], s.buckets)
-        out = self.scorers[placement].score_padded(
-            pad_to(e_user, bb), pad_to(e_ctx, bb), pad_to(cands.embeddings, bb, nb), pad_to(part, bb, nb),
-            pad_to(cands.bid, bb, nb), pad_to(cands.quality, bb, nb), pad_to(cands.valid, bb, nb))
-        out = jax.device_get(out)
+        store = self.retriever.index.store
+        # Candidates are gathered from the store straight into the scorer's preallocated buffers;
+        # only the top-N rows of each request come back from the compiled call.
+        out = self.scorers[placement].score_rows(e_user, e_ctx, rows, AdCatalogue(
+            store.embeddings, ad_parts, store.bid, store.quality))
         t4 = time.perf_counter()
         for stage, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             self.times.seconds[stage] += dt
         answers = []
         for i, r in enumerate(reqs):
-            top = out["top_index"][i, : r.top_n or s.top_n]
             ads = []
-            for j in top:
-                if not np.isfinite(out["top_ecpm"][i, len(ads)]):
+            for rank, j in enumerate(out["top_index"][i, : r.top_n or s.top_n]):
+                if not np.isfinite(out["top_ecpm"][i, rank]):
                     break  # fewer eligible candidates than top_n
-                ad = {"ad_id": int(cands.ad_ids[i, j]), "ecpm": float(out["ecpm"][i, j]),
-                      "pctr": float(out["pctr"][i, j])}
+                row = int(rows[i, j])
+                ad = {"ad_id": int(store.ad_ids[row]), "ecpm": float(out["top_ecpm"][i, rank]),
+                      "pctr": float(out["top_pctr"][i, rank])}
                 for key in ("pcvr", "pctcvr"):
-                    if key in out:
-                        ad[key] = float(out[key][i, j])
-                ad.update(bid=float(cands.bid[i, j]), quality=float(cands.quality[i, j]),
-                          retrieval_score=float(cands.scores[i, j]))
+                    if f"top_{key}" in out:
+                        ad[key] = float(out[f"top_{key}"][i, rank])
+                ad.update(bid=float(store.bid[row]), quality=float(store.quality[row]),
+                          retrieval_score=float(scores[i, j]))
                 ads.append(ad)
             answers.append({"placement": placement, "user_id": r.user_id,
-                            "num_candidates": int(cands.valid[i].sum()), "ads": ads})
+                            "num_candidates": int((rows[i] >= 0).sum()), "ads": ads})
         return answers
 
     def warmup(self) -> None:
         """Compile every (batch bucket x candidate bucket) the path can hit, before serving."""
         s = self.settings
         k_bucket = bucket_for(s.num_candidates, s.buckets)
-        d = self.trained.embed_dim
         from multitower_jax.models.model import dummy_features
 
         for placement in self.placements:
             scorer = self.scorers[placement]
-            h = scorer.spec.fusion_hidden[0]
             for b in s.batch_buckets:
                 self._user_tower(dummy_features(self.trained.spec.user, b))
                 self._context_towers[placement](dummy_features(self.trained.spec.context(placement), b))
-                z = np.zeros((b, k_bucket), np.float32)
-                scorer.score_padded(np.zeros((b, d), np.float32), np.zeros((b, d), np.float32),
-                                    np.zeros((b, k_bucket, d), np.float32), np.zeros((b, k_bucket, h), np.float32),
-                                    z, z, np.zeros((b, k_bucket), bool))
+                scorer.score_padded(*scorer.buffers(b, k_bucket).arrays(), top_only=True)
             self.ad_parts(placement)
 
     def close(self) -> None:
