@@ -11,8 +11,9 @@ Each request is what the Ranker hands the scorer: a user and a context embedding
 candidates as rows of an ad catalogue (random embeddings, fusion ad parts, bids, qualities).
 The full path (`Scorer.score_rows`, the Ranker's) gathers the rows into preallocated
 bucket-sized buffers, runs the compiled call and fetches the top-N rows; `device_*` times the
-same compiled call on inputs already on the device, outputs left there. Single requests, the
-on-device call and 32 micro-batched clients are timed in interleaved rounds; the ratios
+same compiled call on inputs already on the device, outputs left there, alternating request by
+request with the full path. Single requests and 32 micro-batched clients are timed in
+interleaved rounds; the ratios
 (`p50_over_device_p50`, `microbatch_speedup`) are medians of per-round ratios, so a load change
 on a shared machine hits both sides of a ratio. FLOPs per request come from XLA's cost analysis
 of the factorized scorer and of the unfactorized `score_embeddings` on the same candidates.
@@ -140,15 +141,13 @@ def run(config: ml_collections.ConfigDict, num_requests: int = 2_000, json_path:
     single, device, concurrent, batch_sizes = [], [], [], []
     single_rps, concurrent_rps, p50_ratio, speedup = [], [], [], []
     for r in tqdm(range(rounds), desc="bench score: rounds", leave=False):
-        # One request at a time through the full path.
-        lat = np.empty(per_round)
+        # One request at a time through the full path, each followed by the same compiled call
+        # on inputs already on the device (alternating, so both see the same load).
+        lat, dev = np.empty(per_round), np.empty(per_round)
         for i in range(per_round):
             start = time.perf_counter()
             score([pool[(r * per_round + i) % len(pool)]])
             lat[i] = time.perf_counter() - start
-        # The same compiled call, inputs already on the device.
-        dev = np.empty(per_round)
-        for i in range(per_round):
             start = time.perf_counter()
             jax.block_until_ready(scorer.score_padded(*on_device, top_only=True))
             dev[i] = time.perf_counter() - start

@@ -30,7 +30,7 @@ def defaults() -> ml_collections.ConfigDict:
     s.cache_ttl_s = 300.0  # user embeddings are reused this long (users change slowly)
     s.cache_size = 100_000  # at most this many cached users (least recently used leave first)
     s.max_batch_size = 16  # the micro-batcher groups at most this many concurrent requests ...
-    s.max_wait_ms = 2.0  # ... and waits at most this long for the group to fill
+    s.max_wait_ms = 2.0  # ... and waits at most this long to fill it, only when others are queued
     return s
 
 
