@@ -79,7 +79,10 @@ def frontier(search: Callable[[int, int], np.ndarray], exact_BxK: np.ndarray, nu
         grid = leaf_grid(num_leaves)
         if floor is not None:
             grid = sorted({min(num_leaves, max(g, floor(reorder))) for g in grid})
-        lo, hi, best = 0, len(grid) - 1, None
+        best = measure(grid[-1], reorder)  # the most leaves first: a budget that misses there is skipped
+        if not ok(best):
+            continue
+        lo, hi = 0, len(grid) - 2
         while lo <= hi:
             mid = (lo + hi) // 2
             s = measure(grid[mid], reorder)
@@ -87,8 +90,7 @@ def frontier(search: Callable[[int, int], np.ndarray], exact_BxK: np.ndarray, nu
                 best, hi = s, mid - 1
             else:
                 lo = mid + 1
-        if best is not None:
-            out.append(best)
+        out.append(best)
     return out, tried
 
 
