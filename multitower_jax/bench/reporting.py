@@ -46,7 +46,8 @@ SHOWN = {
               "microbatch_requests_per_sec", "microbatch_speedup", "microbatch_mean_batch_size", "flops_per_request"),
     "serve": ("num_ads", "p50_ms", "p99_ms", "user_ms_mean", "context_ms_mean", "retrieve_ms_mean", "score_ms_mean",
               "queue_wait_ms_mean", "concurrent_requests_per_sec", "concurrent_mean_batch_size"),
-    "ceiling": ("oracle_ctr_auc", "semi_oracle_ctr_auc", "oracle_ctcvr_auc"),
+    "ceiling": ("oracle_ctr_auc", "without all three", "semi-oracle (bias and own quality inferred)",
+                "oracle_ctcvr_auc", "ctcvr: semi-oracle x exact pCVR"),
 }
 SIZED = {"retrieve": ("num_ads", "queries"), "score": ("queries",), "serve": ("num_ads", "queries")}
 
