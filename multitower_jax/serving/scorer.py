@@ -73,8 +73,6 @@ class ScorerSpec:
 
     @classmethod
     def from_model(cls, model_config: ModelConfig, settings: ServingSettings) -> ScorerSpec:
-        if getattr(model_config, "fusion_skip", False):  # its skip logits are not factorized here
-            raise ValueError("the factorized scorer does not support model.fusion_skip yet")
         return cls(fusion=model_config.fusion, fusion_hidden=tuple(model_config.fusion_hidden),
                    head=model_config.head, embed_dim=model_config.embed_dim, objective=settings.objective,
                    ctr_weight=float(settings.ctr_weight), cvr_weight=float(settings.cvr_weight),
