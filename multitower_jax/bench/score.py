@@ -42,6 +42,29 @@ from multitower_jax.serving.settings import ServingSettings, bucket_for
 NUM_CANDIDATES = 500
 
 
+def concurrent_clients(call, pool: list, clients: int, per_client: int) -> tuple[list[float], float]:
+    """`clients` threads each make `per_client` calls of `call` on requests of `pool` (client c
+    takes requests c * per_client, ...): every call's latency in seconds, and the wall seconds."""
+    done: list[float] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        own = []
+        for i in range(per_client):
+            t0 = time.perf_counter()
+            call(pool[(c * per_client + i) % len(pool)])
+            own.append(time.perf_counter() - t0)
+        with lock:
+            done.extend(own)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done, time.perf_counter() - start
+
 def bench_calibration(config: ml_collections.ConfigDict, num_examples: int = 50_000,
                       seed: int = 0) -> calibration_lib.Calibration:
     """The config's calibration methods fitted on synthetic scores of a validation split's size
@@ -152,26 +175,8 @@ def run(config: ml_collections.ConfigDict, num_requests: int = 2_000, json_path:
             jax.block_until_ready(scorer.score_padded(*on_device, top_only=True))
             dev[i] = time.perf_counter() - start
         # Concurrent clients through the micro-batcher.
-        done: list[float] = []
-        lock = threading.Lock()
-
-        def client(c: int) -> None:
-            own = []
-            for i in range(per_client):
-                t0 = time.perf_counter()
-                batcher(pool[(c * per_client + i) % len(pool)])
-                own.append(time.perf_counter() - t0)
-            with lock:
-                done.extend(own)
-
         first_batch = len(batcher.batch_sizes)
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - start
+        done, seconds = concurrent_clients(batcher, pool, clients, per_client)
         batch_sizes += batcher.batch_sizes[first_batch:]
         single.append(lat)
         device.append(dev)

@@ -15,7 +15,6 @@ shows what it cost. Then concurrent clients.
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from multitower_jax import bench
 from multitower_jax import features as F
 from multitower_jax.bench.retrieve import structured_embeddings
-from multitower_jax.bench.score import bench_calibration, describe_calibration
+from multitower_jax.bench.score import bench_calibration, concurrent_clients, describe_calibration
 from multitower_jax.data.preprocess import FeatureStats
 from multitower_jax.inference import Trained
 from multitower_jax.models import model as model_lib
@@ -142,26 +141,8 @@ def run(config: ml_collections.ConfigDict, num_ads: int = 1_000_000, num_request
 
     # Concurrent clients: the micro-batcher groups their requests.
     per_client = max(1, num_requests // clients)
-    done: list[float] = []
-    lock = threading.Lock()
-
-    def client(c: int) -> None:
-        own = []
-        for i in range(per_client):
-            t0 = time.perf_counter()
-            ranker.rank(pool[(c * per_client + i) % len(pool)])
-            own.append(time.perf_counter() - t0)
-        with lock:
-            done.extend(own)
-
     batches0 = len(ranker.batcher.batch_sizes)
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    concurrent_seconds = time.perf_counter() - t0
+    done, concurrent_seconds = concurrent_clients(ranker.rank, pool, clients, per_client)
     ranker.close()
     figures = {
         "device": f"{jax.devices()[0].device_kind} ({jax.device_count()} device)",
