@@ -32,7 +32,7 @@ from multitower_jax.bench import report
 from multitower_jax.retrieval import tuning
 from multitower_jax.retrieval.exact import ExactSearch
 from multitower_jax.retrieval import targeting as targeting_lib
-from multitower_jax.retrieval.index import AdIndex, AdStore, query_rule
+from multitower_jax.retrieval.index import AdIndex, AdStore, query_rule, read_manifest
 from multitower_jax.retrieval.retriever import Eligibility, Retriever
 from multitower_jax.retrieval.settings import RetrievalSettings
 
@@ -96,8 +96,6 @@ def exported_embeddings(folder: str, num_queries: int, seed: int = 0) -> tuple[n
     """(ads, queries, description) from a `multitower export` folder, under its query rule: the ad
     embeddings, and as queries a random sample of its user embeddings (E_user; an export holds no
     per-request context), or of its ad embeddings when it has no users."""
-    from multitower_jax.retrieval.index import read_manifest
-
     manifest = read_manifest(folder, "multitower-export")
     ads = np.load(Path(folder) / "embeddings.npy").astype(np.float32)
     users = Path(folder) / "user_embeddings.npy"

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from multitower_jax.retrieval.evaluate import overlap_counts
+from multitower_jax.retrieval.exact import ExactSearch
 from multitower_jax.retrieval.settings import RetrievalSettings
 
 REORDERS = (100, 200, 500, 1000, 2000)  # re-ranking budgets tried (those below K are skipped)
@@ -43,8 +45,6 @@ class Setting:
 
 def recall_per_query(approx_BxK: np.ndarray, exact_BxK: np.ndarray) -> np.ndarray:
     """float[B]: |approx ∩ exact| / (exact results of that query), -1 padding ignored."""
-    from multitower_jax.retrieval.evaluate import overlap_counts
-
     found = np.maximum((np.asarray(exact_BxK) >= 0).sum(1), 1)
     return overlap_counts(approx_BxK, exact_BxK) / found
 
@@ -129,8 +129,6 @@ def tune_index(index, q_QxD: np.ndarray, k: int, target: float, rounds: int = 3,
     kept; its recall is then measured on the other half through the index's default search path
     (so `search` and `retrieve-eval` see exactly it). Sets `index.settings` and records
     `manifest["settings"]` and `manifest["tuning"]`, which this returns."""
-    from multitower_jax.retrieval.exact import ExactSearch
-
     if not 0 < target <= 1:
         raise ValueError(f"--target-recall: expected a recall in (0, 1], got {target}")
     q_QxD = np.ascontiguousarray(q_QxD, np.float32)
