@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.vocab_multiple = 1  # pad embedding-table rows to a multiple (of mesh.model, to shard them)
     config.model.embed_init = "normal"  # embedding rows N(0, 1) per element, or "unit" (row norm ~1)
     config.model.tower_output = "relu"  # towers end Dense -> LayerNorm -> ReLU, or "layernorm" (both signs)
+    config.model.wide = False  # wide logit offsets, linear in the context features (models/wide.py)
     config.model.text = ml_collections.ConfigDict()
     config.model.text.dim = 128
     config.model.text.num_layers = 2

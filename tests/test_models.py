@@ -30,6 +30,7 @@ from multitower_jax.models import (
     interaction_features,
     param_count,
     sinusoidal_positions,
+    Wide,
     tower_input_dim,
     validate_config,
 )
@@ -449,3 +450,72 @@ def test_layernorm_tower_output_keeps_both_signs_and_relu_output_does_not():
     # At init (LayerNorm scale 1, bias 0) every row is standardized: mean 0, variance 1.
     np.testing.assert_allclose(e.mean(axis=1), 0.0, atol=1e-4)
     np.testing.assert_allclose(e.var(axis=1), 1.0, rtol=1e-2)
+
+
+# --- the wide part -------------------------------------------------------------------------
+
+
+def test_wide_offsets_match_a_numpy_reference_and_start_at_zero():
+    spec = F.TowerSpec("context", (
+        F.Categorical("hour", size=5, dim=2),
+        F.Text("query", max_len=4, vocab_size=9),
+        F.MultiHot("tags", size=4, max_items=3, dim=2),
+        F.Numeric("pages"),
+        F.Dense("vec", dim=2),
+    ))
+    module = Wide(spec, num_logits=2)
+    features = {
+        "hour": np.array([0, 5], np.int32),
+        "query": np.array([[3, 7, 7, 0], [0, 0, 0, 0]], np.int32),  # row 1: an empty query
+        "tags": np.array([[1, 4, 0], [2, 0, 0]], np.int32),
+        "pages": np.array([0.5, -2.0], np.float32),
+        "vec": np.array([[1.0, 2.0], [0.0, -1.0]], np.float32),
+    }
+    at_init = module.apply(module.init(jax.random.key(0), features), features)
+    np.testing.assert_array_equal(np.asarray(at_init), np.zeros((2, 2)))  # training starts from the deep model
+    variables = random_params(lambda r: module.init(r, features))
+    out = np.asarray(jit(module.apply)(variables, features))
+    p = params_of(variables)
+    hour, query, tags = (np.asarray(p[f"wide_{n}"]["embedding"]) for n in ("hour", "query", "tags"))
+    w = np.asarray(p["wide_numeric"]["kernel"])  # rows: pages, vec[0], vec[1]
+    assert hour.shape == (6, 2) and query.shape == (9, 2) and tags.shape == (5, 2) and w.shape == (3, 2)
+    expected = np.stack([
+        hour[0] + query[3] + 2 * query[7] + tags[1] + tags[4] + np.array([0.5, 1.0, 2.0]) @ w,
+        hour[5] + 0.0 + tags[2] + np.array([-2.0, 0.0, -1.0]) @ w,
+    ])
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["ctr", "esmm"])
+def test_wide_model_adds_the_context_offsets_to_each_head_logit(head):
+    config = tiny_config(head=head)
+    config.model.wide = True
+    spec, model, variables = make(config)
+    batch = fake.random_batch(spec, "search", 8, seed=5, click_rate=0.5)
+
+    @jit
+    def parts(v, b):
+        full = model.apply(v, b, "search")
+        e_user = model.apply(v, b["user"], method=model.embed_user)
+        e_context, offsets = model.apply(v, b["context"], "search", method=model.embed_context_wide)
+        e_ad = model.apply(v, b["ad"], method=model.embed_ad)
+        deep = model.apply(v, e_user, e_context, e_ad, "search", method=model.score_embeddings)
+        wide = model.apply(v, e_user, e_context, e_ad, "search", False, offsets, method=model.score_embeddings)
+        return full, deep, wide, offsets
+
+    full, deep, wide, offsets = parts(variables, batch)
+    offsets = np.asarray(offsets)
+    assert offsets.shape == (8, 1 if head == "ctr" else 2) and np.abs(offsets).min() > 0
+    assert "wide_hour" in params_of(variables)["context_wides_search"]
+    for key in wide:
+        np.testing.assert_allclose(np.asarray(full[key]), np.asarray(wide[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(np.asarray(wide["ctr_logit"]), np.asarray(deep["ctr_logit"]) + offsets[:, 0], rtol=1e-5)
+    if head == "esmm":
+        np.testing.assert_allclose(np.asarray(wide["cvr_logit"]), np.asarray(deep["cvr_logit"]) + offsets[:, 1],
+                                   rtol=1e-5)
+    # The user and ad towers have no wide part; without config.model.wide there is none at all.
+    assert not any("wide" in k for k in params_of(variables) if not k.startswith("context_wides"))
+    plain = tiny_config(head=head)
+    _, plain_model, plain_vars = make(plain)
+    assert not any("wide" in k for k in params_of(plain_vars))
+    assert plain_model.apply(plain_vars, batch["context"], "search", method=plain_model.embed_context_wide)[1] is None

@@ -162,3 +162,38 @@ def test_settings_validation_and_buckets():
     assert ServingSettings.from_config(config).top_n == 7
     del config.serving
     assert ServingSettings.from_config(config) == ServingSettings()  # old workdirs: defaults
+
+
+@pytest.mark.parametrize("head", ["ctr", "esmm"])
+def test_request_logit_offsets_reach_every_candidate_as_in_the_model(head):
+    """The context's `Wide` offsets (one row per request) through `score_rows` and `score`, against
+    the unfactorized model given the same offsets for each of the request's candidates."""
+    config, model, params = fusion_model("product", head)
+    scorer = Scorer(params, model_lib.ModelConfig.from_config(config), "search",
+                    settings=ServingSettings(buckets=(8, 16), num_candidates=16, top_n=5, max_batch_size=4))
+    rng = np.random.default_rng(11)
+    n_ads, k, b = 30, 9, 3
+    e_cat = rng.normal(size=(n_ads, D)).astype(np.float32)
+    catalogue = AdCatalogue(e_cat, scorer.ad_part(e_cat), rng.uniform(0.1, 3.0, n_ads).astype(np.float32),
+                            np.ones(n_ads, np.float32))
+    rows = np.stack([rng.choice(n_ads, k, replace=False) for _ in range(b)])
+    e_user, e_ctx = (rng.normal(size=(b, D)).astype(np.float32) for _ in range(2))
+    offsets = rng.normal(0.0, 2.0, (b, 1 if head == "ctr" else 2)).astype(np.float32)
+    e_ad = e_cat[rows]
+    ref = model.apply(params, np.repeat(e_user, k, 0), np.repeat(e_ctx, k, 0), e_ad.reshape(b * k, D), "search",
+                      False, np.repeat(offsets, k, 0), method=model.score_embeddings)
+    ref = {key: np.asarray(v).reshape(b, k) for key, v in ref.items()}
+    plain = reference(model, params, e_user, e_ctx, e_ad)
+    assert np.abs(ref["pctr"] - plain["pctr"]).max() > 1e-3  # the offsets matter to this check
+    got = scorer.score(e_user, e_ctx, e_ad, catalogue.bid[rows], catalogue.quality[rows], offsets_BxL=offsets)
+    for key in ("pctr", "pcvr", "pctcvr") if head != "ctr" else ("pctr",):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    top = scorer.score_rows(e_user, e_ctx, rows, catalogue, offsets)
+    ecpm = catalogue.bid[rows] * ref["pctr"] * 1000.0
+    for i in range(b):
+        order = np.argsort(-ecpm[i], kind="stable")[:5]
+        np.testing.assert_array_equal(top["top_index"][i], order)
+        np.testing.assert_allclose(top["top_pctr"][i], ref["pctr"][i, order], rtol=1e-5)
+    # Without offsets the buffers hold zeros, not the previous call's offsets.
+    again = scorer.score_rows(e_user, e_ctx, rows, catalogue)
+    np.testing.assert_allclose(again["top_pctr"], np.take_along_axis(plain["pctr"], again["top_index"], 1), rtol=1e-5)

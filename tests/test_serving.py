@@ -94,11 +94,12 @@ def test_request_validation_names_the_field():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A random-weight tiny model, 60 ads (12 targeted to country 5) in an exact index, and a Ranker."""
+    """A random-weight tiny model with the context's wide logit offsets, 60 ads (12 targeted to
+    country 5) in an exact index, and a Ranker."""
     tmp = tmp_path_factory.mktemp("serving")
     config = synthetic_config(tmp, "--config.serving.buckets=(16,32)", f"--config.serving.num_candidates={K}",
                               f"--config.serving.top_n={TOP_N}", "--config.serving.max_batch_size=2",
-                              "--config.serving.max_wait_ms=30")
+                              "--config.serving.max_wait_ms=30", "--config.model.wide=True")
     trained = random_trained(config, tmp)
     rng = np.random.default_rng(0)
     e_ad = rng.normal(size=(NUM_ADS, trained.embed_dim)).astype(np.float32)
@@ -132,15 +133,17 @@ def reference_answer(ranker, store, request, filtered=True):
         return {f.name: pre[tower][f.name](requests_lib.raw_column(f, [row[f.name]], "t")) for f in spec.features}
 
     u = np.asarray(model.apply(variables, feats("user", trained.spec.user, request["user"]), method=model.embed_user))
-    c = np.asarray(model.apply(variables, feats("context", trained.spec.context("search"), request["context"]),
-                               "search", method=model.embed_context))
+    c, offsets = model.apply(variables, feats("context", trained.spec.context("search"), request["context"]),
+                             "search", method=model.embed_context_wide)
+    c, offsets = np.asarray(c), np.asarray(offsets)
+    assert np.abs(offsets).min() > 0  # the wide part is in play
     q = (u + c) / np.linalg.norm(u + c)
     sim = (store.embeddings / np.linalg.norm(store.embeddings, axis=1, keepdims=True)) @ q[0]
     eligible = (np.arange(NUM_ADS) >= RESTRICTED if filtered and request["user"]["country"] != 5
                 else np.ones(NUM_ADS, bool))
     cands = np.argsort(-np.where(eligible, sim, -np.inf))[:K]
     out = model.apply(variables, np.repeat(u, K, 0), np.repeat(c, K, 0), store.embeddings[cands], "search",
-                      method=model.score_embeddings)
+                      False, np.repeat(offsets, K, 0), method=model.score_embeddings)
     ecpm = store.bid[cands] * np.asarray(out["pctr"]) * store.quality[cands] * 1000
     top = np.argsort(-ecpm)[:TOP_N]
     return store.ad_ids[cands[top]], ecpm[top], np.asarray(out["pctcvr"])[top]
@@ -198,18 +201,19 @@ def test_portable_scorer_runs_without_model_code_and_matches(served, tmp_path):
     d = ranker.trained.embed_dim
     inputs = {"e_user": rng.normal(size=(2, d)), "e_context": rng.normal(size=(2, d)),
               "e_ad": rng.normal(size=(2, 20, d)), "bid": rng.uniform(0.5, 2, (2, 20)),
-              "quality": rng.uniform(0.5, 1.5, (2, 20)), "num_valid": np.array([20, 9])}
+              "quality": rng.uniform(0.5, 1.5, (2, 20)), "num_valid": np.array([20, 9]),
+              "offsets": rng.normal(size=(2, 2))}
     inputs = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in inputs.items()}
     np.savez(tmp_path / "inputs.npz", **inputs)
     want = scorer.score(inputs["e_user"], inputs["e_context"], inputs["e_ad"], inputs["bid"], inputs["quality"],
-                        num_valid_B=inputs["num_valid"])
+                        num_valid_B=inputs["num_valid"], offsets_BxL=inputs["offsets"])
     program = f"""
 import sys, numpy as np
 from multitower_jax.serving.portable import PortableScorer
 s = PortableScorer.load({str(tmp_path / 'scorer')!r})
 x = np.load({str(tmp_path / 'inputs.npz')!r})
 part = s.ad_part(x["e_ad"].reshape(-1, x["e_ad"].shape[-1])).reshape(*x["e_ad"].shape[:2], -1)
-out = s(x["e_user"], x["e_context"], x["e_ad"], part, x["bid"], x["quality"], x["num_valid"])
+out = s(x["e_user"], x["e_context"], x["e_ad"], part, x["bid"], x["quality"], x["num_valid"], offsets_BxL=x["offsets"])
 small = s(x["e_user"][:1], x["e_context"][:1], x["e_ad"][:1, :6], part[:1, :6], x["bid"][:1, :6], x["quality"][:1, :6])
 np.savez({str(tmp_path / 'out.npz')!r}, **out, small_top=small["top_index"])
 banned = [m for m in sys.modules if m.startswith(("flax", "multitower_jax.models", "multitower_jax.config",

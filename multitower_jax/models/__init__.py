@@ -15,11 +15,12 @@ from multitower_jax.models.model import (
 )
 from multitower_jax.models.text_encoder import TextEncoder, TextEncoderConfig, sinusoidal_positions
 from multitower_jax.models.towers import Tower, tower_input_dim
+from multitower_jax.models.wide import Wide
 
 __all__ = [
     "FUSIONS", "HEADS", "LOGICAL_AXES",
     "Block", "FeatureEmbedding", "Fusion", "Heads", "MLP", "ModelConfig", "MultiTowerModel",
-    "TextEncoder", "TextEncoderConfig", "TextSettings", "Tower",
+    "TextEncoder", "TextEncoderConfig", "TextSettings", "Tower", "Wide",
     "build_model", "dummy_features", "head_outputs", "init_params", "interaction_features",
     "pairwise_dots", "param_count", "sinusoidal_positions", "tower_input_dim", "validate_config",
 ]

@@ -24,6 +24,11 @@ Dtype = Any
 HEADS = ("ctr", "ctr_cvr", "esmm")
 
 
+def num_logits(kind: str) -> int:
+    """How many logits a head has (CTR, then CVR)."""
+    return 1 if kind == "ctr" else 2
+
+
 def head_outputs(ctr_logit_B: Array, cvr_logit_B: Array | None) -> dict[str, Array]:
     """Logits -> the output dict (probabilities included); used by the heads and the scorer."""
     out = {"ctr_logit": ctr_logit_B, "pctr": jax.nn.sigmoid(ctr_logit_B)}
@@ -42,13 +47,15 @@ class Heads(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h_BxH: Array) -> dict[str, Array]:
+    def __call__(self, h_BxH: Array, offsets_BxK: Array | None = None) -> dict[str, Array]:
+        """`offsets_BxK`: added to the logits (column 0 to CTR, 1 to CVR), e.g. the `Wide` terms."""
         if self.kind not in HEADS:
             raise ValueError(f"head: expected one of {HEADS}, got {self.kind!r}")
 
-        def logit(name: str) -> Array:
-            return layers.dense(1, name, self.dtype, ("mlp", None))(h_BxH)[:, 0].astype(jnp.float32)
+        def logit(name: str, column: int) -> Array:
+            logit_B = layers.dense(1, name, self.dtype, ("mlp", None))(h_BxH)[:, 0].astype(jnp.float32)
+            return logit_B if offsets_BxK is None else logit_B + offsets_BxK[:, column].astype(jnp.float32)
 
-        ctr_logit_B = logit("ctr")
-        cvr_logit_B = logit("cvr") if self.kind in ("ctr_cvr", "esmm") else None
+        ctr_logit_B = logit("ctr", 0)
+        cvr_logit_B = logit("cvr", 1) if self.kind in ("ctr_cvr", "esmm") else None
         return head_outputs(ctr_logit_B, cvr_logit_B)

@@ -24,11 +24,13 @@ import ml_collections
 import numpy as np
 
 from multitower_jax import features as F
+from multitower_jax.models import heads as heads_lib
 from multitower_jax.models import layers
 from multitower_jax.models import towers as towers_lib
 from multitower_jax.models.fusion import FUSIONS, Fusion
 from multitower_jax.models.heads import HEADS, Heads
 from multitower_jax.models.text_encoder import TextEncoder, TextEncoderConfig
+from multitower_jax.models.wide import Wide
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -72,6 +74,7 @@ class ModelConfig:
     vocab_multiple: int = 1  # embedding-table rows are padded to a multiple of this
     embed_init: str = "normal"  # embedding tables' initialization (`layers.EMBED_INITS`)
     tower_output: str = "relu"  # "relu": towers end Dense -> LayerNorm -> ReLU; "layernorm": at the LayerNorm
+    wide: bool = False  # `Wide` logit offsets, linear in the context tower's features
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
@@ -94,6 +97,7 @@ class ModelConfig:
             vocab_multiple=int(m.get("vocab_multiple", 1)),
             embed_init=str(m.get("embed_init", "normal")),
             tower_output=str(m.get("tower_output", "relu")),
+            wide=bool(m.get("wide", False)),
         )
 
 
@@ -154,6 +158,9 @@ class MultiTowerModel(nn.Module):
         self.fusions = {p: Fusion(cfg.fusion, cfg.fusion_hidden, cfg.fusion_dropout, dtype)
                         for p in cfg.placements}
         self.heads = {p: Heads(cfg.head, dtype) for p in cfg.placements}
+        if cfg.wide:
+            k = heads_lib.num_logits(cfg.head)
+            self.context_wides = {p: Wide(contexts[p], k, cfg.vocab_multiple) for p in cfg.placements}
 
     def _check(self, placement: str) -> None:
         if placement not in self.config.placements:
@@ -172,19 +179,29 @@ class MultiTowerModel(nn.Module):
         """batch["ad"] -> E_ad float32[B, D] (precomputed per ad, exported to the ANN index)."""
         return self.ad_tower(features, train).astype(jnp.float32)
 
+    def embed_context_wide(self, features: Mapping[str, Array], placement: str,
+                           train: bool = False) -> tuple[Array, Array | None]:
+        """batch["context"] -> (E_context float32[B, D], the `Wide` logit offsets float32[B, K] or
+        None without `config.wide`): what a request contributes besides its user."""
+        e_context_BxD = self.embed_context(features, placement, train)
+        if not self.config.wide:
+            return e_context_BxD, None
+        return e_context_BxD, self.context_wides[placement](features)
+
     def score_embeddings(self, e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, placement: str,
-                         train: bool = False) -> dict[str, Array]:
-        """Fusion + heads from precomputed embeddings -> logits and probabilities [B]."""
+                         train: bool = False, offsets_BxK: Array | None = None) -> dict[str, Array]:
+        """Fusion + heads from precomputed embeddings (+ the context's `Wide` offsets) -> logits
+        and probabilities [B]."""
         self._check(placement)
         h_BxH = self.fusions[placement](e_user_BxD, e_context_BxD, e_ad_BxD, train)
-        return self.heads[placement](h_BxH)
+        return self.heads[placement](h_BxH, offsets_BxK)
 
     def __call__(self, batch: Batch, placement: str, train: bool = False) -> dict[str, Array]:
         """Full forward pass: head outputs plus the three embeddings e_user, e_context, e_ad."""
         e_user_BxD = self.embed_user(batch["user"], train)
-        e_context_BxD = self.embed_context(batch["context"], placement, train)
+        e_context_BxD, offsets_BxK = self.embed_context_wide(batch["context"], placement, train)
         e_ad_BxD = self.embed_ad(batch["ad"], train)
-        out = dict(self.score_embeddings(e_user_BxD, e_context_BxD, e_ad_BxD, placement, train))
+        out = dict(self.score_embeddings(e_user_BxD, e_context_BxD, e_ad_BxD, placement, train, offsets_BxK))
         out.update(e_user=e_user_BxD, e_context=e_context_BxD, e_ad=e_ad_BxD)
         return out
 
@@ -300,6 +317,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail("model.vocab_multiple", "a positive integer", m.get("vocab_multiple"))
     if not isinstance(m.share_text_encoder, bool):
         _fail("model.share_text_encoder", "true or false", m.share_text_encoder)
+    if not isinstance(m.get("wide", False), bool):
+        _fail("model.wide", "true or false", m.get("wide"))
     t = m.text
     for key in ("dim", "num_layers", "num_heads", "mlp_dim"):
         if key not in t or not _positive_int(t[key]):

@@ -31,8 +31,8 @@ from multitower_jax import run_identity
 
 MANIFEST = "manifest.json"
 KIND = "multitower-scorer"
-FORMAT = 1
-SCORE_INPUTS = ("e_user", "e_context", "e_ad", "ad_part", "bid", "quality", "valid")
+FORMAT = 2  # 2: the score function takes the requests' logit offsets (8 inputs); 1 had 7
+SCORE_INPUTS = ("e_user", "e_context", "e_ad", "ad_part", "bid", "quality", "valid", "offsets")
 
 
 class PortableScorerError(ValueError):
@@ -75,7 +75,7 @@ class PortableScorer:
         manifest = json.loads(path.read_text())
         if manifest.get("kind") != KIND or manifest.get("format") != FORMAT:
             raise PortableScorerError(f"{path}: kind {manifest.get('kind')!r} format {manifest.get('format')!r}, "
-                                      f"expected {KIND!r} format {FORMAT}")
+                                      f"expected {KIND!r} format {FORMAT} (re-run `multitower export-scorer`)")
         if workdir is not None:
             run_identity.check(manifest.get("run"), run_identity.stamp(run_identity.read(workdir)), f"scorer {folder}",
                                allow_other_run=allow_other_run)
@@ -103,8 +103,9 @@ class PortableScorer:
         return np.asarray(self._ad_part[self._placement(placement)](np.asarray(e_ad_NxD, np.float32)))
 
     def __call__(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH, bid_BxN, quality_BxN,
-                 num_valid_B=None, placement: str | None = None) -> dict[str, np.ndarray]:
-        """Score B requests x N candidates: pads to the buckets, runs, un-pads (as `Scorer.score`)."""
+                 num_valid_B=None, placement: str | None = None, offsets_BxL=None) -> dict[str, np.ndarray]:
+        """Score B requests x N candidates: pads to the buckets, runs, un-pads (as `Scorer.score`);
+        `offsets_BxL`: the requests' logit offsets (default 0)."""
         placement = self._placement(placement)
         m = self.manifest
         e_ad = np.asarray(e_ad_BxNxD, np.float32)
@@ -114,10 +115,11 @@ class PortableScorer:
         bb = _bucket(b, m["batch_buckets"], "requests")
         nb = _bucket(n, m["buckets"], "candidates")
         f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+        offsets = np.zeros((b, 1 if m["head"] == "ctr" else 2), np.float32) if offsets_BxL is None else offsets_BxL
         out = self._score[placement](
             _pad(f32(e_user_BxD), bb), _pad(f32(e_context_BxD), bb), _pad(e_ad, bb, nb),
             _pad(f32(ad_part_BxNxH), bb, nb), _pad(f32(bid_BxN), bb, nb), _pad(f32(quality_BxN), bb, nb),
-            _pad(valid, bb, nb))
+            _pad(valid, bb, nb), _pad(f32(offsets), bb))
         out = jax.device_get(out)
         t = min(m["top_n"], n)
         return {k: (v[:b, :t] if k.startswith("top_") else v[:b, :n]) for k, v in out.items()}
@@ -169,7 +171,7 @@ def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
         spec, params, h = scorer.spec, scorer.params, scorer.spec.fusion_hidden[0]
         f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)  # noqa: E731
         args = (f32(b, d), f32(b, d), f32(b, n, d), f32(b, n, h), f32(b, n), f32(b, n),
-                jax.ShapeDtypeStruct((b, n), np.bool_))
+                jax.ShapeDtypeStruct((b, n), np.bool_), f32(b, spec.num_logits))
 
         def score(*arrays, params=params, spec=spec):  # parameters and calibration become constants
             return score_batch(params, calibration, spec, *arrays)

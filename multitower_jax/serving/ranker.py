@@ -131,8 +131,9 @@ class Ranker:
         model = trained.model
         user_tower = jax.jit(lambda params, feats: model.apply({"params": params}, feats, method=model.embed_user))
         self._user_tower = lambda feats: user_tower(trained.params, feats)
+        # (E_context, the context's logit offsets or None: `MultiTowerModel.embed_context_wide`)
         context_towers = {p: jax.jit(lambda params, feats, p=p: model.apply({"params": params}, feats, p,
-                                                                             method=model.embed_context))
+                                                                             method=model.embed_context_wide))
                           for p in self.placements}
         self._context_towers = {p: (lambda feats, f=f: f(trained.params, feats)) for p, f in context_towers.items()}
         self._transforms = {p: trained.preprocessor(p).transforms for p in self.placements}
@@ -299,7 +300,9 @@ class Ranker:
         e_user = self._user_embeddings(preps, placement)
         t1 = time.perf_counter()
         columns = self._concat([p.context for p in preps])
-        e_ctx = np.asarray(self._context_towers[placement](self._tower_batch("context", placement, columns, n)))[:n]
+        e_ctx, offsets = self._context_towers[placement](self._tower_batch("context", placement, columns, n))
+        e_ctx = np.asarray(e_ctx)[:n]
+        offsets = None if offsets is None else np.asarray(offsets)[:n]
         t2 = time.perf_counter()
         q = self.retriever.query_embeddings(e_user, e_ctx)
         ad_parts = self.ad_parts(placement)
@@ -313,7 +316,7 @@ class Ranker:
         # Candidates are gathered from the store straight into the scorer's preallocated buffers;
         # only the top-N rows of each request come back from the compiled call.
         out = self.scorers[placement].score_rows(e_user, e_ctx, rows, AdCatalogue(
-            store.embeddings, ad_parts, store.bid, store.quality))
+            store.embeddings, ad_parts, store.bid, store.quality), offsets)
         t4 = time.perf_counter()
         for stage, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             self.times.seconds[stage] += dt

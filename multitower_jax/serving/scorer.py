@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from multitower_jax.models import heads as heads_lib
 from multitower_jax.models import layers
 from multitower_jax.models.heads import Heads
 from multitower_jax.models.model import ModelConfig
@@ -81,6 +82,11 @@ class ScorerSpec:
     @property
     def has_cvr(self) -> bool:
         return self.head != "ctr"
+
+    @property
+    def num_logits(self) -> int:
+        """Width of the per-request logit offsets (the context's `Wide` terms): CTR[, CVR]."""
+        return heads_lib.num_logits(self.head)
 
 
 def split_first_layer(mlp_params: Params, mode: str, embed_dim: int) -> dict[str, Array]:
@@ -148,9 +154,11 @@ def ranking_value(spec: ScorerSpec, pctr: Array, pcvr: Array | None, bid: Array,
 
 def score_candidates(params: Params, calibration: Calibrator | None, spec: ScorerSpec,
                      e_user_BxD: Array, e_context_BxD: Array, e_ad_BxNxD: Array, ad_part_BxNxH: Array,
-                     bid_BxN: Array, quality_BxN: Array, valid_BxN: Array) -> dict[str, Array]:
+                     bid_BxN: Array, quality_BxN: Array, valid_BxN: Array,
+                     offsets_BxL: Array | None = None) -> dict[str, Array]:
     """The pure scoring function. `params` = {"fusion": ..., "heads": ...} of one placement;
-    `calibration` maps the heads' probabilities (None: uncalibrated).
+    `calibration` maps the heads' probabilities (None: uncalibrated); `offsets_BxL` are the
+    request's logit offsets (`MultiTowerModel.embed_context_wide`; None or zeros without them).
 
     Returns pctr, (pcvr, pctcvr,) ecpm [B, N] and top_index (int32), top_ecpm [B, T] with
     T = min(top_n, N); invalid candidates have ecpm -inf.
@@ -161,7 +169,10 @@ def score_candidates(params: Params, calibration: Calibrator | None, spec: Score
                            ad_part_BxNxH.astype(jnp.float32))
     b, n, h = x_BxNxH.shape
     fused = _mlp_tail(fusion_params["mlp"], spec, x_BxNxH.reshape(b * n, h))
-    out = Heads(spec.head, jnp.float32).apply({"params": head_params}, fused)
+    if offsets_BxL is not None:  # one row per request, the same for each of its candidates
+        k = offsets_BxL.shape[-1]
+        offsets_BxL = jnp.broadcast_to(offsets_BxL.astype(jnp.float32)[:, None, :], (b, n, k)).reshape(b * n, k)
+    out = Heads(spec.head, jnp.float32).apply({"params": head_params}, fused, offsets_BxL)
 
     keys = ("pctr", "pcvr", "pctcvr") if spec.has_cvr else ("pctr",)
     result = {k: out[k].reshape(b, n) for k in keys}
@@ -229,10 +240,11 @@ class CandidateBuffers:
     refilled only after the previous call's outputs were fetched (`Scorer.score_rows`).
     """
 
-    def __init__(self, rows: int, cols: int, embed_dim: int, hidden: int):
+    def __init__(self, rows: int, cols: int, embed_dim: int, hidden: int, num_logits: int):
         self.rows, self.cols = rows, cols
         self.user = aligned_zeros((rows, embed_dim), np.float32)
         self.context = aligned_zeros((rows, embed_dim), np.float32)
+        self.offsets = aligned_zeros((rows, num_logits), np.float32)
         self.ad = aligned_zeros((rows, cols, embed_dim), np.float32)
         self.part = aligned_zeros((rows, cols, hidden), np.float32)
         self.bid = aligned_zeros((rows, cols), np.float32)
@@ -240,13 +252,15 @@ class CandidateBuffers:
         self.valid = aligned_zeros((rows, cols), bool)
 
     def fill(self, e_user_BxD: np.ndarray, e_context_BxD: np.ndarray, rows_BxK: np.ndarray,
-             catalogue: AdCatalogue) -> None:
-        """Requests i < B take catalogue rows `rows_BxK[i]` (-1: no candidate) as their candidates."""
+             catalogue: AdCatalogue, offsets_BxL: np.ndarray | None = None) -> None:
+        """Requests i < B take catalogue rows `rows_BxK[i]` (-1: no candidate) as their candidates
+        and `offsets_BxL[i]` as their logit offsets (default 0)."""
         b, k = rows_BxK.shape
         if b > self.rows or k > self.cols:
             raise ValueError(f"{b} requests x {k} candidates do not fit buffers of {self.rows} x {self.cols}")
         self.user[:b] = e_user_BxD
         self.context[:b] = e_context_BxD
+        self.offsets[:b] = 0.0 if offsets_BxL is None else offsets_BxL
         self.valid[:] = False
         np.greater_equal(rows_BxK, 0, out=self.valid[:b, :k])
         safe = np.maximum(rows_BxK, 0)
@@ -260,7 +274,7 @@ class CandidateBuffers:
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         """The compiled call's inputs, in `score_padded`'s order."""
-        return self.user, self.context, self.ad, self.part, self.bid, self.quality, self.valid
+        return self.user, self.context, self.ad, self.part, self.bid, self.quality, self.valid, self.offsets
 
 
 def placement_params(params: Params, placement: str) -> dict[str, Any]:
@@ -321,17 +335,18 @@ class Scorer:
                bucket_for(num_candidates, self.settings.buckets))
         pool = self._buffers.__dict__.setdefault("pool", {})
         if key not in pool:
-            pool[key] = CandidateBuffers(*key, self.spec.embed_dim, self.spec.fusion_hidden[0])
+            pool[key] = CandidateBuffers(*key, self.spec.embed_dim, self.spec.fusion_hidden[0], self.spec.num_logits)
         return pool[key]
 
     def score_rows(self, e_user_BxD: np.ndarray, e_context_BxD: np.ndarray, rows_BxK: np.ndarray,
-                   catalogue: AdCatalogue) -> dict[str, np.ndarray]:
+                   catalogue: AdCatalogue, offsets_BxL: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The serving path: B requests whose candidates are catalogue rows (-1: none) -> the top-N
         rows of each (`top_rows`' keys, [B, T] host arrays; top_index indexes rows_BxK's columns).
+        `offsets_BxL`: the requests' logit offsets (`MultiTowerModel.embed_context_wide`).
         Gathers into this thread's buffers, runs the compiled call, fetches only the top rows."""
         b = len(rows_BxK)
         buffers = self.buffers(b, rows_BxK.shape[1])
-        buffers.fill(e_user_BxD, e_context_BxD, rows_BxK, catalogue)
+        buffers.fill(e_user_BxD, e_context_BxD, rows_BxK, catalogue, offsets_BxL)
         out = jax.device_get(self.score_padded(*buffers.arrays(), top_only=True))
         return {k: v[:b] for k, v in out.items()}
 
@@ -340,19 +355,20 @@ class Scorer:
         return np.asarray(self._ad_part(self.params["fusion"], np.asarray(e_ad_NxD, np.float32)))
 
     def score_padded(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH, bid_BxN, quality_BxN,
-                     valid_BxN, top_only: bool = False) -> dict[str, Array]:
-        """The compiled call on inputs already padded to a (batch, candidate) bucket; `top_only`:
-        only the top-N rows (`top_rows`)."""
+                     valid_BxN, offsets_BxL, top_only: bool = False) -> dict[str, Array]:
+        """The compiled call on inputs already padded to a (batch, candidate) bucket (`offsets_BxL`
+        float32[B, `ScorerSpec.num_logits`]); `top_only`: only the top-N rows (`top_rows`)."""
         fn = self._score_top if top_only else self._score
         return fn(self.params, self.calibration, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH,
-                  bid_BxN, quality_BxN, valid_BxN)
+                  bid_BxN, quality_BxN, valid_BxN, offsets_BxL)
 
     def score(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, bid_BxN, quality_BxN, ad_part_BxNxH=None,
-              num_valid_B=None) -> dict[str, np.ndarray]:
+              num_valid_B=None, offsets_BxL=None) -> dict[str, np.ndarray]:
         """Score B requests x N candidates (N <= the largest bucket); pads, runs, un-pads.
 
         `num_valid_B[i]` candidates of request i are real (default: all N). Without
-        `ad_part_BxNxH` it is computed here (what the export normally saves).
+        `ad_part_BxNxH` it is computed here (what the export normally saves). `offsets_BxL`:
+        the requests' logit offsets (default 0; `MultiTowerModel.embed_context_wide`).
         """
         e_ad = np.asarray(e_ad_BxNxD, np.float32)
         b, n, d = e_ad.shape
@@ -363,7 +379,9 @@ class Scorer:
         bb = bucket_for(b, self.settings.batch_buckets, "requests")
         nb = bucket_for(n, self.settings.buckets)
         padded = [pad_to(x, bb, nb) for x in (e_ad, ad_part_BxNxH, bid_BxN, quality_BxN, valid)]
-        out = self.score_padded(pad_to(e_user_BxD, bb), pad_to(e_context_BxD, bb), *padded)
+        offsets = np.zeros((b, self.spec.num_logits), np.float32) if offsets_BxL is None else offsets_BxL
+        out = self.score_padded(pad_to(e_user_BxD, bb), pad_to(e_context_BxD, bb), *padded,
+                                pad_to(np.asarray(offsets, np.float32), bb))
         out = jax.device_get(out)
         t = min(self.spec.top_n, n)
         return {k: (v[:b, :t] if k.startswith("top_") else v[:b, :n]) for k, v in out.items()}

@@ -182,7 +182,7 @@ def _compile_scorer(config, trainer, device) -> Any:
     d, h = m.embed_dim, spec.fusion_hidden[0]
     f32 = np.float32
     shapes = [((b, d), f32), ((b, d), f32), ((b, n, d), f32), ((b, n, h), f32), ((b, n), f32), ((b, n), f32),
-              ((b, n), np.bool_)]
+              ((b, n), np.bool_), ((b, spec.num_logits), f32)]
     arrays = [jax.ShapeDtypeStruct(s, t, sharding=one) for s, t in shapes]
     fn = jax.jit(lambda p, *xs: scorer_lib.score_batch(p, None, spec, *xs))
     return _compile(fn.lower(params, *arrays), "the scorer", trainer)
