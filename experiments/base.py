@@ -118,6 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Decoupled weight decay of the embedding tables; None: the same as weight_decay.
     config.optim.embedding_weight_decay = ml_collections.config_dict.placeholder(float)
     config.optim.clip_norm = 1.0  # global gradient norm; 0 disables clipping
+    config.optim.wide_lr_multiplier = 1.0  # the wide part's (model.wide) updates, relative to the rest
     config.optim.accumulation_steps = 1  # > 1: one update every k micro-batches (optax.MultiSteps)
     # Embedding tables of at least large_table_bytes (0: none) may take row-wise Adagrad instead of
     # AdamW (train/optim.py): one accumulator per row, only the batch's rows move, no weight decay;

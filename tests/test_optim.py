@@ -100,6 +100,28 @@ def test_adamw_matches_a_numpy_reference(boxed, embedding_decay):
         np.testing.assert_allclose(np.asarray(got[k]), expected[k], rtol=2e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("boxed", [False, True])
+def test_wide_lr_multiplier_scales_only_the_wide_parts_updates(boxed):
+    rng = np.random.default_rng(3)
+    raw = {"dense": {"kernel": rng.normal(size=(3, 2))}, "context_wides_search": {
+        "wide_query": {"embedding": rng.normal(size=(5, 2))}, "wide_numeric": {"kernel": rng.normal(size=(2, 2))}}}
+    box = (lambda x: nn.Partitioned(jnp.asarray(x, jnp.float32), names=(None,) * x.ndim)) if boxed else jnp.asarray
+    params = jax.tree_util.tree_map(box, raw)
+    grads = jax.tree_util.tree_map(lambda x: box(rng.normal(size=x.shape)), raw)
+    updates = {}
+    for multiplier in (1.0, 7.0):
+        tx = optim.make_optimizer(config_with(warmup_steps=1, decay_steps=10, weight_decay=0.1,
+                                              wide_lr_multiplier=multiplier))
+        u, _ = tx.update(grads, tx.init(params), params)
+        updates[multiplier] = nn.meta.unbox(u)
+    base, fast = updates[1.0], updates[7.0]
+    np.testing.assert_allclose(fast["dense"]["kernel"], base["dense"]["kernel"], rtol=1e-6)
+    for name, leaf in (("wide_query", "embedding"), ("wide_numeric", "kernel")):
+        got, want = fast["context_wides_search"][name][leaf], base["context_wides_search"][name][leaf]
+        assert np.abs(want).min() > 0
+        np.testing.assert_allclose(got, 7.0 * want, rtol=1e-5, err_msg=name)
+
+
 def test_decay_mask_spares_biases_and_layer_norm():
     params = {"block": {"dense": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
                         "layer_norm": {"scale": np.ones(2), "bias": np.ones(2)}},

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from multitower_jax.train import trainer as trainer_lib
-from multitower_jax.train import sharding
+from multitower_jax.train import metrics, sharding
 from tests.conftest import synthetic_config
 
 
@@ -87,6 +87,10 @@ def test_eval_report_and_predictions(synthetic_dir, tmp_path):
     assert again["oracle_ctr_auc"] == pytest.approx(roc_auc_score(table["click"], table["p_click"]), abs=1e-9)
     clicked = table["click"] > 0
     assert again["cvr_auc"] == pytest.approx(roc_auc_score(table["conversion"][clicked], table["pcvr"][clicked]), abs=1e-9)
+    oracle_ctcvr = table["p_click"] * table["p_convert_given_click"]
+    assert again["expected_ctcvr_auc"] == pytest.approx(metrics.expected_auc(table["pctcvr"], oracle_ctcvr), abs=1e-12)
+    assert again["expected_ctr_auc"] == pytest.approx(metrics.expected_auc(table["pctr"], table["p_click"]), abs=1e-12)
+    assert again["oracle_expected_ctr_auc"] > max(again["expected_ctr_auc"], 0.5)  # 10 steps: far below the oracle
     assert (workdir / "eval_test.json").exists()
 
 

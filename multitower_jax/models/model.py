@@ -352,5 +352,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if o.get("embedding_weight_decay") is not None:
         _positive_number(o.get("embedding_weight_decay"), "optim.embedding_weight_decay", allow_zero=True)
     _positive_number(o.get("clip_norm"), "optim.clip_norm", allow_zero=True)
+    _positive_number(o.get("wide_lr_multiplier", 1.0), "optim.wide_lr_multiplier")
     if not _positive_int(o.get("accumulation_steps")):
         _fail("optim.accumulation_steps", "a positive integer", o.get("accumulation_steps"))

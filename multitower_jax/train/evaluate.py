@@ -81,6 +81,14 @@ def report(pred: Mapping[str, np.ndarray]) -> dict[str, Any]:
         out.update(metrics.binary_report("oracle_cvr", pred["p_convert_given_click"][clicked], conversion[clicked]))
         out.update(metrics.binary_report("oracle_ctcvr", oracle_ctcvr, click * conversion))
         out["oracle_cvr_entire_space_auc"] = metrics.auc(pred["p_convert_given_click"], conversion)
+        # Expected AUCs against the oracle's probabilities: what the test AUC would be without label
+        # noise (CVR over every impression, as if each were clicked). Compare runs with these.
+        expected = {"ctr": (pred["pctr"], pred["p_click"])}
+        if "pcvr" in pred:
+            expected.update(cvr=(pred["pcvr"], pred["p_convert_given_click"]), ctcvr=(pred["pctcvr"], oracle_ctcvr))
+        for name, (score, prob) in expected.items():
+            out[f"expected_{name}_auc"] = metrics.expected_auc(score, prob)
+            out[f"oracle_expected_{name}_auc"] = metrics.expected_auc(prob, prob)
     out.update(seen_report(pred))
     return out
 

@@ -31,6 +31,26 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def expected_auc(scores: np.ndarray, probs: np.ndarray) -> float:
+    """The AUC that `scores` get in expectation when row i's label is drawn positive with
+    probability ``probs[i]``: over ordered pairs i != j weighted by probs[i] (1 - probs[j]), the
+    share where i scores higher (ties count 1/2). On synthetic data, with the oracle's
+    probabilities, it is the test AUC without the label noise (~0.006 on 50k rows).
+    NaN when the weights vanish (all probabilities 0, or all 1)."""
+    scores = np.asarray(scores, np.float64)
+    q = np.asarray(probs, np.float64)
+    order = np.argsort(scores, kind="mergesort")
+    s, q = scores[order], q[order]
+    neg = 1.0 - q
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(s)) + 1])
+    group = np.repeat(np.arange(len(starts)), np.diff(np.concatenate([starts, [s.size]])))
+    group_neg = np.add.reduceat(neg, starts) if s.size else np.zeros(0)
+    below = np.concatenate([[0.0], np.cumsum(group_neg)[:-1]])  # negative mass of lower groups
+    wins = q * (below[group] + 0.5 * (group_neg[group] - neg))  # (a row is not its own pair)
+    total = q.sum() * neg.sum() - (q * neg).sum()
+    return float(wins.sum() / total) if total > 0 else float("nan")
+
+
 def logloss(probs: np.ndarray, labels: np.ndarray) -> float:
     p = np.clip(np.asarray(probs, np.float64), _EPS, 1 - _EPS)
     y = np.asarray(labels, np.float64)

@@ -64,6 +64,13 @@ def embedding_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: _last_name(path) in EMBEDDING_NAMES, params)
 
 
+def wide_mask(params: Any) -> Any:
+    """True for the parameters of the model's `Wide` part (named ``wide_*``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(isinstance(k, jax.tree_util.DictKey) and str(k.key).startswith("wide_") for k in path),
+        params)
+
+
 def _dense_parts(config: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
     """AdamW with the schedule and the decoupled weight decay(s), after clipping."""
     o = config.optim
@@ -105,6 +112,9 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> opt
         parts.append(_without_boxed_masks(optax.multi_transform(
             {"dense": optax.chain(*_dense_parts(config)), "rowwise": rowwise},
             lambda p: jax.tree.map(lambda big: "rowwise" if big else "dense", large_table_mask(p, threshold)))))
+    wide_lr = float(o.get("wide_lr_multiplier", 1.0))
+    if wide_lr != 1.0:  # Wide & Deep trains its wide part at its own (higher) rate
+        parts.append(_without_boxed_masks(optax.masked(optax.scale(wide_lr), wide_mask)))
     tx = optax.chain(*parts)
     steps = int(o.accumulation_steps)
     if steps > 1:
