@@ -23,7 +23,7 @@ def jit(fn, **kwargs):
 
 
 # Compiled once each: op-by-op dispatch would compile every primitive separately.
-_STATIC = ("head", "ctr_weight", "cvr_weight", "temperature", "logq_correction", "l2_normalize", "mesh", "config",
+_STATIC = ("head", "ctr_weight", "cvr_weight", "wide_cvr_weight", "temperature", "logq_correction", "l2_normalize", "mesh", "config",
            "positives")
 
 
@@ -146,6 +146,21 @@ def test_ranking_loss_esmm_and_ctr():
     assert set(terms) == {"ctr_loss", "ctcvr_loss"}  # no direct CVR loss
     loss_ctr, _ = losses.ranking_loss({"ctr_logit": ctr_logit}, batch, "ctr")
     np.testing.assert_allclose(float(loss_ctr), np_bce(ctr_logit, batch["click"], WEIGHTS), rtol=1e-5)
+
+
+def test_esmm_with_the_wide_cvr_term_adds_a_clicked_rows_bce_of_the_wide_logit():
+    batch = ranking_batch()
+    ctr_logit, cvr_logit = LOGITS, RNG.normal(0, 2, 64).astype(np.float32)
+    wide = RNG.normal(0, 1, 64).astype(np.float32)
+    outputs = {"ctr_logit": ctr_logit, "cvr_logit": cvr_logit, "wide_cvr_logit": wide}
+    plain, _ = losses.ranking_loss(outputs, batch, "esmm")  # weight 0: the wide logit is not a term
+    loss, terms = losses.ranking_loss(outputs, batch, "esmm", wide_cvr_weight=0.5)
+    clicked = batch["click"] > 0
+    expected = np_bce(wide[clicked], batch["conversion"][clicked], WEIGHTS[clicked])
+    np.testing.assert_allclose(float(terms["wide_cvr_loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(plain) + 0.5 * expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="model.wide=True"):
+        losses.ranking_loss({"ctr_logit": ctr_logit, "cvr_logit": cvr_logit}, batch, "esmm", wide_cvr_weight=0.5)
 
 
 # --- retrieval: in-batch sampled softmax with logQ correction ------------------------------------

@@ -480,9 +480,9 @@ def test_wide_offsets_match_a_numpy_reference_and_start_at_zero():
     w = np.asarray(p["wide_numeric"]["kernel"])  # rows: pages, vec[0], vec[1]
     assert hour.shape == (6, 2) and query.shape == (9, 2) and tags.shape == (5, 2) and w.shape == (3, 2)
     expected = np.stack([
-        hour[0] + query[3] + 2 * query[7] + tags[1] + tags[4] + np.array([0.5, 1.0, 2.0]) @ w,
+        hour[0] + (query[3] + 2 * query[7]) / 3 + (tags[1] + tags[4]) / 2 + np.array([0.5, 1.0, 2.0]) @ w,
         hour[5] + 0.0 + tags[2] + np.array([-2.0, 0.0, -1.0]) @ w,
-    ])
+    ]) + np.asarray(p["wide_bias"])
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -202,6 +202,8 @@ class MultiTowerModel(nn.Module):
         e_context_BxD, offsets_BxK = self.embed_context_wide(batch["context"], placement, train)
         e_ad_BxD = self.embed_ad(batch["ad"], train)
         out = dict(self.score_embeddings(e_user_BxD, e_context_BxD, e_ad_BxD, placement, train, offsets_BxK))
+        if offsets_BxK is not None and offsets_BxK.shape[-1] > 1:  # the wide part's own CVR logit
+            out["wide_cvr_logit"] = offsets_BxK[:, 1]
         out.update(e_user=e_user_BxD, e_context=e_context_BxD, e_ad=e_ad_BxD)
         return out
 
@@ -334,6 +336,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     loss = config.loss
     for key in ("alpha", "beta", "ctr_weight", "cvr_weight"):
         _positive_number(loss.get(key), f"loss.{key}", allow_zero=True)
+    _positive_number(loss.get("wide_cvr_weight", 0.0), "loss.wide_cvr_weight", allow_zero=True)
+    if loss.get("wide_cvr_weight", 0.0) and not (m.get("wide", False) and m.head == "esmm"):
+        _fail("loss.wide_cvr_weight", "0 unless model.wide=True and model.head='esmm'", loss.wide_cvr_weight)
     _positive_number(loss.get("temperature"), "loss.temperature")
     _choice(loss.get("retrieval_positives", "clicks"), "loss.retrieval_positives", ("clicks", "impressions"))
     for key in ("logq_correction", "l2_normalize"):

@@ -1,11 +1,12 @@
 """The "wide" part of Wide & Deep for the context tower: its raw features -> one offset per head
 logit, linear in the features.
 
-Each categorical id, multi-hot item and text token has its own learned weight per logit, summed
-over the row's items and tokens (a one-hot logistic regression's sum: a buy word adds its weight
-whatever the query's length), and the numeric and dense columns one linear map; everything
-starts at zero, so training starts from the deep model and an id never seen in train adds
-nothing.
+Each categorical id, multi-hot item (mean over the row's items) and text token (mean over each
+text feature's tokens) has its own learned weight per logit, the numeric and dense columns one
+linear map, and each logit a bias; everything starts at zero, so training starts from the deep
+model and an id never seen in train adds nothing. (Summing over the tokens instead, as a one-hot
+logistic regression does, gave a lower validation AUC: CTR 0.750 vs 0.754 and CTCVR 0.804 vs
+0.813 at step 1,000 of the quickstart.)
 
 Why: a tower compresses its features into the embedding that CTR and retrieval shape. A signal
 that matters mostly for conversions gets squeezed out: on the quickstart world the model's pCVR
@@ -64,8 +65,7 @@ class Wide(nn.Module):
             elif isinstance(f, F.MultiHot | F.Text):  # ids + 1 / tokens: 0 is padding
                 rows = f.num_embeddings if isinstance(f, F.MultiHot) else f.vocab_size
                 ids_BxL = x.astype(jnp.int32)
-                weights_BxLxK = self._table(rows, f"wide_{f.name}")(ids_BxL)
-                term_BxK = jnp.sum(jnp.where((ids_BxL > 0)[..., None], weights_BxLxK, 0.0), axis=1)
+                term_BxK = layers.masked_mean(self._table(rows, f"wide_{f.name}")(ids_BxL), ids_BxL > 0)
             elif isinstance(f, F.Numeric):
                 columns.append(x.astype(jnp.float32)[:, None])
                 continue
@@ -82,4 +82,4 @@ class Wide(nn.Module):
             total_BxK = term_BxK if total_BxK is None else total_BxK + term_BxK
         if total_BxK is None:
             raise ValueError(f"tower {self.spec.name!r} has no features")
-        return total_BxK
+        return total_BxK + self.param("wide_bias", layers.partitioned(_ZEROS, (None,)), (self.num_logits,))

@@ -38,6 +38,7 @@ class LossConfig:
     ctr_weight: float = 0.7
     cvr_weight: float = 0.3
     retrieval_positives: str = "clicks"  # "clicks" | "impressions": the rows whose ad is a positive
+    wide_cvr_weight: float = 0.0  # esmm: weight of BCE(the wide part's CVR logit, conversion) on clicked rows
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossConfig:
@@ -53,6 +54,7 @@ class LossConfig:
             ctr_weight=float(loss.ctr_weight),
             cvr_weight=float(loss.cvr_weight),
             retrieval_positives=str(loss.get("retrieval_positives", "clicks")),
+            wide_cvr_weight=float(loss.get("wide_cvr_weight", 0.0)),
         )
 
 
@@ -102,13 +104,18 @@ def ctcvr_bce(ctr_logit_B: Array, cvr_logit_B: Array, labels_B: Array, weights_B
 
 
 def ranking_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any], head: str,
-                 ctr_weight: float = 0.7, cvr_weight: float = 0.3) -> tuple[Array, dict[str, Array]]:
+                 ctr_weight: float = 0.7, cvr_weight: float = 0.3,
+                 wide_cvr_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
     """The head's loss and its terms.
 
     ctr      BCE(ctr_logit, click)
     ctr_cvr  ctr_weight * BCE(ctr_logit, click) + cvr_weight * BCE(cvr_logit, conversion) on
              clicked rows only (a non-click says nothing about conversion given a click)
-    esmm     BCE(ctr_logit, click) + BCE(pCTR x pCVR, click x conversion); no direct CVR term
+    esmm     BCE(ctr_logit, click) + BCE(pCTR x pCVR, click x conversion); no direct CVR term on
+             the deep model. With `wide_cvr_weight` > 0 and a wide part (``wide_cvr_logit``), also
+             wide_cvr_weight * BCE(wide_cvr_logit, conversion) on clicked rows: the wide part's CVR
+             column is fitted as a logistic regression of conversion given click (its gradient
+             reaches the wide part only), and is part of the CVR logit the CTCVR term sees.
     """
     click_B = jnp.asarray(batch["click"], jnp.float32)
     conversion_B = jnp.asarray(batch["conversion"], jnp.float32)
@@ -121,6 +128,11 @@ def ranking_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any], head: s
         return ctr_weight * ctr + cvr_weight * cvr, {"ctr_loss": ctr, "cvr_loss": cvr}
     if head == "esmm":
         ctcvr = ctcvr_bce(outputs["ctr_logit"], outputs["cvr_logit"], click_B * conversion_B, weight_B)
+        if wide_cvr_weight > 0:
+            if "wide_cvr_logit" not in outputs:
+                raise ValueError("loss.wide_cvr_weight > 0 needs the model's wide part (model.wide=True)")
+            wide = weighted_bce(outputs["wide_cvr_logit"], conversion_B, weight_B * click_B)
+            return ctr + ctcvr + wide_cvr_weight * wide, {"ctr_loss": ctr, "ctcvr_loss": ctcvr, "wide_cvr_loss": wide}
         return ctr + ctcvr, {"ctr_loss": ctr, "ctcvr_loss": ctcvr}
     raise ValueError(f"head: expected 'ctr', 'ctr_cvr' or 'esmm', got {head!r}")
 
@@ -197,7 +209,8 @@ def retrieval_loss(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, bat
 def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any], config: LossConfig,
                mesh: Mesh | None = None, data_axis: str | tuple[str, ...] = "data") -> tuple[Array, dict[str, Array]]:
     """alpha * ranking + beta * retrieval, and a dict of every term (for logging)."""
-    ranking, metrics = ranking_loss(outputs, batch, config.head, config.ctr_weight, config.cvr_weight)
+    ranking, metrics = ranking_loss(outputs, batch, config.head, config.ctr_weight, config.cvr_weight,
+                                    config.wide_cvr_weight)
     total = config.alpha * ranking
     metrics = dict(metrics, ranking_loss=ranking)
     if config.beta > 0:
