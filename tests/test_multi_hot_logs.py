@@ -4,10 +4,13 @@ separator or list columns, `min_count` counted in the statistics pass, clear err
 import hashlib
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from multitower_jax import features as F
 from multitower_jax.data import logs, multi_hot, preprocess
+from multitower_jax.retrieval import export
+from multitower_jax.serving import requests as requests_lib
 from tests.test_logs import T0, make_config, make_rows, write
 
 GENRES = ("Comedy", "Drama", "Film-Noir", "Children's", "Sci-Fi")
@@ -133,3 +136,26 @@ def test_bad_specs_name_the_key(change, fragment):
            "context": {"search": {"g": dict(type="multi_hot", size=5, max_items=2, dim=2, **change)}}}
     with pytest.raises(F.SpecError, match=f"config.features.context.search.g.*{fragment}"):
         F.parse_spec(raw)
+
+
+def test_requests_and_catalogues_take_string_lists_as_ingest_stores_them(tmp_path):
+    """A request's lists of strings and a catalogue's list<string> column or text cells become the
+    stored items that ingest writes for the same lists, so a tower sees one id per genre everywhere."""
+    config, spec = _config(tmp_path / "a.parquet")
+    write(tmp_path / "a.parquet", _rows(spec, "parquet"))
+    rows, _ = _train(config, spec)
+    genres, tags = spec.context("search")["genres"], spec.context("search")["tags"]
+    np.testing.assert_array_equal(requests_lib.raw_column(genres, GENRE_LISTS, "request.context.genres"),
+                                  rows["context.genres"])
+    np.testing.assert_array_equal(requests_lib.raw_column(tags, TAG_LISTS, "request.context.tags"), rows["context.tags"])
+    with pytest.raises(requests_lib.RequestError, match=r"request.context.filters: .*encoding 'vocab' or 'hash'"):
+        requests_lib.raw_column(spec.context("search")["filters"], [["Comedy"]], "request.context.filters")
+    with pytest.raises(requests_lib.RequestError, match="expected a list of strings"):
+        requests_lib.raw_column(genres, ["Comedy"], "request.context.genres")
+    catalogue = pa.record_batch({"genres": pa.array(GENRE_LISTS, pa.list_(pa.string())),
+                                 "tags": pa.array([";".join(t) for t in TAG_LISTS])})
+    path = tmp_path / "ads.parquet"
+    np.testing.assert_array_equal(export._column(catalogue, "genres", genres, 0, path), rows["context.genres"])
+    np.testing.assert_array_equal(export._column(catalogue, "tags", tags, 0, path), rows["context.tags"])
+    with pytest.raises(export.CatalogueError, match=r"ads.parquet: column 'genres' holds strings.*'ids'"):
+        export._column(catalogue, "genres", spec.context("search")["filters"], 0, path)

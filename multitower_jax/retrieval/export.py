@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from multitower_jax import features as F
-from multitower_jax.data import schema
+from multitower_jax.data import multi_hot, schema
 from multitower_jax.retrieval import targeting as targeting_lib
 from multitower_jax.retrieval.index import MANIFEST, atomic_dir, check_replaceable, query_rule
 
@@ -74,19 +74,31 @@ def _raw_categorical(col: pa.Array, name: str, feature: F.Categorical, path: Pat
                          "(integer ids); give it encoding 'hash' or 'vocab', or store the ids")
 
 
-def _multi_hot(col: pa.Array, name: str, feature: F.MultiHot, first_row: int, path: Path) -> np.ndarray:
-    """Lists of ids of any length (as in the logs) -> [N, max_items] padded with -1, truncated."""
-    values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
-    parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    try:
-        values = values.astype(np.int64)
-    except (TypeError, ValueError):
-        raise CatalogueError(f"{path}: column {name!r}: expected lists of integer ids, got {col.type}") from None
-    pos = np.arange(len(values)) - np.searchsorted(parents, parents)
-    keep = pos < feature.max_items
-    out = np.full((len(col), feature.max_items), -1, np.int64)
-    out[parents[keep], pos[keep]] = values[keep]
-    return out
+_STRINGS = (pa.string(), pa.large_string())
+
+
+def _multi_hot(col: pa.Array, name: str, feature: F.MultiHot, path: Path) -> np.ndarray:
+    """Lists of any length (as in the logs) -> [N, max_items] stored items padded with -1, cut:
+    integer ids, or for a vocab / hash feature strings (a list column, or text cells such as
+    "Comedy|Drama" split at the feature's separator; `multi_hot`)."""
+    if col.type in _STRINGS:
+        parents, values = multi_hot.split_text(col, feature.separator)
+    else:
+        parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = pc.list_flatten(col)
+    if values.type in _STRINGS:
+        if feature.encoding == "ids":
+            raise CatalogueError(f"{path}: column {name!r} holds strings, but feature {feature.name!r} has encoding "
+                                 "'ids' (integer ids); give it encoding 'vocab' or 'hash', or store the ids")
+        items = (multi_hot.vocab_indices(values, feature) if feature.encoding == "vocab"
+                 else multi_hot.hash_keys(values))
+    else:
+        try:
+            items = values.to_numpy(zero_copy_only=False).astype(np.int64)
+        except (TypeError, ValueError):
+            raise CatalogueError(f"{path}: column {name!r}: expected {multi_hot.expected(feature)}, "
+                                 f"got {col.type}") from None
+    return multi_hot.pack(parents, items, len(col), feature.max_items)[0]
 
 
 def _column(batch: pa.RecordBatch, name: str, feature: F.Feature | type, first_row: int, path: Path) -> np.ndarray:
@@ -98,10 +110,11 @@ def _column(batch: pa.RecordBatch, name: str, feature: F.Feature | type, first_r
     if col.null_count:
         bad = first_row + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise CatalogueError(f"{path}: row {bad}, column {name!r} is null")
-    if isinstance(feature, F.Categorical) and col.type in (pa.string(), pa.large_string()):
+    if isinstance(feature, F.Categorical) and col.type in _STRINGS:
         return _raw_categorical(col, name, feature, path)
-    if isinstance(feature, F.MultiHot) and isinstance(col.type, pa.ListType | pa.LargeListType):
-        return _multi_hot(col, name, feature, first_row, path)
+    if isinstance(feature, F.MultiHot) and (isinstance(col.type, pa.ListType | pa.LargeListType)
+                                            or (col.type in _STRINGS and feature.encoding != "ids")):
+        return _multi_hot(col, name, feature, path)
     if isinstance(feature, F.Dense | F.MultiHot):
         width = feature.dim if isinstance(feature, F.Dense) else feature.max_items
         lengths = col.value_lengths().to_numpy(zero_copy_only=False) if hasattr(col, "value_lengths") else None

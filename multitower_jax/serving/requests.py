@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from multitower_jax import features as F
-from multitower_jax.data import schema
+from multitower_jax.data import multi_hot, schema
 
 REQUEST_KEYS = ("placement", "user_id", "user", "context", "top_n", "country", "device_type")
 
@@ -124,14 +124,12 @@ def raw_column(feature: F.Feature, values: Sequence[Any], where: str) -> np.ndar
             if out.shape != (len(values), *shape) or not np.isfinite(out).all():
                 raise RequestError(f"{where}: expected a list of {feature.dim} finite numbers")
             return out.astype(np.float16)  # as the pipeline and the export feed dense features
-        if isinstance(feature, F.MultiHot):
-            out = np.full((len(values), feature.max_items), -1, np.int64)
-            for i, items in enumerate(values):
+        if isinstance(feature, F.MultiHot):  # ids, or strings of a vocab / hash feature
+            for items in values:
                 if not isinstance(items, Sequence) or isinstance(items, str):
-                    raise RequestError(f"{where}: expected a list of integer ids, got {items!r}")
-                ids = [_int(v, where) for v in items][: feature.max_items]
-                out[i, : len(ids)] = ids
-            return out
+                    raise RequestError(f"{where}: expected {multi_hot.expected(feature)}, got {items!r}")
+            return multi_hot.encode_lists([[v if isinstance(v, str) else _int(v, where) for v in items]
+                                           for items in values], feature)
     except (TypeError, ValueError) as e:
         if isinstance(e, RequestError):
             raise
