@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.ctr_weight = 0.7  # head "ctr_cvr": 0.7 * BCE(click) + 0.3 * BCE(conversion | click)
     config.loss.cvr_weight = 0.3
     config.loss.retrieval_positives = "clicks"  # or "impressions": every shown ad is its row's positive
-    config.loss.wide_cvr_weight = 0.0  # esmm + model.wide: BCE(the wide CVR logit, conversion | click)
+    config.loss.wide_cvr_weight = 0.0  # model.wide: BCE(the wide CVR logit, conversion | click)
 
     # AdamW, linear warm-up init_lr -> peak_lr, then cosine decay to end_lr over decay_steps.
     config.optim = ml_collections.ConfigDict()

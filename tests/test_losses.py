@@ -148,19 +148,22 @@ def test_ranking_loss_esmm_and_ctr():
     np.testing.assert_allclose(float(loss_ctr), np_bce(ctr_logit, batch["click"], WEIGHTS), rtol=1e-5)
 
 
-def test_esmm_with_the_wide_cvr_term_adds_a_clicked_rows_bce_of_the_wide_logit():
+@pytest.mark.parametrize("head", ["esmm", "ctr_cvr"])
+def test_the_wide_cvr_term_adds_a_clicked_rows_bce_of_the_wide_logit(head):
     batch = ranking_batch()
     ctr_logit, cvr_logit = LOGITS, RNG.normal(0, 2, 64).astype(np.float32)
     wide = RNG.normal(0, 1, 64).astype(np.float32)
     outputs = {"ctr_logit": ctr_logit, "cvr_logit": cvr_logit, "wide_cvr_logit": wide}
-    plain, _ = losses.ranking_loss(outputs, batch, "esmm")  # weight 0: the wide logit is not a term
-    loss, terms = losses.ranking_loss(outputs, batch, "esmm", wide_cvr_weight=0.5)
+    plain, _ = losses.ranking_loss(outputs, batch, head)  # weight 0: the wide logit is not a term
+    loss, terms = losses.ranking_loss(outputs, batch, head, wide_cvr_weight=0.5)
     clicked = batch["click"] > 0
     expected = np_bce(wide[clicked], batch["conversion"][clicked], WEIGHTS[clicked])
     np.testing.assert_allclose(float(terms["wide_cvr_loss"]), expected, rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(plain) + 0.5 * expected, rtol=1e-5)
     with pytest.raises(ValueError, match="model.wide=True"):
-        losses.ranking_loss({"ctr_logit": ctr_logit, "cvr_logit": cvr_logit}, batch, "esmm", wide_cvr_weight=0.5)
+        losses.ranking_loss({"ctr_logit": ctr_logit, "cvr_logit": cvr_logit}, batch, head, wide_cvr_weight=0.5)
+    ctr_only, _ = losses.ranking_loss(outputs, batch, "ctr", wide_cvr_weight=0.5)  # no CVR logit: ignored
+    np.testing.assert_allclose(float(ctr_only), np_bce(ctr_logit, batch["click"], WEIGHTS), rtol=1e-5)
 
 
 # --- retrieval: in-batch sampled softmax with logQ correction ------------------------------------

@@ -337,8 +337,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("alpha", "beta", "ctr_weight", "cvr_weight"):
         _positive_number(loss.get(key), f"loss.{key}", allow_zero=True)
     _positive_number(loss.get("wide_cvr_weight", 0.0), "loss.wide_cvr_weight", allow_zero=True)
-    if loss.get("wide_cvr_weight", 0.0) and not (m.get("wide", False) and m.head == "esmm"):
-        _fail("loss.wide_cvr_weight", "0 unless model.wide=True and model.head='esmm'", loss.wide_cvr_weight)
+    if loss.get("wide_cvr_weight", 0.0) and not m.get("wide", False):
+        _fail("loss.wide_cvr_weight", "0 unless model.wide=True (it fits the wide part's CVR logit)",
+              loss.wide_cvr_weight)
     _positive_number(loss.get("temperature"), "loss.temperature")
     _choice(loss.get("retrieval_positives", "clicks"), "loss.retrieval_positives", ("clicks", "impressions"))
     for key in ("logq_correction", "l2_normalize"):

@@ -38,7 +38,7 @@ class LossConfig:
     ctr_weight: float = 0.7
     cvr_weight: float = 0.3
     retrieval_positives: str = "clicks"  # "clicks" | "impressions": the rows whose ad is a positive
-    wide_cvr_weight: float = 0.0  # esmm: weight of BCE(the wide part's CVR logit, conversion) on clicked rows
+    wide_cvr_weight: float = 0.0  # BCE(the wide part's CVR logit, conversion) on clicked rows (CVR heads)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossConfig:
@@ -111,11 +111,13 @@ def ranking_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any], head: s
     ctr      BCE(ctr_logit, click)
     ctr_cvr  ctr_weight * BCE(ctr_logit, click) + cvr_weight * BCE(cvr_logit, conversion) on
              clicked rows only (a non-click says nothing about conversion given a click)
-    esmm     BCE(ctr_logit, click) + BCE(pCTR x pCVR, click x conversion); no direct CVR term on
-             the deep model. With `wide_cvr_weight` > 0 and a wide part (``wide_cvr_logit``), also
-             wide_cvr_weight * BCE(wide_cvr_logit, conversion) on clicked rows: the wide part's CVR
-             column is fitted as a logistic regression of conversion given click (its gradient
-             reaches the wide part only), and is part of the CVR logit the CTCVR term sees.
+    esmm     BCE(ctr_logit, click) + BCE(pCTR x pCVR, click x conversion); no direct CVR term
+
+    With a wide part (``wide_cvr_logit`` in `outputs`) and a CVR head, `wide_cvr_weight` > 0 adds
+    wide_cvr_weight * BCE(wide_cvr_logit, conversion) on clicked rows: the wide part's CVR column
+    is fitted as a logistic regression of conversion given click (its gradient reaches the wide
+    part only); it is also part of the CVR logit the other terms see. The "ctr" head has no CVR
+    logit and ignores it, as ESMM ignores `ctr_weight` and `cvr_weight`.
     """
     click_B = jnp.asarray(batch["click"], jnp.float32)
     conversion_B = jnp.asarray(batch["conversion"], jnp.float32)
@@ -125,16 +127,18 @@ def ranking_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any], head: s
         return ctr, {"ctr_loss": ctr}
     if head == "ctr_cvr":
         cvr = weighted_bce(outputs["cvr_logit"], conversion_B, weight_B * click_B)
-        return ctr_weight * ctr + cvr_weight * cvr, {"ctr_loss": ctr, "cvr_loss": cvr}
-    if head == "esmm":
+        loss, terms = ctr_weight * ctr + cvr_weight * cvr, {"ctr_loss": ctr, "cvr_loss": cvr}
+    elif head == "esmm":
         ctcvr = ctcvr_bce(outputs["ctr_logit"], outputs["cvr_logit"], click_B * conversion_B, weight_B)
-        if wide_cvr_weight > 0:
-            if "wide_cvr_logit" not in outputs:
-                raise ValueError("loss.wide_cvr_weight > 0 needs the model's wide part (model.wide=True)")
-            wide = weighted_bce(outputs["wide_cvr_logit"], conversion_B, weight_B * click_B)
-            return ctr + ctcvr + wide_cvr_weight * wide, {"ctr_loss": ctr, "ctcvr_loss": ctcvr, "wide_cvr_loss": wide}
-        return ctr + ctcvr, {"ctr_loss": ctr, "ctcvr_loss": ctcvr}
-    raise ValueError(f"head: expected 'ctr', 'ctr_cvr' or 'esmm', got {head!r}")
+        loss, terms = ctr + ctcvr, {"ctr_loss": ctr, "ctcvr_loss": ctcvr}
+    else:
+        raise ValueError(f"head: expected 'ctr', 'ctr_cvr' or 'esmm', got {head!r}")
+    if wide_cvr_weight > 0:
+        if "wide_cvr_logit" not in outputs:
+            raise ValueError("loss.wide_cvr_weight > 0 needs the model's wide part (model.wide=True)")
+        wide = weighted_bce(outputs["wide_cvr_logit"], conversion_B, weight_B * click_B)
+        loss, terms = loss + wide_cvr_weight * wide, {**terms, "wide_cvr_loss": wide}
+    return loss, terms
 
 
 def _constrain(x: Array, mesh: Mesh | None, spec: P) -> Array:
