@@ -18,16 +18,14 @@ Only the context tower has one: its offsets are per request, computed with E_con
 scorer adds them to every candidate's logits at no per-candidate cost. A user-side offset would
 have to ride in the user cache and an ad-side one travel with the catalogue (like the fusion's
 ad part). Fitted offline on the quickstart (a logistic regression of conversion given click,
-times the model's pCTR; expected AUC against the oracle's probabilities), the query words alone
-lift CTCVR from 0.828 to 0.840, the user's conversion history adds nothing on top (0.840) and
+times the model's pCTR; expected AUC against the oracle's probabilities), the buy word alone
+lifts CTCVR from 0.828 to 0.840, the user's conversion history adds nothing on top (0.840) and
 the ad's historical rates 0.001.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,7 +34,6 @@ from multitower_jax import features as F
 from multitower_jax.models import layers
 
 Array = jax.Array
-Dtype = Any
 
 _ZEROS = nn.initializers.zeros_init()
 
