@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "synthetic"  # or "logs" (Parquet / CSV / JSONL impression logs)
+    # "explicit": rows are impressions, clicked or not. "implicit": every row is an interaction (a
+    # positive; the logs need no click / conversion columns), the towers train by the retrieval
+    # loss alone (loss.alpha 0, retrieval_positives "impressions") and early stopping watches a
+    # retrieval hit rate: experiments/implicit_feedback.py.
+    config.data.feedback = "explicit"
     config.data.dir = ""  # where `multitower generate` / `multitower ingest` wrote the TFDS data
     config.data.placements = ("search",)
     config.data.block_size = 256  # impressions per ArrayRecord record (columnar blocks)
@@ -82,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.embed_init = "normal"  # embedding rows N(0, 1) per element, or "unit" (row norm ~1)
     config.model.tower_output = "relu"  # towers end Dense -> LayerNorm -> ReLU, or "layernorm" (both signs)
     config.model.wide = False  # wide logit offsets, linear in the context features (models/wide.py)
+    config.model.wide_init = "zeros"  # "logistic": the wide CVR column starts at a fitted LR (train/wide_init.py)
     config.model.text = ml_collections.ConfigDict()
     config.model.text.dim = 128
     config.model.text.num_layers = 2
@@ -135,6 +141,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 2_000  # evaluate on the validation split every N steps
     config.train.patience = 3  # early stopping: evaluations without a validation CTR AUC gain
     config.train.min_delta = 1e-4
+    # What early stopping watches on the validation split: "ctr_auc", "ctcvr_auc", or the towers'
+    # in-split retrieval "hit_rate_at_10" / "hit_rate_at_100" (train/evaluate.py: retrieval_report).
+    config.train.early_stopping_metric = "ctr_auc"
     config.train.checkpoint_every = 2_000
     config.train.keep_checkpoints = 2
     config.train.rng_impl = "rbg"  # PRNG for dropout: "rbg" (fast everywhere) or "threefry2x32"

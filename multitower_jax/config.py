@@ -259,6 +259,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "patience", "keep_checkpoints"):
             _require(isinstance(config.train[key], int) and config.train[key] > 0, f"train.{key}",
                      "a positive integer", config.train[key])
+        _validate_feedback(config)
     if "mesh" in config:
         _validate_mesh(config)
     if "calibration" in config:
@@ -272,6 +273,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for split in ("train", "validation", "test"):
             n = syn.impressions[split]
             _require(isinstance(n, int) and n > 0, f"synthetic.impressions.{split}", "a positive integer", n)
+
+
+# What early stopping can watch on the validation split: a head's AUC, or the towers' in-split
+# retrieval hit rate (`train.evaluate.retrieval_report`; the only choice under implicit feedback).
+RETRIEVAL_METRICS = ("hit_rate_at_10", "hit_rate_at_100")
+EARLY_STOPPING_METRICS = ("ctr_auc", "ctcvr_auc", *RETRIEVAL_METRICS)
+# "explicit": rows are impressions, clicked or not; "implicit": every row is an interaction (a
+# positive), the usual retrieval data: the model trains its towers by the retrieval loss alone.
+FEEDBACKS = ("explicit", "implicit")
+
+
+def _validate_feedback(config: ml_collections.ConfigDict) -> None:
+    metric = config.train.get("early_stopping_metric", "ctr_auc")
+    _require(metric in EARLY_STOPPING_METRICS, "train.early_stopping_metric", f"one of {EARLY_STOPPING_METRICS}",
+             metric)
+    if metric == "ctcvr_auc" and "model" in config:
+        _require(config.model.head != "ctr", "train.early_stopping_metric",
+                 "'ctr_auc' or a hit rate with model.head='ctr' (no CTCVR)", metric)
+    feedback = config.data.get("feedback", "explicit")
+    _require(feedback in FEEDBACKS, "data.feedback", f"one of {FEEDBACKS}", feedback)
+    if feedback != "implicit" or "loss" not in config:
+        return
+    why = "under data.feedback='implicit' (every row a positive: no non-clicks for the heads to learn from)"
+    _require(config.loss.alpha == 0, "loss.alpha", f"0 {why}", config.loss.alpha)
+    _require(config.loss.beta > 0, "loss.beta", f"> 0 {why}: the retrieval loss is all there is", config.loss.beta)
+    _require(config.loss.get("retrieval_positives", "clicks") == "impressions", "loss.retrieval_positives",
+             f"'impressions' {why}", config.loss.get("retrieval_positives"))
+    _require(metric in RETRIEVAL_METRICS, "train.early_stopping_metric", f"one of {RETRIEVAL_METRICS} {why}", metric)
 
 
 MESH_AXES = ("data", "model")

@@ -46,6 +46,9 @@ CHUNK_ROWS = 65_536  # rows per Parquet / JSON read batch
 SHUFFLE_BUFFER = 65_536  # rows mixed at a time, so that blocks are not time-ordered
 WORD_PATTERN = "[0-9a-z]+"  # a word of HashTokenizer (in lower-cased text); a test checks they agree
 _FLOAT16_MAX = 65504.0  # dense vectors are stored as float16 (builders.storage_dtype)
+# Under data.feedback="implicit" a file may leave out the label columns: each row is a click, and
+# a conversion only where a conversion column says so.
+IMPLICIT_LABELS = {"click": 1, "conversion": 0}
 _FAR = 2**62  # beyond any epoch second
 _NUMBER = r"^[+-]?\d+(\.\d*)?$"
 _TEXT = (pa.string(), pa.large_string())
@@ -224,6 +227,7 @@ class _Plan:
     test_start: int
     bid_column: str = "bid"  # the file column of an ad's bid (for the ads catalogue), if the files have it
     by_file: Mapping[str, tuple[int, ...]] | None = None  # split -> indices into `files` (None: by time)
+    implicit: bool = False  # data.feedback="implicit": every row a click; the label columns are optional
 
 
 def _utc(seconds: int) -> str:
@@ -310,7 +314,8 @@ def _plan(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str
     names = {c: names.get(c, c) for c in everything} | {"bid": bid_column}
     with_oracle = all(names[c] in first_columns for c in schema.ORACLE_COLUMNS)
     return _Plan(placement, files, names, schema.raw_columns(spec, placement, with_oracle), spec.columns(placement),
-                 with_oracle, splits.validation_start, splits.test_start, bid_column, splits.by_file)
+                 with_oracle, splits.validation_start, splits.test_start, bid_column, splits.by_file,
+                 config.data.get("feedback", "explicit") == "implicit")
 
 
 def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str, Counter],
@@ -362,6 +367,9 @@ def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str,
         src.check(out["bid"] <= 0, "bid", "a bid > 0", out["bid"])
     else:
         out["bid"] = np.full(batch.num_rows, np.nan)
+    if plan.implicit:  # every row is an interaction: a click (and no conversion unless the file says so)
+        for column, value in IMPLICIT_LABELS.items():
+            out.setdefault(column, np.full(batch.num_rows, value, np.int64))
     src.check((out["conversion"] == 1) & (out["click"] == 0), "conversion", "conversion=0 when click=0",
               lambda i: _Said("a conversion without a click (click=0, conversion=1)"))
     return out
@@ -407,7 +415,8 @@ def _read_split(plan: _Plan, seed: int, split: str, report: dict, seen: dict) ->
                                "line)" if fmt == "csv" else "one JSON object per line)" if fmt == "jsonl" else
                                "columns)"))
             for ours, theirs in plan.names.items():
-                if ours in plan.columns and ours != "impression_id" and theirs not in have:
+                optional = ("impression_id", *(IMPLICIT_LABELS if plan.implicit else ()))
+                if ours in plan.columns and ours not in optional and theirs not in have:
                     raise LogError(f"{path}: missing column {theirs!r} (our column {ours!r}; map another file "
                                    f"column to it with config.data.logs.columns); the file has columns {have}")
             wanted = list(dict.fromkeys([*(plan.names[c] for c in plan.columns if plan.names[c] in have),

@@ -30,7 +30,7 @@ from multitower_jax.models import towers as towers_lib
 from multitower_jax.models.fusion import FUSIONS, Fusion
 from multitower_jax.models.heads import HEADS, Heads
 from multitower_jax.models.text_encoder import TextEncoder, TextEncoderConfig
-from multitower_jax.models.wide import Wide
+from multitower_jax.models.wide import WIDE_INITS, Wide
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -321,6 +321,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail("model.share_text_encoder", "true or false", m.share_text_encoder)
     if not isinstance(m.get("wide", False), bool):
         _fail("model.wide", "true or false", m.get("wide"))
+    _choice(m.get("wide_init", "zeros"), "model.wide_init", WIDE_INITS)
+    if m.get("wide_init", "zeros") == "logistic" and not (m.get("wide", False) and heads_lib.num_logits(m.head) > 1):
+        _fail("model.wide_init", "'zeros' unless model.wide=True and the head has a CVR logit "
+              "('logistic' fits the wide part's CVR column)", m.wide_init)
     t = m.text
     for key in ("dim", "num_layers", "num_heads", "mlp_dim"):
         if key not in t or not _positive_int(t[key]):

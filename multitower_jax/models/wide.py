@@ -36,6 +36,9 @@ from multitower_jax.models import layers
 Array = jax.Array
 
 _ZEROS = nn.initializers.zeros_init()
+# How the CVR column starts (`model.wide_init`): at zero, or at a logistic regression of
+# conversion given click on the train split's clicked rows (`train.wide_init`).
+WIDE_INITS = ("zeros", "logistic")
 
 
 class Wide(nn.Module):

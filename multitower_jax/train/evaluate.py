@@ -1,4 +1,5 @@
-"""Evaluation: run the model over a split, then exact AUC / log loss per head (and for the oracle)."""
+"""Evaluation: run the model over a split, then exact AUC / log loss per head (and for the oracle),
+and, when asked for, in-split retrieval hit rates of the towers (`retrieval_report`)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,21 @@ from multitower_jax.data import pipeline
 from multitower_jax.train import metrics, sharding
 
 PREDICTION_KEYS = ("pctr", "pcvr", "pctcvr")
+EMBEDDING_KEYS = ("e_query", "e_ad")  # Q = E_user + E_context and E_ad, as the retrieval loss sees them
+HIT_RATE_KS = (10, 100)
+RETRIEVAL_CHUNK = 1024  # queries scored against every ad at once
 
 
-def make_predict_fn(model, placement: str, mesh) -> Callable:
-    """jit(params, batch) -> {pctr, pcvr, pctcvr} (those the head has), rows sharded like the batch."""
+def make_predict_fn(model, placement: str, mesh, embeddings: bool = False) -> Callable:
+    """jit(params, batch) -> {pctr, pcvr, pctcvr} (those the head has), rows sharded like the
+    batch; with `embeddings`, also the retrieval query Q and E_ad (`EMBEDDING_KEYS`)."""
 
     def predict(params, batch):
         out = model.apply({"params": params}, batch, placement, train=False)
-        return {k: out[k] for k in PREDICTION_KEYS if k in out}
+        pred = {k: out[k] for k in PREDICTION_KEYS if k in out}
+        if embeddings:
+            pred.update(e_query=out["e_user"] + out["e_context"], e_ad=out["e_ad"])
+        return pred
 
     return jax.jit(predict, out_shardings=sharding.batch_sharding(mesh))
 
@@ -63,11 +71,51 @@ def _allgather_int64(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(multihost_utils.process_allgather(pairs, tiled=True)).view(np.int64).reshape(-1)
 
 
-def report(pred: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Per head: CTR over all impressions, CVR over clicked ones, CTCVR over all; same for the oracle."""
+def _unit(x_NxD: np.ndarray) -> np.ndarray:
+    x_NxD = np.asarray(x_NxD, np.float32)
+    return x_NxD / np.maximum(np.linalg.norm(x_NxD, axis=1, keepdims=True), 1e-12)
+
+
+def retrieval_report(pred: Mapping[str, np.ndarray], ks=HIT_RATE_KS, l2_normalize: bool = True,
+                     every_row: bool = False) -> dict[str, Any]:
+    """How well the towers retrieve each positive row's ad among every distinct ad of the split.
+
+    A row's query Q = E_user + E_context scores each ad of the split (by cosine with
+    `l2_normalize`, as the retrieval loss does, else by dot product); ``hit_rate_at_<k>`` is the
+    fraction of positive rows (clicked ones; with `every_row`, as under implicit feedback, every
+    row) whose own ad is among the k best, ties counted in its favour;
+    ``retrieval_mrr`` the mean reciprocal rank. Costs N x A x D multiply-adds on the host (N
+    positive rows, A distinct ads)."""
+    ad_id = np.asarray(pred["ad_id"])
+    positive = np.ones(len(ad_id), bool) if every_row else np.asarray(pred["click"]) > 0.5
+    ads, first = np.unique(ad_id, return_index=True)
+    e_ad_AxD, q_NxD = np.asarray(pred["e_ad"], np.float32)[first], np.asarray(pred["e_query"], np.float32)[positive]
+    if l2_normalize:
+        e_ad_AxD, q_NxD = _unit(e_ad_AxD), _unit(q_NxD)
+    own_N = np.searchsorted(ads, ad_id[positive])
+    rank_N = np.zeros(len(q_NxD), np.int64)  # ads scoring strictly above the row's own ad
+    for start in range(0, len(q_NxD), RETRIEVAL_CHUNK):
+        scores = q_NxD[start:start + RETRIEVAL_CHUNK] @ e_ad_AxD.T
+        own = scores[np.arange(len(scores)), own_N[start:start + RETRIEVAL_CHUNK]]
+        rank_N[start:start + RETRIEVAL_CHUNK] = np.sum(scores > own[:, None], axis=1)
+    out: dict[str, Any] = {"retrieval_num_queries": int(len(q_NxD)), "retrieval_num_ads": int(len(ads))}
+    for k in ks:
+        out[f"hit_rate_at_{k}"] = float(np.mean(rank_N < k)) if len(q_NxD) else None
+    out["retrieval_mrr"] = float(np.mean(1.0 / (rank_N + 1))) if len(q_NxD) else None
+    return out
+
+
+def report(pred: Mapping[str, np.ndarray], implicit: bool = False, l2_normalize: bool = True) -> dict[str, Any]:
+    """Per head: CTR over all impressions, CVR over clicked ones, CTCVR over all; same for the
+    oracle; the retrieval hit rates when `pred` has the embeddings. Under `implicit` feedback
+    (every row a positive) the heads are not trained and have no AUC: only the hit rates."""
     click, conversion = pred["click"], pred["conversion"]
     clicked = click > 0.5
     out: dict[str, Any] = {"num_examples": int(len(click))}
+    if EMBEDDING_KEYS[0] in pred:
+        out.update(retrieval_report(pred, l2_normalize=l2_normalize, every_row=implicit))
+    if implicit:
+        return out
     out.update(metrics.binary_report("ctr", pred["pctr"], click))
     if "pcvr" in pred:
         out.update(metrics.binary_report("cvr", pred["pcvr"][clicked], conversion[clicked]))
@@ -128,4 +176,4 @@ def write_predictions(pred: Mapping[str, np.ndarray], path: str | os.PathLike) -
     labels = ("click", "conversion")
     with fileio.replacing(path) as tmp:
         pq.write_table(pa.table({k: np.asarray(v).astype(np.int64) if k in labels else np.asarray(v)
-                                 for k, v in pred.items()}), str(tmp))
+                                 for k, v in pred.items() if k not in EMBEDDING_KEYS}), str(tmp))

@@ -36,7 +36,7 @@ from multitower_jax import workdir as workdir_lib
 from multitower_jax.data import builders, pipeline
 from multitower_jax.data.generate import generate
 from multitower_jax.models import model as model_lib
-from multitower_jax.train import evaluate, losses, optim, sharding, text_init
+from multitower_jax.train import evaluate, losses, optim, sharding, text_init, wide_init
 from multitower_jax.train.checkpoint_fallback import CheckpointError, CorruptCheckpointWarning, newest_intact
 from multitower_jax.train.data_checkpoint import DataRestore, DataSave
 
@@ -75,7 +75,12 @@ class Trainer:
             out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
             donate_argnums=0,
         )
-        self.predict_fns = {p: evaluate.make_predict_fn(self.model, p, self.mesh) for p in self.placements}
+        # Under implicit feedback every row is a positive: the towers are judged by retrieval only.
+        self.implicit = config.data.get("feedback", "explicit") == "implicit"
+        self.stopping_metric = early_stopping_metric(config)
+        with_embeddings = self.implicit or self.stopping_metric in RETRIEVAL_METRICS
+        self.predict_fns = {p: evaluate.make_predict_fn(self.model, p, self.mesh, with_embeddings)
+                            for p in self.placements}
         self.predict = self.predict_fns[self.placement]
         self.restored_from: str | None = None  # what `restore_final` restored: "best" or "checkpoints"
 
@@ -94,7 +99,18 @@ class Trainer:
         state = init(self._key(int(self.config.seed)))
         if self.config.model.text.get("init", "random") == "lsa":
             state["params"] = self._lsa_token_tables(state["params"])
+        if self.config.model.get("wide_init", "zeros") == "logistic":
+            state["params"] = self._fitted_wide_cvr(state["params"])
         return state
+
+    def _fitted_wide_cvr(self, params: Any) -> Any:
+        """`params` with each placement's wide CVR column set to a logistic regression of
+        conversion given click on its context features, fitted on its train split (`wide_init`)."""
+        params = dict(params)
+        for p in self.placements:
+            name = f"context_wides_{p}"
+            params[name] = wide_init.warm_start_cvr(self.config, self.spec, self.stats, p, params[name])
+        return params
 
     def _lsa_token_tables(self, params: Any) -> Any:
         """`params` with every token table warm-started by LSA of the train texts (`text_init`),
@@ -184,12 +200,13 @@ class Trainer:
             pred = {**pred, **calibration_workflow.calibrated_columns(pred, calibration)}
         if predictions_path:
             evaluate.write_predictions(pred, predictions_path)
-        return {**evaluate.report(pred), **calibrated}
+        return {**evaluate.report(pred, self.implicit, bool(self.config.loss.l2_normalize)), **calibrated}
 
     def evaluate_placements(self, params: Any, split: str, predictions_path: str | None = None,
                             calibration: Any = None) -> dict[str, Any]:
         """The primary placement's report; with several placements, also ``placements``: every
-        placement's report, and ``mean_ctr_auc`` over them (what early stopping watches).
+        placement's report, and ``mean_<metric>`` over them for the early-stopping metric (what
+        early stopping watches; ``mean_ctr_auc`` by default).
         The calibration is the primary placement's, so only its report is calibrated. With
         several placements, `predictions_path` P.parquet becomes one file per placement,
         P.<placement>.parquet."""
@@ -198,8 +215,9 @@ class Trainer:
         reports = {p: self.evaluate(params, split, _placement_path(predictions_path, p),
                                     calibration if p == self.placement else None, placement=p)
                    for p in self.placements}
+        metric = self.stopping_metric
         return {**reports[self.placement], "placement": self.placement, "placements": reports,
-                "mean_ctr_auc": float(np.mean([r["ctr_auc"] for r in reports.values()]))}
+                f"mean_{metric}": float(np.mean([r[metric] for r in reports.values()]))}
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -473,9 +491,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             if step % int(t.eval_every) == 0 or step == int(t.num_steps):
                 result = trainer.evaluate_placements(state["params"], "validation")
                 log(step, {f"validation/{k}": v for k, v in _flat_floats(result).items()})
-                auc = result.get("mean_ctr_auc", result["ctr_auc"])
-                if auc > best_auc + float(t.min_delta):
-                    best_auc, bad_evals = auc, 0
+                value = result.get(f"mean_{trainer.stopping_metric}", result[trainer.stopping_metric])
+                if value is not None and value > best_auc + float(t.min_delta):  # NaN / None: no gain
+                    best_auc, bad_evals = value, 0
                     # A copy: the next step donates the state's buffers while the save may still run.
                     best.save(step, args=ocp.args.StandardSave(jax.tree.map(jnp.copy, state["params"])))
                 else:
@@ -507,7 +525,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             warnings.warn(f"{e}; testing the last step's parameters", CorruptCheckpointWarning, stacklevel=2)
     result = trainer.evaluate_placements(params, "test")
     result.update(step=step, params_step=params_step, params_from=params_from, stopped_early=stopped_early,
-                  best_validation_ctr_auc=best_auc)
+                  **{best_key(config): best_auc})
     if is_main:
         fileio.write_json(workdir / "eval_test.json", result)
         metrics_file.close()
@@ -515,13 +533,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     return result
 
 
-TRAIN_KEYS = ("step", "stopped_early", "best_validation_ctr_auc")
+RETRIEVAL_METRICS = config_lib.RETRIEVAL_METRICS
+assert RETRIEVAL_METRICS == tuple(f"hit_rate_at_{k}" for k in evaluate.HIT_RATE_KS)
+
+
+def early_stopping_metric(config: ml_collections.ConfigDict) -> str:
+    return str(config.train.get("early_stopping_metric", "ctr_auc"))
+
+
+def best_key(config: ml_collections.ConfigDict) -> str:
+    """eval_test.json's key for the best validation value of the early-stopping metric."""
+    return f"best_validation_{early_stopping_metric(config)}"
 
 
 def training_summary(trainer: Trainer) -> dict[str, Any]:
     """`train`'s own keys of eval_test.json, read back from the workdir: ``step`` (steps trained,
-    the latest checkpoint's), ``best_validation_ctr_auc`` and ``stopped_early`` (its early-stopping
-    progress; from eval_test.json for checkpoints that predate it)."""
+    the latest checkpoint's), ``best_validation_<metric>`` (`best_key`) and ``stopped_early`` (its
+    early-stopping progress; from eval_test.json for checkpoints that predate it)."""
     manager = trainer.checkpoint_manager()
     latest = manager.latest_step()
     if latest is None:
@@ -534,13 +562,13 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
                       CorruptCheckpointWarning, stacklevel=2)
         progress = {}
     if progress:
-        out["best_validation_ctr_auc"] = progress["best_auc"]
+        out[best_key(trainer.config)] = progress["best_auc"]
         out["stopped_early"] = bool(progress["bad_evals"] >= int(trainer.config.train.patience))
     else:
         previous = trainer.workdir / "eval_test.json"
         if previous.is_file():
             saved = json.loads(previous.read_text())
-            out.update({k: saved[k] for k in ("best_validation_ctr_auc", "stopped_early") if k in saved})
+            out.update({k: saved[k] for k in (best_key(trainer.config), "stopped_early") if k in saved})
     return out
 
 
@@ -548,7 +576,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path, spl
                      predictions_path: str | None = None, allow_other_run: bool = False) -> dict[str, Any]:
     """Evaluate a workdir's parameters (`Trainer.restore_final`: the best validation evaluation's,
     as `train` tests them) and write ``<workdir>/eval_<split>.json`` with `train`'s keys (``step``
-    trained, ``stopped_early``, ``best_validation_ctr_auc``) and where the parameters come from
+    trained, ``stopped_early``, ``best_validation_<metric>``) and where the parameters come from
     (``params_step``, ``params_from``)."""
     workdir = epath.Path(workdir)
     trainer = Trainer(config, workdir)
