@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.embed_init = "normal"  # embedding rows N(0, 1) per element, or "unit" (row norm ~1)
     config.model.tower_output = "relu"  # towers end Dense -> LayerNorm -> ReLU, or "layernorm" (both signs)
     config.model.wide = False  # wide logit offsets, linear in the context features (models/wide.py)
+    config.model.wide_pooling = "mean"  # or "sum": how the wide part pools tokens / multi-hot items
     config.model.wide_init = "zeros"  # "logistic": the wide CVR column starts at a fitted LR (train/wide_init.py)
     config.model.text = ml_collections.ConfigDict()
     config.model.text.dim = 128
@@ -126,6 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.embedding_weight_decay = ml_collections.config_dict.placeholder(float)
     config.optim.clip_norm = 1.0  # global gradient norm; 0 disables clipping
     config.optim.wide_lr_multiplier = 1.0  # the wide part's (model.wide) updates, relative to the rest
+    config.optim.freeze_wide_cvr = False  # true: the wide CVR column keeps its start (model.wide_init)
     config.optim.accumulation_steps = 1  # > 1: one update every k micro-batches (optax.MultiSteps)
     # Embedding tables of at least large_table_bytes (0: none) may take row-wise Adagrad instead of
     # AdamW (train/optim.py): one accumulator per row, only the batch's rows move, no weight decay;

@@ -31,23 +31,27 @@ FEATURES = {
 }
 
 
-def wide_params(seed: int = 0) -> dict:
-    module = Wide(SPEC, num_logits=2, vocab_multiple=4)  # tables padded past the vocabulary
+def wide_params(seed: int = 0, pooling: str = "mean") -> dict:
+    module = Wide(SPEC, num_logits=2, vocab_multiple=4, pooling=pooling)  # tables padded past the vocabulary
     shapes = jax.eval_shape(lambda r: module.init(r, FEATURES), jax.random.key(0))
     rng = np.random.default_rng(seed)
     variables = jax.tree_util.tree_map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), shapes)
     return module, nn.meta.unbox(variables)["params"]
 
 
-def test_design_matrix_times_the_cvr_column_is_the_wide_cvr_logit():
-    module, params = wide_params()
-    X, blocks = wide_init.design_matrix(SPEC, FEATURES)
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_design_matrix_times_the_cvr_column_is_the_wide_cvr_logit(pooling):
+    module, params = wide_params(pooling=pooling)
+    X, blocks = wide_init.design_matrix(SPEC, FEATURES, pooling)
     assert X.shape == (3, 6 + 9 + 5 + 3)  # one-hot hour (id 0 included), query tokens, tags, 3 numeric columns
     w = np.zeros(X.shape[1])
     for b in blocks:
         w[b.start:b.stop] = np.asarray(params[b.param][b.leaf])[:b.stop - b.start, 1]
     logits = np.asarray(module.apply({"params": params}, FEATURES))
     np.testing.assert_allclose(X @ w + params["wide_bias"][1], logits[:, 1], rtol=1e-5, atol=1e-6)
+    query = np.asarray(params["wide_query"]["embedding"])[:9, 1]  # row 0: tokens 3, 7, 7
+    x_query = X[0, blocks[1].start:blocks[1].stop] @ query
+    np.testing.assert_allclose(x_query, (query[3] + 2 * query[7]) / (3 if pooling == "mean" else 1), rtol=1e-6)
 
 
 def test_set_column_writes_the_fit_into_one_logit_and_keeps_the_rest():
@@ -104,3 +108,21 @@ def test_logistic_init_needs_the_wide_part_and_a_cvr_head(synthetic_dir):
     with pytest.raises(ValueError, match="model.wide_init"):
         synthetic_config(synthetic_dir, "--config.model.wide=True", "--config.model.head=ctr",
                          "--config.model.wide_init=logistic")
+
+
+def test_freeze_wide_cvr_keeps_the_cvr_column_and_trains_the_rest(synthetic_dir):
+    from multitower_jax.train import optim
+
+    config = synthetic_config(synthetic_dir, "--config.model.wide=True", "--config.optim.freeze_wide_cvr=True")
+    params = {"context_wides_search": {"wide_query": {"embedding": np.ones((5, 2), np.float32)},
+                                       "wide_bias": np.zeros(2, np.float32)},
+              "fusion": {"kernel": np.ones((3, 2), np.float32)}}
+    grads = jax.tree.map(lambda x: np.random.default_rng(0).normal(size=x.shape).astype(np.float32), params)
+    tx = optim.make_optimizer(config)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    wide = updates["context_wides_search"]
+    assert not np.asarray(wide["wide_query"]["embedding"])[:, 1].any() and not np.asarray(wide["wide_bias"])[1]
+    assert np.asarray(wide["wide_query"]["embedding"])[:, 0].all() and np.asarray(updates["fusion"]["kernel"]).all()
+    with pytest.raises(ValueError, match="optim.freeze_wide_cvr"):
+        synthetic_config(synthetic_dir, "--config.model.wide=False", "--config.loss.wide_cvr_weight=0.0",
+                         "--config.optim.freeze_wide_cvr=True")

@@ -30,7 +30,7 @@ from multitower_jax.models import towers as towers_lib
 from multitower_jax.models.fusion import FUSIONS, Fusion
 from multitower_jax.models.heads import HEADS, Heads
 from multitower_jax.models.text_encoder import TextEncoder, TextEncoderConfig
-from multitower_jax.models.wide import WIDE_INITS, Wide
+from multitower_jax.models.wide import WIDE_INITS, WIDE_POOLINGS, Wide
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -75,6 +75,7 @@ class ModelConfig:
     embed_init: str = "normal"  # embedding tables' initialization (`layers.EMBED_INITS`)
     tower_output: str = "relu"  # "relu": towers end Dense -> LayerNorm -> ReLU; "layernorm": at the LayerNorm
     wide: bool = False  # `Wide` logit offsets, linear in the context tower's features
+    wide_pooling: str = "mean"  # how the wide part pools a text's tokens and a multi-hot's items
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
@@ -98,6 +99,7 @@ class ModelConfig:
             embed_init=str(m.get("embed_init", "normal")),
             tower_output=str(m.get("tower_output", "relu")),
             wide=bool(m.get("wide", False)),
+            wide_pooling=str(m.get("wide_pooling", "mean")),
         )
 
 
@@ -160,7 +162,7 @@ class MultiTowerModel(nn.Module):
         self.heads = {p: Heads(cfg.head, dtype) for p in cfg.placements}
         if cfg.wide:
             k = heads_lib.num_logits(cfg.head)
-            self.context_wides = {p: Wide(contexts[p], k, cfg.vocab_multiple) for p in cfg.placements}
+            self.context_wides = {p: Wide(contexts[p], k, cfg.vocab_multiple, cfg.wide_pooling) for p in cfg.placements}
 
     def _check(self, placement: str) -> None:
         if placement not in self.config.placements:
@@ -322,6 +324,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(m.get("wide", False), bool):
         _fail("model.wide", "true or false", m.get("wide"))
     _choice(m.get("wide_init", "zeros"), "model.wide_init", WIDE_INITS)
+    _choice(m.get("wide_pooling", "mean"), "model.wide_pooling", WIDE_POOLINGS)
     if m.get("wide_init", "zeros") == "logistic" and not (m.get("wide", False) and heads_lib.num_logits(m.head) > 1):
         _fail("model.wide_init", "'zeros' unless model.wide=True and the head has a CVR logit "
               "('logistic' fits the wide part's CVR column)", m.wide_init)
@@ -363,5 +366,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _positive_number(o.get("embedding_weight_decay"), "optim.embedding_weight_decay", allow_zero=True)
     _positive_number(o.get("clip_norm"), "optim.clip_norm", allow_zero=True)
     _positive_number(o.get("wide_lr_multiplier", 1.0), "optim.wide_lr_multiplier")
+    if o.get("freeze_wide_cvr", False) and not (m.get("wide", False) and heads_lib.num_logits(m.head) > 1):
+        _fail("optim.freeze_wide_cvr", "false unless model.wide=True and the head has a CVR logit", o.freeze_wide_cvr)
     if not _positive_int(o.get("accumulation_steps")):
         _fail("optim.accumulation_steps", "a positive integer", o.get("accumulation_steps"))

@@ -39,6 +39,10 @@ _ZEROS = nn.initializers.zeros_init()
 # How the CVR column starts (`model.wide_init`): at zero, or at a logistic regression of
 # conversion given click on the train split's clicked rows (`train.wide_init`).
 WIDE_INITS = ("zeros", "logistic")
+# How a text's tokens (a multi-hot's items) are pooled (`model.wide_pooling`): "mean" of their
+# weights, or "sum" (a bag of words, as a one-hot logistic regression has it: a word's weight is
+# its whole effect, whatever the query's length).
+WIDE_POOLINGS = ("mean", "sum")
 
 
 class Wide(nn.Module):
@@ -47,6 +51,7 @@ class Wide(nn.Module):
     spec: F.TowerSpec
     num_logits: int
     vocab_multiple: int = 1
+    pooling: str = "mean"  # WIDE_POOLINGS
 
     def _table(self, rows: int, name: str) -> nn.Embed:
         return nn.Embed(layers.padded_rows(rows, self.vocab_multiple), self.num_logits, dtype=jnp.float32,
@@ -65,7 +70,9 @@ class Wide(nn.Module):
             elif isinstance(f, F.MultiHot | F.Text):  # ids + 1 / tokens: 0 is padding
                 rows = f.num_embeddings if isinstance(f, F.MultiHot) else f.vocab_size
                 ids_BxL = x.astype(jnp.int32)
-                term_BxK = layers.masked_mean(self._table(rows, f"wide_{f.name}")(ids_BxL), ids_BxL > 0)
+                rows_BxLxK = self._table(rows, f"wide_{f.name}")(ids_BxL)
+                term_BxK = (layers.masked_mean(rows_BxLxK, ids_BxL > 0) if self.pooling == "mean"
+                            else jnp.sum(rows_BxLxK * (ids_BxL > 0)[..., None], axis=1))
             elif isinstance(f, F.Numeric):
                 columns.append(x.astype(jnp.float32)[:, None])
                 continue

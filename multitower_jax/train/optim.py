@@ -71,6 +71,11 @@ def wide_mask(params: Any) -> Any:
         params)
 
 
+def zero_last_column() -> optax.GradientTransformation:
+    """Updates with their last column (the last logit of a `Wide` parameter: CVR) set to 0."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u: u.at[..., -1].set(0), updates))
+
+
 def _dense_parts(config: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
     """AdamW with the schedule and the decoupled weight decay(s), after clipping."""
     o = config.optim
@@ -115,6 +120,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> opt
     wide_lr = float(o.get("wide_lr_multiplier", 1.0))
     if wide_lr != 1.0:  # Wide & Deep trains its wide part at its own (higher) rate
         parts.append(_without_boxed_masks(optax.masked(optax.scale(wide_lr), wide_mask)))
+    if bool(o.get("freeze_wide_cvr", False)):  # the CVR column keeps its start (model.wide_init)
+        parts.append(_without_boxed_masks(optax.masked(zero_last_column(), wide_mask)))
     tx = optax.chain(*parts)
     steps = int(o.accumulation_steps)
     if steps > 1:

@@ -47,22 +47,24 @@ class Block:
     stop: int
 
 
-def _pooled_ids(ids_BxL: np.ndarray, width: int) -> scipy.sparse.csr_matrix:
-    """Ids [B, L] (0 = padding) -> [B, width] with 1/n at each of a row's n ids (duplicates add
-    up): the masked mean of the wide part's table rows as a matrix product."""
+def _pooled_ids(ids_BxL: np.ndarray, width: int, pooling: str) -> scipy.sparse.csr_matrix:
+    """Ids [B, L] (0 = padding) -> [B, width] with 1/n ("mean") or 1 ("sum") at each of a row's n
+    ids (duplicates add up): the wide part's pooling of its table rows as a matrix product."""
     ids_BxL = np.asarray(ids_BxL, np.int64).reshape(len(ids_BxL), -1)
     mask = ids_BxL > 0
-    n_B = np.maximum(mask.sum(axis=1), 1)
+    n_B = np.maximum(mask.sum(axis=1), 1) if pooling == "mean" else np.ones(len(ids_BxL))
     rows = np.broadcast_to(np.arange(len(ids_BxL))[:, None], ids_BxL.shape)[mask]
     values = (1.0 / n_B)[rows]
     return scipy.sparse.csr_matrix((values, (rows, ids_BxL[mask])), shape=(len(ids_BxL), width))
 
 
-def design_matrix(spec: F.TowerSpec, features: Mapping[str, np.ndarray]) -> tuple[scipy.sparse.csr_matrix, list[Block]]:
+def design_matrix(spec: F.TowerSpec, features: Mapping[str, np.ndarray],
+                  pooling: str = "mean") -> tuple[scipy.sparse.csr_matrix, list[Block]]:
     """A tower's preprocessed features -> (float64[B, P] sparse, blocks): the wide part's
     inputs, so that X @ w + bias is its logit for the weights w read off its parameters by
     `blocks`. A categorical id is a one-hot column (id 0, out of vocabulary, included); the ids
-    of a multi-hot or text feature share 1/n each (padding 0 left out); numeric and dense
+    of a multi-hot or text feature share 1/n each with `pooling` "mean", 1 each with "sum"
+    (padding 0 left out; the wide part's `pooling`); numeric and dense
     columns come last, in the order the wide part concatenates them."""
     parts, blocks, numeric, start = [], [], [], 0
     for f in spec.features:
@@ -72,7 +74,7 @@ def design_matrix(spec: F.TowerSpec, features: Mapping[str, np.ndarray]) -> tupl
             part = scipy.sparse.csr_matrix((np.ones(len(ids)), (np.arange(len(ids)), ids)),
                                            shape=(len(ids), f.num_embeddings))
         elif isinstance(f, F.MultiHot | F.Text):
-            part = _pooled_ids(x, f.num_embeddings if isinstance(f, F.MultiHot) else f.vocab_size)
+            part = _pooled_ids(x, f.num_embeddings if isinstance(f, F.MultiHot) else f.vocab_size, pooling)
         elif isinstance(f, F.Numeric):
             numeric.append(x.astype(np.float64).reshape(-1, 1))
             continue
@@ -172,7 +174,7 @@ def warm_start_cvr(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats
                    placement: str, wide_params: Mapping[str, Any]) -> dict[str, Any]:
     """`placement`'s wide parameters with the CVR column (1) fitted to its clicked train rows."""
     features, conversion, weight = clicked_train_rows(config, spec, stats, placement)
-    X, blocks = design_matrix(spec.context(placement), features)
+    X, blocks = design_matrix(spec.context(placement), features, str(config.model.get("wide_pooling", "mean")))
     fit = fit_logistic(X, conversion, weight, int(config.seed))
     print(f"wide part ({placement}): CVR column from a logistic regression of conversion given click on "
           f"{fit.rows:,} clicked train rows ({fit.positives:,.0f} conversions, {X.shape[1]:,} inputs; "
