@@ -156,10 +156,12 @@ def test_logistic_regression_recovers_a_planted_cross(planted):
     tables = _tables(config)
     assert with_crosses["ctr_auc"] > _reference_auc(tables, cross=True) - 0.03
     assert with_crosses["ctr_auc"] > no_crosses["ctr_auc"] + 0.05  # device x campaign is the cross's to carry
-    # Same keys as the model's eval_test.json (`evaluate.report`), without the oracle's.
+    # Same keys as the model's eval_test.json (`evaluate.report`), the oracle's and the expected AUCs included.
     test = tables["test"]
     keys = evaluate.report({"click": test["click"], "conversion": test["conversion"], "pctr": test["p_click"],
-                            "pcvr": test["p_click"], "pctcvr": test["p_click"]}).keys()
+                            "pcvr": test["p_click"], "pctcvr": test["p_click"], "p_click": test["p_click"],
+                            "p_convert_given_click": test["p_convert_given_click"]}).keys()
+    assert "expected_ctcvr_auc" in keys
     assert with_crosses.keys() == keys
 
 
@@ -187,6 +189,13 @@ def test_evaluate_prints_the_model_next_to_the_baselines(tmp_path):
     assert table[2].split() == ["gbdt", "0.7812", "-", "0.8500", "-", "-"]
     assert "validation split" not in report.comparison(model, tmp_path, "test")
     assert "scores the test split" in report.comparison(model, tmp_path, "validation")
+    # On synthetic data both sides also have the expected AUCs against the oracle's probabilities.
+    (tmp_path / report.RESULT_FILE).write_text(json.dumps({"split": "test", "baselines": {"lr": {
+        "ctr_auc": 0.78, "ctcvr_auc": 0.85, "expected_ctr_auc": 0.774, "expected_ctcvr_auc": 0.8304}}}))
+    table = report.comparison({**model, "expected_ctr_auc": 0.775, "expected_ctcvr_auc": 0.832}, tmp_path,
+                              "test").splitlines()
+    assert table[0].split()[-2:] == ["exp_ctr_auc", "exp_ctcvr_auc"]
+    assert table[1].split()[-2:] == ["0.7750", "0.8320"] and table[2].split()[-2:] == ["0.7740", "0.8304"]
 
 
 def test_user_errors_are_one_line_messages(tmp_path, capsys):

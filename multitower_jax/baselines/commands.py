@@ -42,8 +42,10 @@ def _labels(table: Table) -> dict[str, np.ndarray]:
 
 
 def _report(table: Table, pred: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The keys `evaluate.report` writes into eval_<split>.json, for these predictions."""
-    return evaluate.report({"click": table["click"], "conversion": table["conversion"], **pred})
+    """The keys `evaluate.report` writes into eval_<split>.json, for these predictions (with the
+    expected AUCs against the oracle's probabilities on synthetic data, as the model's report)."""
+    oracle = {k: table[k] for k in data.ORACLE} if all(k in table for k in data.ORACLE) else {}
+    return evaluate.report({"click": table["click"], "conversion": table["conversion"], **oracle, **pred})
 
 
 def fit_rates(s: ml_collections.ConfigDict, tables: dict[str, Table], split: str, out: dict, details: dict, notes: list) -> None:
