@@ -87,7 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.embed_init = "normal"  # embedding rows N(0, 1) per element, or "unit" (row norm ~1)
     config.model.tower_output = "relu"  # towers end Dense -> LayerNorm -> ReLU, or "layernorm" (both signs)
     config.model.wide = False  # wide logit offsets, linear in the context features (models/wide.py)
-    config.model.wide_pooling = "mean"  # or "sum": how the wide part pools tokens / multi-hot items
+    # How the wide part pools a text's tokens / a multi-hot's items: "mean" or "sum", for every
+    # logit (one entry) or per logit (CTR, CVR), e.g. ("mean", "sum").
+    config.model.wide_pooling = ("mean",)
     config.model.wide_init = "zeros"  # "logistic": the wide CVR column starts at a fitted LR (train/wide_init.py)
     config.model.text = ml_collections.ConfigDict()
     config.model.text.dim = 128

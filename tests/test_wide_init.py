@@ -54,6 +54,19 @@ def test_design_matrix_times_the_cvr_column_is_the_wide_cvr_logit(pooling):
     np.testing.assert_allclose(x_query, (query[3] + 2 * query[7]) / (3 if pooling == "mean" else 1), rtol=1e-6)
 
 
+def test_poolings_per_logit_mean_the_ctr_column_and_sum_the_cvr_column():
+    mixed, params = wide_params(pooling=("mean", "sum"))
+    out = np.asarray(mixed.apply({"params": params}, FEATURES))
+    for column, pooling in ((0, "mean"), (1, "sum")):
+        X, blocks = wide_init.design_matrix(SPEC, FEATURES, pooling)
+        w = np.zeros(X.shape[1])
+        for b in blocks:
+            w[b.start:b.stop] = np.asarray(params[b.param][b.leaf])[:b.stop - b.start, column]
+        np.testing.assert_allclose(X @ w + params["wide_bias"][column], out[:, column], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="model.wide_pooling"):
+        Wide(SPEC, num_logits=2, pooling=("mean", "max")).init(jax.random.key(0), FEATURES)
+
+
 def test_set_column_writes_the_fit_into_one_logit_and_keeps_the_rest():
     module, params = wide_params()
     X, blocks = wide_init.design_matrix(SPEC, FEATURES)

@@ -30,7 +30,7 @@ from multitower_jax.models import towers as towers_lib
 from multitower_jax.models.fusion import FUSIONS, Fusion
 from multitower_jax.models.heads import HEADS, Heads
 from multitower_jax.models.text_encoder import TextEncoder, TextEncoderConfig
-from multitower_jax.models.wide import WIDE_INITS, WIDE_POOLINGS, Wide
+from multitower_jax.models.wide import WIDE_INITS, Wide, logit_poolings
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -75,7 +75,7 @@ class ModelConfig:
     embed_init: str = "normal"  # embedding tables' initialization (`layers.EMBED_INITS`)
     tower_output: str = "relu"  # "relu": towers end Dense -> LayerNorm -> ReLU; "layernorm": at the LayerNorm
     wide: bool = False  # `Wide` logit offsets, linear in the context tower's features
-    wide_pooling: str = "mean"  # how the wide part pools a text's tokens and a multi-hot's items
+    wide_pooling: str | tuple[str, ...] = ("mean",)  # how the wide part pools tokens and multi-hot items
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
@@ -99,7 +99,7 @@ class ModelConfig:
             embed_init=str(m.get("embed_init", "normal")),
             tower_output=str(m.get("tower_output", "relu")),
             wide=bool(m.get("wide", False)),
-            wide_pooling=str(m.get("wide_pooling", "mean")),
+            wide_pooling=_str_or_tuple(m.get("wide_pooling", "mean")),
         )
 
 
@@ -283,6 +283,11 @@ def _rate(value: Any, key: str) -> None:
         _fail(key, "a dropout rate in [0, 1)", value)
 
 
+def _str_or_tuple(value: Any) -> Any:
+    """A config's string, or its list / tuple as a tuple (JSON round trips turn tuples into lists)."""
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
 def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         _fail(key, " or ".join(repr(c) for c in choices), value)
@@ -324,7 +329,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(m.get("wide", False), bool):
         _fail("model.wide", "true or false", m.get("wide"))
     _choice(m.get("wide_init", "zeros"), "model.wide_init", WIDE_INITS)
-    _choice(m.get("wide_pooling", "mean"), "model.wide_pooling", WIDE_POOLINGS)
+    try:
+        logit_poolings(_str_or_tuple(m.get("wide_pooling", "mean")), heads_lib.num_logits(m.head))
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from None
     if m.get("wide_init", "zeros") == "logistic" and not (m.get("wide", False) and heads_lib.num_logits(m.head) > 1):
         _fail("model.wide_init", "'zeros' unless model.wide=True and the head has a CVR logit "
               "('logistic' fits the wide part's CVR column)", m.wide_init)

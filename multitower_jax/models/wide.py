@@ -25,7 +25,7 @@ the ad's historical rates 0.001.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,10 +39,20 @@ _ZEROS = nn.initializers.zeros_init()
 # How the CVR column starts (`model.wide_init`): at zero, or at a logistic regression of
 # conversion given click on the train split's clicked rows (`train.wide_init`).
 WIDE_INITS = ("zeros", "logistic")
-# How a text's tokens (a multi-hot's items) are pooled (`model.wide_pooling`): "mean" of their
-# weights, or "sum" (a bag of words, as a one-hot logistic regression has it: a word's weight is
-# its whole effect, whatever the query's length).
+# How a text's tokens (a multi-hot's items) are pooled (`model.wide_pooling`: one for every logit,
+# ("sum",), or one per logit, CTR then CVR: ("mean", "sum")): "mean" of their weights, or "sum" (a bag of words, as a one-hot
+# logistic regression has it: a word's weight is its whole effect, whatever the query's length).
 WIDE_POOLINGS = ("mean", "sum")
+
+
+def logit_poolings(pooling: str | Sequence[str], num_logits: int) -> tuple[str, ...]:
+    """`model.wide_pooling` -> one pooling per logit; ValueError for anything else."""
+    out = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+    out = out * num_logits if len(out) == 1 else out
+    if len(out) != num_logits or any(p not in WIDE_POOLINGS for p in out):
+        raise ValueError(f"model.wide_pooling: expected a tuple of {' / '.join(map(repr, WIDE_POOLINGS))}: one "
+                         f"for every logit or one per logit ({num_logits}), got {pooling!r}")
+    return out
 
 
 class Wide(nn.Module):
@@ -51,7 +61,7 @@ class Wide(nn.Module):
     spec: F.TowerSpec
     num_logits: int
     vocab_multiple: int = 1
-    pooling: str = "mean"  # WIDE_POOLINGS
+    pooling: str | tuple[str, ...] = "mean"  # `logit_poolings`
 
     def _table(self, rows: int, name: str) -> nn.Embed:
         return nn.Embed(layers.padded_rows(rows, self.vocab_multiple), self.num_logits, dtype=jnp.float32,
@@ -70,9 +80,11 @@ class Wide(nn.Module):
             elif isinstance(f, F.MultiHot | F.Text):  # ids + 1 / tokens: 0 is padding
                 rows = f.num_embeddings if isinstance(f, F.MultiHot) else f.vocab_size
                 ids_BxL = x.astype(jnp.int32)
-                rows_BxLxK = self._table(rows, f"wide_{f.name}")(ids_BxL)
-                term_BxK = (layers.masked_mean(rows_BxLxK, ids_BxL > 0) if self.pooling == "mean"
-                            else jnp.sum(rows_BxLxK * (ids_BxL > 0)[..., None], axis=1))
+                mask_BxLx1 = (ids_BxL > 0)[..., None].astype(jnp.float32)
+                sum_BxK = jnp.sum(self._table(rows, f"wide_{f.name}")(ids_BxL) * mask_BxLx1, axis=1)
+                count_Bx1 = jnp.maximum(jnp.sum(mask_BxLx1, axis=1), 1.0)
+                is_mean_K = jnp.array([p == "mean" for p in logit_poolings(self.pooling, self.num_logits)])
+                term_BxK = sum_BxK / jnp.where(is_mean_K, count_Bx1, 1.0)
             elif isinstance(f, F.Numeric):
                 columns.append(x.astype(jnp.float32)[:, None])
                 continue

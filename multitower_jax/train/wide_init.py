@@ -30,6 +30,7 @@ from sklearn.linear_model import LogisticRegression
 
 from multitower_jax import features as F
 from multitower_jax.data import pipeline, preprocess
+from multitower_jax.models.wide import logit_poolings
 
 # L2 strengths tried (sklearn's C, the inverse of the penalty), chosen by held-out log loss.
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
@@ -174,7 +175,8 @@ def warm_start_cvr(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats
                    placement: str, wide_params: Mapping[str, Any]) -> dict[str, Any]:
     """`placement`'s wide parameters with the CVR column (1) fitted to its clicked train rows."""
     features, conversion, weight = clicked_train_rows(config, spec, stats, placement)
-    X, blocks = design_matrix(spec.context(placement), features, str(config.model.get("wide_pooling", "mean")))
+    pooling = logit_poolings(config.model.get("wide_pooling", "mean"), 2)[1]  # the CVR column's
+    X, blocks = design_matrix(spec.context(placement), features, pooling)
     fit = fit_logistic(X, conversion, weight, int(config.seed))
     print(f"wide part ({placement}): CVR column from a logistic regression of conversion given click on "
           f"{fit.rows:,} clicked train rows ({fit.positives:,.0f} conversions, {X.shape[1]:,} inputs; "
