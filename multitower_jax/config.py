@@ -277,7 +277,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 # What early stopping can watch on the validation split: a head's AUC, or the towers' in-split
 # retrieval hit rate (`train.evaluate.retrieval_report`; the only choice under implicit feedback).
-RETRIEVAL_METRICS = ("hit_rate_at_10", "hit_rate_at_100")
+HIT_RATE_KS = (10, 100)
+RETRIEVAL_METRICS = tuple(f"hit_rate_at_{k}" for k in HIT_RATE_KS)
 EARLY_STOPPING_METRICS = ("ctr_auc", "ctcvr_auc", *RETRIEVAL_METRICS)
 # "explicit": rows are impressions, clicked or not; "implicit": every row is an interaction (a
 # positive), the usual retrieval data: the model trains its towers by the retrieval loss alone.

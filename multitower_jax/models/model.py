@@ -99,7 +99,7 @@ class ModelConfig:
             embed_init=str(m.get("embed_init", "normal")),
             tower_output=str(m.get("tower_output", "relu")),
             wide=bool(m.get("wide", False)),
-            wide_pooling=_str_or_tuple(m.get("wide_pooling", "mean")),
+            wide_pooling=_str_or_tuple(m.get("wide_pooling", ("mean",))),
         )
 
 
@@ -330,7 +330,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail("model.wide", "true or false", m.get("wide"))
     _choice(m.get("wide_init", "zeros"), "model.wide_init", WIDE_INITS)
     try:
-        logit_poolings(_str_or_tuple(m.get("wide_pooling", "mean")), heads_lib.num_logits(m.head))
+        logit_poolings(_str_or_tuple(m.get("wide_pooling", ("mean",))), heads_lib.num_logits(m.head))
     except ValueError as e:
         raise ValueError(f"config.{e}") from None
     if m.get("wide_init", "zeros") == "logistic" and not (m.get("wide", False) and heads_lib.num_logits(m.head) > 1):

@@ -39,9 +39,10 @@ _ZEROS = nn.initializers.zeros_init()
 # How the CVR column starts (`model.wide_init`): at zero, or at a logistic regression of
 # conversion given click on the train split's clicked rows (`train.wide_init`).
 WIDE_INITS = ("zeros", "logistic")
-# How a text's tokens (a multi-hot's items) are pooled (`model.wide_pooling`: one for every logit,
-# ("sum",), or one per logit, CTR then CVR: ("mean", "sum")): "mean" of their weights, or "sum" (a bag of words, as a one-hot
-# logistic regression has it: a word's weight is its whole effect, whatever the query's length).
+# How a text's tokens (a multi-hot's items) are pooled (`model.wide_pooling`): the "mean" of their
+# weights, or their "sum" (a bag of words, as a one-hot logistic regression has it: a word's
+# weight is its whole effect, whatever the query's length). One for every logit, ("sum",), or one
+# per logit, CTR then CVR, ("mean", "sum").
 WIDE_POOLINGS = ("mean", "sum")
 
 

@@ -15,12 +15,12 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from multitower_jax import fileio
+from multitower_jax.config import HIT_RATE_KS
 from multitower_jax.data import pipeline
 from multitower_jax.train import metrics, sharding
 
 PREDICTION_KEYS = ("pctr", "pcvr", "pctcvr")
 EMBEDDING_KEYS = ("e_query", "e_ad")  # Q = E_user + E_context and E_ad, as the retrieval loss sees them
-HIT_RATE_KS = (10, 100)
 RETRIEVAL_CHUNK = 1024  # queries scored against every ad at once
 
 

@@ -78,7 +78,7 @@ class Trainer:
         # Under implicit feedback every row is a positive: the towers are judged by retrieval only.
         self.implicit = config.data.get("feedback", "explicit") == "implicit"
         self.stopping_metric = early_stopping_metric(config)
-        with_embeddings = self.implicit or self.stopping_metric in RETRIEVAL_METRICS
+        with_embeddings = self.implicit or self.stopping_metric in config_lib.RETRIEVAL_METRICS
         self.predict_fns = {p: evaluate.make_predict_fn(self.model, p, self.mesh, with_embeddings)
                             for p in self.placements}
         self.predict = self.predict_fns[self.placement]
@@ -531,10 +531,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         metrics_file.close()
         writer.close()
     return result
-
-
-RETRIEVAL_METRICS = config_lib.RETRIEVAL_METRICS
-assert RETRIEVAL_METRICS == tuple(f"hit_rate_at_{k}" for k in evaluate.HIT_RATE_KS)
 
 
 def early_stopping_metric(config: ml_collections.ConfigDict) -> str:
