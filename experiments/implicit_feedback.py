@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.retrieval_positives = "impressions"
     config.model.wide = False  # the wide part feeds the heads only
     config.model.wide_init = "zeros"
+    config.optim.freeze_wide_cvr = False
     config.loss.wide_cvr_weight = 0.0
     config.train.early_stopping_metric = "hit_rate_at_10"
     return config

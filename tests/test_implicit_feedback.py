@@ -18,7 +18,8 @@ from tests.test_logs import make_config, make_rows, read_back, write
 
 IMPLICIT = ["--config.data.feedback=implicit", "--config.loss.alpha=0.0", "--config.loss.beta=1.0",
             "--config.loss.retrieval_positives=impressions", "--config.train.early_stopping_metric=hit_rate_at_10",
-            "--config.model.wide=False", "--config.model.wide_init=zeros", "--config.loss.wide_cvr_weight=0.0"]
+            "--config.model.wide=False", "--config.model.wide_init=zeros", "--config.loss.wide_cvr_weight=0.0",
+            "--config.optim.freeze_wide_cvr=False"]
 
 
 def brute_force_hit_rates(q, e_ad, ad_id, rows, ks):

@@ -115,12 +115,18 @@ def test_trainer_starts_the_wide_cvr_column_at_the_fitted_regression(synthetic_d
     assert wide_init._log_loss(conversion, logits[:, 1], weight) < constant  # it learned something
 
 
-def test_logistic_init_needs_the_wide_part_and_a_cvr_head(synthetic_dir):
+def test_logistic_init_needs_the_wide_part_and_the_ctr_head_ignores_it(synthetic_dir, tmp_path):
     with pytest.raises(ValueError, match="model.wide_init"):
-        synthetic_config(synthetic_dir, "--config.model.wide=False", "--config.model.wide_init=logistic")
-    with pytest.raises(ValueError, match="model.wide_init"):
-        synthetic_config(synthetic_dir, "--config.model.wide=True", "--config.model.head=ctr",
+        synthetic_config(synthetic_dir, "--config.model.wide=False", "--config.loss.wide_cvr_weight=0.0",
                          "--config.model.wide_init=logistic")
+    config = synthetic_config(synthetic_dir, "--config.model.wide=True", "--config.model.head=ctr",
+                              "--config.model.wide_init=logistic", "--config.optim.freeze_wide_cvr=True")
+    trainer = trainer_lib.Trainer(config, tmp_path)
+    assert not np.asarray(trainer.init_state()["params"]["context_wides_search"]["wide_bias"]).any()  # no fit
+    ctr_column = {"context_wides_search": {"wide_bias": np.zeros(1, np.float32)}}
+    updates, _ = trainer.tx.update({"context_wides_search": {"wide_bias": np.ones(1, np.float32)}},
+                                   trainer.tx.init(ctr_column), ctr_column)
+    assert np.asarray(updates["context_wides_search"]["wide_bias"]).all()  # the CTR column is not frozen
 
 
 def test_freeze_wide_cvr_keeps_the_cvr_column_and_trains_the_rest(synthetic_dir):

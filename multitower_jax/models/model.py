@@ -333,9 +333,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         logit_poolings(_str_or_tuple(m.get("wide_pooling", ("mean",))), heads_lib.num_logits(m.head))
     except ValueError as e:
         raise ValueError(f"config.{e}") from None
-    if m.get("wide_init", "zeros") == "logistic" and not (m.get("wide", False) and heads_lib.num_logits(m.head) > 1):
-        _fail("model.wide_init", "'zeros' unless model.wide=True and the head has a CVR logit "
-              "('logistic' fits the wide part's CVR column)", m.wide_init)
+    if m.get("wide_init", "zeros") == "logistic" and not m.get("wide", False):  # the ctr head ignores it
+        _fail("model.wide_init", "'zeros' unless model.wide=True ('logistic' fits the wide part's CVR column)",
+              m.wide_init)
     t = m.text
     for key in ("dim", "num_layers", "num_heads", "mlp_dim"):
         if key not in t or not _positive_int(t[key]):
@@ -374,7 +374,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _positive_number(o.get("embedding_weight_decay"), "optim.embedding_weight_decay", allow_zero=True)
     _positive_number(o.get("clip_norm"), "optim.clip_norm", allow_zero=True)
     _positive_number(o.get("wide_lr_multiplier", 1.0), "optim.wide_lr_multiplier")
-    if o.get("freeze_wide_cvr", False) and not (m.get("wide", False) and heads_lib.num_logits(m.head) > 1):
-        _fail("optim.freeze_wide_cvr", "false unless model.wide=True and the head has a CVR logit", o.freeze_wide_cvr)
+    if o.get("freeze_wide_cvr", False) and not m.get("wide", False):  # the ctr head ignores it
+        _fail("optim.freeze_wide_cvr", "false unless model.wide=True", o.freeze_wide_cvr)
     if not _positive_int(o.get("accumulation_steps")):
         _fail("optim.accumulation_steps", "a positive integer", o.get("accumulation_steps"))

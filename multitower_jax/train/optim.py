@@ -120,7 +120,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> opt
     wide_lr = float(o.get("wide_lr_multiplier", 1.0))
     if wide_lr != 1.0:  # Wide & Deep trains its wide part at its own (higher) rate
         parts.append(_without_boxed_masks(optax.masked(optax.scale(wide_lr), wide_mask)))
-    if bool(o.get("freeze_wide_cvr", False)):  # the CVR column keeps its start (model.wide_init)
+    if bool(o.get("freeze_wide_cvr", False)) and config.model.head != "ctr":  # the CVR column keeps its start
         parts.append(_without_boxed_masks(optax.masked(zero_last_column(), wide_mask)))
     tx = optax.chain(*parts)
     steps = int(o.accumulation_steps)

@@ -99,7 +99,7 @@ class Trainer:
         state = init(self._key(int(self.config.seed)))
         if self.config.model.text.get("init", "random") == "lsa":
             state["params"] = self._lsa_token_tables(state["params"])
-        if self.config.model.get("wide_init", "zeros") == "logistic":
+        if self.config.model.get("wide_init", "zeros") == "logistic" and self.config.model.head != "ctr":
             state["params"] = self._fitted_wide_cvr(state["params"])
         return state
 
