@@ -42,18 +42,18 @@ WIDE_INITS = ("zeros", "logistic")
 # How a text's tokens (a multi-hot's items) are pooled (`model.wide_pooling`): the "mean" of their
 # weights, or their "sum" (a bag of words, as a one-hot logistic regression has it: a word's
 # weight is its whole effect, whatever the query's length). One for every logit, ("sum",), or one
-# per logit, CTR then CVR, ("mean", "sum").
+# per logit, CTR then CVR, ("mean", "sum") (a CTR-only head reads the first).
 WIDE_POOLINGS = ("mean", "sum")
 
 
 def logit_poolings(pooling: str | Sequence[str], num_logits: int) -> tuple[str, ...]:
-    """`model.wide_pooling` -> one pooling per logit; ValueError for anything else."""
+    """`model.wide_pooling` -> one pooling per logit (a pair is (CTR, CVR): a head with the CTR
+    logit only reads the first); ValueError for anything else."""
     out = (pooling,) if isinstance(pooling, str) else tuple(pooling)
-    out = out * num_logits if len(out) == 1 else out
-    if len(out) != num_logits or any(p not in WIDE_POOLINGS for p in out):
+    if len(out) not in (1, 2) or any(p not in WIDE_POOLINGS for p in out):
         raise ValueError(f"model.wide_pooling: expected a tuple of {' / '.join(map(repr, WIDE_POOLINGS))}: one "
-                         f"for every logit or one per logit ({num_logits}), got {pooling!r}")
-    return out
+                         f"for every logit or a pair (CTR, CVR), got {pooling!r}")
+    return out * num_logits if len(out) == 1 else out[:num_logits]
 
 
 class Wide(nn.Module):
