@@ -130,6 +130,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.clip_norm = 1.0  # global gradient norm; 0 disables clipping
     config.optim.wide_lr_multiplier = 1.0  # the wide part's (model.wide) updates, relative to the rest
     config.optim.freeze_wide_cvr = False  # true: the wide CVR column keeps its start (model.wide_init)
+    # > 0: the run also keeps an exponential moving average of the parameters (Polyak averaging,
+    # updated every step with decay min(ema_decay, (1 + step) / (10 + step))), and evaluates,
+    # keeps as best, exports and serves it instead of the last step's parameters.
+    config.optim.ema_decay = 0.0
     config.optim.accumulation_steps = 1  # > 1: one update every k micro-batches (optax.MultiSteps)
     # Embedding tables of at least large_table_bytes (0: none) may take row-wise Adagrad instead of
     # AdamW (train/optim.py): one accumulator per row, only the batch's rows move, no weight decay;

@@ -24,7 +24,7 @@ TRAIN_MARKERS = ("checkpoints", "best", run_identity.FILE, "metrics.jsonl")
 # What a resumed run may not change: the checkpoints' parameters, optimizer state and data
 # iterator positions are only meaningful under these.
 RESUME_FIXED = ("seed", "features", "model", "data", "synthetic",
-                "optim.clip_norm", "optim.embedding_weight_decay", "optim.accumulation_steps")
+                "optim.clip_norm", "optim.embedding_weight_decay", "optim.accumulation_steps", "optim.ema_decay")
 # ... except these, which only change how the data is read or evaluated.
 RESUME_FREE = ("data.eval_batch_size", "data.reader_threads")
 

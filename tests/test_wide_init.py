@@ -104,15 +104,28 @@ def test_trainer_starts_the_wide_cvr_column_at_the_fitted_regression(synthetic_d
     trainer = trainer_lib.Trainer(config, tmp_path)
     params = trainer.init_state()["params"]["context_wides_search"]
     features, conversion, weight = wide_init.clicked_train_rows(config, trainer.spec, trainer.stats, "search")
-    X, blocks = wide_init.design_matrix(trainer.spec.context("search"), features)
+    poolings = tuple(config.model.wide_pooling)
+    assert poolings == ("mean", "sum")  # the quickstart's: the CVR column sums the query's words
+    X, blocks = wide_init.design_matrix(trainer.spec.context("search"), features, poolings[1])
     fit = wide_init.fit_logistic(X, conversion, weight, int(config.seed))  # the same fit, made again here
-    module = Wide(trainer.spec.context("search"), 2, int(config.model.vocab_multiple))
+    module = Wide(trainer.spec.context("search"), 2, int(config.model.vocab_multiple), pooling=poolings)
     logits = np.asarray(module.apply({"params": params}, features))
     np.testing.assert_allclose(logits[:, 1], X @ fit.coef + fit.intercept, rtol=1e-4, atol=1e-4)
     assert not logits[:, 0].any()  # the CTR column still starts at zero
     base_rate = conversion.mean()
     constant = -np.mean(conversion * np.log(base_rate) + (1 - conversion) * np.log(1 - base_rate))
     assert wide_init._log_loss(conversion, logits[:, 1], weight) < constant  # it learned something
+
+
+def test_a_split_without_conversions_starts_the_column_at_zero_with_a_warning(synthetic_dir, tmp_path, monkeypatch):
+    config = synthetic_config(synthetic_dir, "--config.model.wide=True", "--config.model.wide_init=logistic")
+    trainer = trainer_lib.Trainer(config, tmp_path)
+    real = wide_init.clicked_train_rows
+    monkeypatch.setattr(wide_init, "clicked_train_rows",
+                        lambda *a: (lambda f, c, w: (f, np.zeros_like(c), w))(*real(*a)))  # no conversions
+    with pytest.warns(UserWarning, match=r"0 conversions; needs both labels.*starts at zero"):
+        params = trainer.init_state()["params"]["context_wides_search"]
+    assert not any(np.asarray(leaf).any() for leaf in jax.tree_util.tree_leaves(params))
 
 
 def test_logistic_init_needs_the_wide_part_and_the_ctr_head_ignores_it(synthetic_dir, tmp_path):
@@ -144,4 +157,4 @@ def test_freeze_wide_cvr_keeps_the_cvr_column_and_trains_the_rest(synthetic_dir)
     assert np.asarray(wide["wide_query"]["embedding"])[:, 0].all() and np.asarray(updates["fusion"]["kernel"]).all()
     with pytest.raises(ValueError, match="optim.freeze_wide_cvr"):
         synthetic_config(synthetic_dir, "--config.model.wide=False", "--config.loss.wide_cvr_weight=0.0",
-                         "--config.optim.freeze_wide_cvr=True")
+                         "--config.model.wide_init=zeros", "--config.optim.freeze_wide_cvr=True")

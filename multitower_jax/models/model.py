@@ -374,6 +374,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _positive_number(o.get("embedding_weight_decay"), "optim.embedding_weight_decay", allow_zero=True)
     _positive_number(o.get("clip_norm"), "optim.clip_norm", allow_zero=True)
     _positive_number(o.get("wide_lr_multiplier", 1.0), "optim.wide_lr_multiplier")
+    ema = o.get("ema_decay", 0.0)
+    if not isinstance(ema, float | int) or isinstance(ema, bool) or not 0 <= ema < 1:
+        _fail("optim.ema_decay", "a decay in [0, 1) (0: no moving average)", ema)
     if o.get("freeze_wide_cvr", False) and not m.get("wide", False):  # the ctr head ignores it
         _fail("optim.freeze_wide_cvr", "false unless model.wide=True", o.freeze_wide_cvr)
     if not _positive_int(o.get("accumulation_steps")):

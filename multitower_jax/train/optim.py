@@ -40,6 +40,20 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 EMBEDDING_NAMES = ("embedding",)
 
 
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The moving average's decay at `step` (0-based count of updates before this one): at most
+    `decay`, and (1 + step) / (10 + step) early on, so the first steps are not averaged with the
+    random start for thousands of steps (TensorFlow's ``ExponentialMovingAverage(num_updates)``)."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+    """``ema * d + params * (1 - d)`` leaf by leaf, d = `ema_decay_at` (decay, step)."""
+    d = ema_decay_at(decay, step)
+    return jax.tree.map(lambda e, p: (e * d + p.astype(e.dtype) * (1.0 - d)).astype(e.dtype), ema, params)
+
+
 def _last_name(path: tuple) -> str | None:
     names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
     return names[-1] if names else None

@@ -58,6 +58,7 @@ class Trainer:
         self.placement = self.placements[0]
         self.model = model_lib.build_model(config, self.spec)
         self.tx = optim.make_optimizer(config)
+        self.ema_decay = float(config.optim.get("ema_decay", 0.0))
         self.loss_config = losses.LossConfig.from_config(config)
         self.mesh = sharding.make_mesh(config, devices)
         self.rules = sharding.logical_rules(config)
@@ -90,18 +91,33 @@ class Trainer:
         """The state with parameters (and their optimizer moments) boxed with logical axis names."""
         init_rng, state_rng = jax.random.split(rng)
         params = model_lib.init_params(self.model, init_rng)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": self.tx.init(params), "rng": jax.random.key_data(state_rng)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": self.tx.init(params), "rng": jax.random.key_data(state_rng)}
+        if self.ema_decay:
+            state["ema_params"] = params  # same logical axes, so the same shardings
+        return state
 
     def init_state(self) -> dict[str, Any]:
-        """The initial state, created directly with its shardings (never materialized whole)."""
+        """The initial state, created directly with its shardings (never materialized whole).
+        The starts fitted on the train split (`model.text.init="lsa"`, `model.wide_init="logistic"`)
+        need the data: a trainer without a workdir (AOT compiles, benchmarks on random batches)
+        starts every parameter at its random initialization."""
         init = jax.jit(lambda rng: nn.unbox(self._init_boxed_state(rng)), out_shardings=self.state_shardings)
         state = init(self._key(int(self.config.seed)))
-        if self.config.model.text.get("init", "random") == "lsa":
+        with_data = self.workdir is not None
+        if with_data and self.config.model.text.get("init", "random") == "lsa":
             state["params"] = self._lsa_token_tables(state["params"])
-        if self.config.model.get("wide_init", "zeros") == "logistic" and self.config.model.head != "ctr":
+        if with_data and self.config.model.get("wide_init", "zeros") == "logistic" and self.config.model.head != "ctr":
             state["params"] = self._fitted_wide_cvr(state["params"])
+        if self.ema_decay:  # the average starts where the parameters start (its own buffers)
+            state["ema_params"] = jax.tree.map(jnp.copy, state["params"])
         return state
+
+    @staticmethod
+    def model_params(state: dict[str, Any]) -> Any:
+        """The parameters a train state stands for: the moving average when the run keeps one
+        (``optim.ema_decay``), else the last step's."""
+        return state.get("ema_params", state["params"])
 
     def _fitted_wide_cvr(self, params: Any) -> Any:
         """`params` with each placement's wide CVR column set to a logistic regression of
@@ -172,6 +188,8 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.global_norm(grads)
         new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        if self.ema_decay:
+            new_state["ema_params"] = optim.ema_update(state["ema_params"], params, self.ema_decay, state["step"])
         return new_state, metrics
 
     # -- data ---------------------------------------------------------------------------------
@@ -266,7 +284,7 @@ class Trainer:
                                     f"have {sorted(manager.all_steps())}")
         self.restored_from = "checkpoints"
         state = self.restore(manager, step=step)
-        return state["params"], int(state["step"])
+        return self.model_params(state), int(state["step"])
 
     def restore_progress(self, manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
         """Early-stopping progress (best validation AUC, evaluations without a gain) as of `step`'s
@@ -489,13 +507,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             elif step % int(t.log_every) == 0:  # all processes must stop at the same step
                 stopping = bool(multihost_utils.process_allgather(np.int32(stop.raised)).any())
             if step % int(t.eval_every) == 0 or step == int(t.num_steps):
-                result = trainer.evaluate_placements(state["params"], "validation")
+                result = trainer.evaluate_placements(trainer.model_params(state), "validation")
                 log(step, {f"validation/{k}": v for k, v in _flat_floats(result).items()})
                 value = result.get(f"mean_{trainer.stopping_metric}", result[trainer.stopping_metric])
                 if value is not None and value > best_auc + float(t.min_delta):  # NaN / None: no gain
                     best_auc, bad_evals = value, 0
                     # A copy: the next step donates the state's buffers while the save may still run.
-                    best.save(step, args=ocp.args.StandardSave(jax.tree.map(jnp.copy, state["params"])))
+                    best.save(step, args=ocp.args.StandardSave(jax.tree.map(jnp.copy, trainer.model_params(state))))
                 else:
                     bad_evals += 1
                 if bad_evals >= int(t.patience):
@@ -517,7 +535,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         print(f"stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
         return {"step": step, "interrupted": True}
     # The best parameters, found by this run or by the one it resumed: both are in `best`.
-    params, params_step, params_from = state["params"], step, "last step"
+    params, params_step, params_from = trainer.model_params(state), step, "last step"
     if best.latest_step() is not None:
         try:
             (params, params_step), params_from = trainer.restore_best_step(best, quarantine=True), "best"

@@ -18,6 +18,7 @@ regression gives it the true effect (+0.81 in the world's conversion logit).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -104,6 +105,10 @@ class Fit:
     positives: float
 
 
+class OneLabelError(ValueError):
+    """Too few rows, or only one label among them: there is no regression to fit."""
+
+
 def _log_loss(y: np.ndarray, logit: np.ndarray, weight: np.ndarray) -> float:
     loss = np.logaddexp(0.0, logit) - y * logit
     return float(np.sum(weight * loss) / np.sum(weight))
@@ -116,7 +121,7 @@ def fit_logistic(X: scipy.sparse.csr_matrix, y: np.ndarray, weight: np.ndarray |
     y = np.asarray(y, np.float64)
     weight = np.ones(len(y)) if weight is None else np.asarray(weight, np.float64)
     if len(y) < 10 or y.min() == y.max():
-        raise ValueError(f"wide part's logistic warm start: {len(y)} clicked train rows with "
+        raise OneLabelError(f"wide part's logistic warm start: {len(y)} clicked train rows with "
                          f"{int(y.sum())} conversions; needs both labels (set model.wide_init='zeros')")
     held = np.random.default_rng(seed).random(len(y)) < HELD_OUT
     if y[~held].min() == y[~held].max():
@@ -173,11 +178,16 @@ def clicked_train_rows(config: ml_collections.ConfigDict, spec: F.FeatureSpec, s
 
 def warm_start_cvr(config: ml_collections.ConfigDict, spec: F.FeatureSpec, stats: preprocess.FeatureStats,
                    placement: str, wide_params: Mapping[str, Any]) -> dict[str, Any]:
-    """`placement`'s wide parameters with the CVR column (1) fitted to its clicked train rows."""
+    """`placement`'s wide parameters with the CVR column (1) fitted to its clicked train rows;
+    unchanged, with a warning, when those rows hold only one label (no conversions, e.g.)."""
     features, conversion, weight = clicked_train_rows(config, spec, stats, placement)
     pooling = logit_poolings(config.model.get("wide_pooling", "mean"), 2)[1]  # the CVR column's
     X, blocks = design_matrix(spec.context(placement), features, pooling)
-    fit = fit_logistic(X, conversion, weight, int(config.seed))
+    try:
+        fit = fit_logistic(X, conversion, weight, int(config.seed))
+    except OneLabelError as e:
+        warnings.warn(f"{e}; the wide CVR column ({placement}) starts at zero instead", stacklevel=2)
+        return dict(wide_params)
     print(f"wide part ({placement}): CVR column from a logistic regression of conversion given click on "
           f"{fit.rows:,} clicked train rows ({fit.positives:,.0f} conversions, {X.shape[1]:,} inputs; "
           f"L2 C={fit.C:g}, held-out log loss {fit.held_out_log_loss[fit.C]:.4f})")
