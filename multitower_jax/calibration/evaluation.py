@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from multitower_jax import calibration_settings
 from multitower_jax.calibration import core, metrics
 
 
@@ -55,7 +56,7 @@ def evaluation_metrics(pred: Mapping[str, np.ndarray], cal: core.Calibration,
     """Flat keys for `multitower evaluate`: ``<head>_ece``, ``<head>_ece_equal_width`` and
     ``calibrated_<head>_{auc,logloss,mean_pred,ece,ece_equal_width}``."""
     out: dict[str, float] = {}
-    for head, stages in compare(pred, cal, int(core.section(config).ece_bins)).items():
+    for head, stages in compare(pred, cal, int(calibration_settings.section(config).ece_bins)).items():
         out[f"{head}_ece"] = stages["before"]["ece"]
         out[f"{head}_ece_equal_width"] = stages["before"]["ece_equal_width"]
         for key in ("auc", "logloss", "mean_pred", "ece", "ece_equal_width"):

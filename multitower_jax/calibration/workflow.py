@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from multitower_jax import config as config_lib
-from multitower_jax import fileio, run_identity
+from multitower_jax import calibration_settings, fileio, run_identity
 from multitower_jax.calibration import core, fitting, plot
 from multitower_jax.calibration.evaluation import calibrated_outputs, compare, head_predictions
 from multitower_jax.train import evaluate
@@ -34,7 +34,7 @@ REPORT_FILE = "calibration_report.json"
 def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Fit on the validation split, report on test, save the calibration, draw the diagrams."""
     workdir = epath.Path(workdir)
-    settings = core.validate_config(config)
+    settings = calibration_settings.validate_config(config)
     heads = core.heads_of(config)
     methods = {h: settings[h] for h in heads}
     rate = core.downsample_correction_rate(config)
@@ -96,7 +96,7 @@ def workdir_config(workdir: str | os.PathLike, overrides: Sequence[str] = ()) ->
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a `multitower train` workdir?")
     config = config_lib.from_json(path)
-    config.calibration = core.section(config)
+    config.calibration = calibration_settings.section(config)
     config = config_lib.apply_overrides(config, overrides)
     config_lib.validate(config)
     return config
