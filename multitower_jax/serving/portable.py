@@ -130,6 +130,7 @@ def export_scorer(workdir: str | os.PathLike, out: str | os.PathLike, overrides:
     """`multitower export-scorer`: the portable scorer of every placement of a trained workdir,
     with its calibration (`multitower calibrate`) baked in when there is one (refused when it
     was fitted for another training run, unless `allow_other_run`)."""
+    # imported here: loading a PortableScorer needs only jax and numpy (no config, no model code)
     from multitower_jax import calibration as calibration_lib
     from multitower_jax import config as config_lib
     from multitower_jax.inference import load_trained
@@ -146,6 +147,7 @@ def export_scorer(workdir: str | os.PathLike, out: str | os.PathLike, overrides:
 def write_portable(trained: Any, calibration: Any, out: str | os.PathLike,
                    platforms: tuple[str, ...] | None = None) -> dict:
     """Export the scorer of every placement of `trained` (an `inference.Trained`) into `out`."""
+    # imported here: loading a PortableScorer needs only jax and numpy (no config, no model code)
     from multitower_jax.retrieval.index import atomic_dir, check_replaceable
     from multitower_jax.serving import settings as settings_lib
     from multitower_jax.serving.scorer import Scorer, ad_part, score_batch
