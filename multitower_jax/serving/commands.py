@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
             ranker.close()
     if args.command == "export-scorer":
         # imported on use: cli.py imports this module to build its parser, before --help
-        from multitower_jax.serving.portable import export_scorer
+        from multitower_jax.serving.portable_export import export_scorer
 
         platforms = tuple(p.strip() for p in args.platforms.split(",")) if args.platforms else None
         manifest = export_scorer(args.workdir, args.out, tuple(overrides), platforms,
