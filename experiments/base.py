@@ -11,7 +11,7 @@ Experiments import this file and change a few fields:
 
 import ml_collections
 
-from multitower_jax import calibration, features
+from multitower_jax import calibration_settings, features
 from multitower_jax.retrieval import settings as retrieval_settings
 from multitower_jax.serving import settings as serving_settings
 
@@ -171,8 +171,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Calibration (multitower calibrate), per head: "isotonic" | "platt" | "temperature" | "identity"
     # (ctcvr also "product" = calibrated pCTR x pCVR), ECE bins, output clipping;
-    # see multitower_jax/calibration/core.py.
-    config.calibration = calibration.default_config()
+    # see multitower_jax/calibration_settings.py.
+    config.calibration = calibration_settings.default_config()
     # Export, ScaNN index and targeting-aware retrieval (multitower export / index / retrieve-eval);
     # see multitower_jax/retrieval/settings.py.
     config.retrieval = retrieval_settings.default_config()

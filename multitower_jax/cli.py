@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    # imported when an error is caught: `multitower --help` and the parser stay free of JAX
     from multitower_jax.config import ConfigError
     from multitower_jax.run_identity import RunMismatchError
     from multitower_jax.workdir import WorkdirError
@@ -118,7 +119,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from multitower_jax.data.preprocess import StatsError
     from multitower_jax.baselines import BaselineError
     from multitower_jax.features import SpecError
-    from multitower_jax.retrieval.export import CatalogueError
+    from multitower_jax.data.catalogue_columns import CatalogueError
     from multitower_jax.retrieval.index import IndexMismatchError
     from multitower_jax.retrieval.targeting import TargetingError
     from multitower_jax.calibration import CalibrationError
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from multitower_jax import config as config_lib  # heavy imports after --help
 
-    try:
+    try:  # each command imports its modules when it runs (start-up time)
         if args.command == "evaluate":  # the workdir's resolved config, plus overrides
             config = config_lib.apply_overrides(config_lib.from_json(f"{args.workdir}/config.json"), rest)
             config_lib.validate(config)

@@ -22,15 +22,13 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from multitower_jax import calibration_settings
 from multitower_jax import features as features_lib
 from multitower_jax import fileio
+from multitower_jax.config_error import ConfigError
 from multitower_jax.data import log_splits
 
 OVERRIDE_PREFIX = "--config."
-
-
-class ConfigError(ValueError):
-    """The config file, an override or a config value is wrong."""
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -249,7 +247,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if problem := log_splits.validate(data.logs):  # by time (paths + boundaries) or by file (split_paths)
             raise ConfigError(problem)
     if "model" in config:
-        from multitower_jax.models.model import validate_config as validate_model  # noqa: PLC0415 (jax import)
+        # lazy: JAX; `multitower --help` and experiment files import this module without it
+        from multitower_jax.models.model import validate_config as validate_model  # noqa: PLC0415
 
         try:
             validate_model(config)
@@ -263,9 +262,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "mesh" in config:
         _validate_mesh(config)
     if "calibration" in config:
-        from multitower_jax.calibration import validate_config as validate_calibration  # noqa: PLC0415 (jax)
-
-        validate_calibration(config)
+        calibration_settings.validate_config(config)
     if "synthetic" in config:
         syn = config.synthetic
         for key in ("num_users", "num_ads", "num_advertisers"):

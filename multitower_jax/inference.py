@@ -25,6 +25,7 @@ from multitower_jax import run_identity
 from multitower_jax import workdir as workdir_lib
 from multitower_jax.data.preprocess import FeatureStats, Preprocessor
 from multitower_jax.models import model as model_lib
+from multitower_jax.train import trainer as trainer_lib
 
 FINGERPRINT_SECTIONS = config_lib.FINGERPRINT_SECTIONS
 fingerprint = config_lib.fingerprint
@@ -68,8 +69,6 @@ def load_trained(workdir: str | Path, step: int | None = None,
     """Restore the parameters of a `multitower train` workdir: by default those of its best
     validation evaluation (what `eval_test.json` reports), else its latest checkpoint's; with
     `step`, that checkpoint's."""
-    from multitower_jax.train import trainer as trainer_lib  # heavy: optimizer, mesh, orbax
-
     workdir = epath.Path(workdir_lib.absolute(workdir))  # a local folder or gs://... (pathlib would make gs:// local)
     if not (workdir / "config.json").is_file():
         raise FileNotFoundError(f"{workdir / 'config.json'} not found: is {workdir} a `multitower train` workdir?")

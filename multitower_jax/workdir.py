@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from experiments import base
 from multitower_jax import config as config_lib
 from multitower_jax import run_identity
 
@@ -114,8 +115,6 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     if not has_checkpoints(workdir) or not saved_path.is_file():
         return
     saved = json.loads(saved_path.read_text())
-    from experiments import base  # noqa: PLC0415 (imports the calibration and serving settings: only when resuming)
-
     conflicts = resume_conflicts(_paths_absolute(saved), _paths_absolute(json.loads(config_lib.to_json(config))),
                                  json.loads(config_lib.to_json(base.get_config())))
     if conflicts:

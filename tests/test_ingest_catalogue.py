@@ -8,6 +8,7 @@ import pytest
 
 from multitower_jax import features as F
 from multitower_jax.data import catalogue, logs, schema
+from multitower_jax.data.catalogue_columns import read_column
 from multitower_jax.retrieval import export
 from tests.test_logs import expected, make_config, make_rows, write
 
@@ -64,7 +65,7 @@ def test_ingest_writes_the_newest_row_of_every_ad_and_user(tmp_path):
     file = export._open(path, ["ad_id", "bid", *(f"ad.{f.name}" for f in spec.ad.features)], "ad")
     batch = next(file.iter_batches())
     for f in spec.ad.features:
-        column = export._column(batch, f"ad.{f.name}", f, 0, path)
+        column = read_column(batch, f"ad.{f.name}", f, 0, path)
         assert len(column) == batch.num_rows
         if isinstance(f, F.MultiHot | F.Dense):
             assert column.shape[1] == (f.max_items if isinstance(f, F.MultiHot) else f.dim)
@@ -119,12 +120,12 @@ def test_export_reads_catalogue_values_raw_as_in_the_logs(tmp_path):
     stored = pa.record_batch({"ad.brand_id": schema.stable_hash64(["acme", "zeta", "acme"]),
                               "ad.tags": pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 4, -1, -1, -1]), 2)})
     path = tmp_path / "ads.parquet"
-    hashed = export._column(raw, "ad.brand_id", brand, 0, path)
+    hashed = read_column(raw, "ad.brand_id", brand, 0, path)
     assert hashed.tolist() == schema.stable_hash64(["acme", "zeta", "acme"]).tolist()
-    assert hashed.tolist() == export._column(stored, "ad.brand_id", brand, 0, path).tolist()
-    assert export._column(raw, "ad.tier", tier, 0, path).tolist() == [1, -1, 0]  # -1: out of the vocabulary
-    padded = export._column(raw, "ad.tags", tags, 0, path)
+    assert hashed.tolist() == read_column(stored, "ad.brand_id", brand, 0, path).tolist()
+    assert read_column(raw, "ad.tier", tier, 0, path).tolist() == [1, -1, 0]  # -1: out of the vocabulary
+    padded = read_column(raw, "ad.tags", tags, 0, path)
     assert padded.tolist() == [[1, 2], [4, -1], [-1, -1]]  # truncated to max_items, padded with -1
-    assert padded.tolist() == export._column(stored, "ad.tags", tags, 0, path).tolist()
+    assert padded.tolist() == read_column(stored, "ad.tags", tags, 0, path).tolist()
     with pytest.raises(export.CatalogueError, match="'ad.campaign_type' holds strings.*encoding 'ids'"):
-        export._column(raw, "ad.campaign_type", kind, 0, path)
+        read_column(raw, "ad.campaign_type", kind, 0, path)

@@ -9,6 +9,7 @@ import pytest
 
 from multitower_jax import features as F
 from multitower_jax.data import logs, multi_hot, preprocess
+from multitower_jax.data.catalogue_columns import read_column
 from multitower_jax.retrieval import export
 from multitower_jax.serving import requests as requests_lib
 from tests.test_logs import T0, make_config, make_rows, write
@@ -155,7 +156,7 @@ def test_requests_and_catalogues_take_string_lists_as_ingest_stores_them(tmp_pat
     catalogue = pa.record_batch({"genres": pa.array(GENRE_LISTS, pa.list_(pa.string())),
                                  "tags": pa.array([";".join(t) for t in TAG_LISTS])})
     path = tmp_path / "ads.parquet"
-    np.testing.assert_array_equal(export._column(catalogue, "genres", genres, 0, path), rows["context.genres"])
-    np.testing.assert_array_equal(export._column(catalogue, "tags", tags, 0, path), rows["context.tags"])
+    np.testing.assert_array_equal(read_column(catalogue, "genres", genres, 0, path), rows["context.genres"])
+    np.testing.assert_array_equal(read_column(catalogue, "tags", tags, 0, path), rows["context.tags"])
     with pytest.raises(export.CatalogueError, match=r"ads.parquet: column 'genres' holds strings.*'ids'"):
-        export._column(catalogue, "genres", spec.context("search")["filters"], 0, path)
+        read_column(catalogue, "genres", spec.context("search")["filters"], 0, path)

@@ -19,7 +19,8 @@ from multitower_jax.retrieval.settings import RetrievalSettings
 from multitower_jax.serving import requests as requests_lib
 from multitower_jax.serving.batcher import MicroBatcher
 from multitower_jax.serving.cache import TTLCache
-from multitower_jax.serving.portable import PortableScorer, write_portable
+from multitower_jax.serving.portable import PortableScorer
+from multitower_jax.serving.portable_export import write_portable
 from multitower_jax.serving.ranker import Ranker
 from multitower_jax.serving.scorer import Scorer
 from tests.conftest import REPO, synthetic_config

@@ -16,6 +16,7 @@ import numpy as np
 from multitower_jax import features as F
 from multitower_jax.baselines import BaselineError
 from multitower_jax.data import builders, pipeline
+from multitower_jax.data.schema import mix64
 from multitower_jax.data.tokenizer import HashTokenizer
 
 LABELS = ("click", "conversion")
@@ -155,8 +156,6 @@ def overlap_counts(table: Table, words: dict[str, np.ndarray]) -> dict[str, np.n
 
 def id_keys(table: Table, name: str) -> np.ndarray:
     """int64 keys of an id column, or of a cross ``"a*b"`` of two columns (one key per pair)."""
-    from multitower_jax.data.schema import mix64  # noqa: PLC0415
-
     parts = name.split("*")
     for p in parts:
         if p not in table:

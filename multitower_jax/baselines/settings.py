@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import ml_collections
 from etils import epath
 
+from multitower_jax import config as config_lib
+
 
 LEARNERS = ("rates", "lr", "gbdt")
 
@@ -81,8 +83,6 @@ def baseline_config(workdir: str | os.PathLike, config_file: str | None = None,
     """The config a baseline run uses: ``--config FILE`` if given, else the workdir's resolved
     ``config.json`` (written by `train`, `generate` or `ingest`), with the baselines section,
     then the overrides. An empty ``config.data.dir`` means ``<workdir>/data``, as in `train`."""
-    from multitower_jax import config as config_lib  # noqa: PLC0415
-
     workdir = epath.Path(workdir)
     if config_file:
         config = config_lib.load_config_file(config_file)

@@ -28,6 +28,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from multitower_jax import features as F
 from multitower_jax.bench import report
 from multitower_jax.retrieval import tuning
 from multitower_jax.retrieval.exact import ExactSearch
@@ -112,8 +113,6 @@ def exported_embeddings(folder: str, num_queries: int, seed: int = 0) -> tuple[n
 def synthetic_targeting(num_ads: int, seed: int = 1) -> np.ndarray:
     """Targeting bitsets drawn like the synthetic world's (`World.ad_targeting`): 15 % of ads
     restricted to 1-3 (popular) countries, 10 % to a device group, 10 % to 1-2 placements."""
-    from multitower_jax import features as F
-
     rng = np.random.default_rng(seed)
     cdf = np.cumsum(1.0 / np.arange(1, 201) ** 1.1)
     countries = np.searchsorted(cdf, rng.random((num_ads, 3)) * cdf[-1])

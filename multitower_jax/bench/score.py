@@ -34,6 +34,7 @@ from tqdm import tqdm
 from multitower_jax import bench
 from multitower_jax import calibration as calibration_lib
 from multitower_jax import features as F
+from multitower_jax.bench.random_params import random_like
 from multitower_jax.models import model as model_lib
 from multitower_jax.serving.batcher import MicroBatcher
 from multitower_jax.serving.scorer import AdCatalogue, Scorer
@@ -103,8 +104,6 @@ def scorer_from_config(config: ml_collections.ConfigDict, settings: ServingSetti
     model = model_lib.build_model(config, F.parse_spec(config.features))
     placement = config.data.placements[0]
     d = int(config.model.embed_dim)
-    from multitower_jax.bench.serve import random_like  # (serve imports this module)
-
     # Drawn on the host: compiling the initializers would take seconds and the values do not matter.
     shapes = jax.eval_shape(lambda key, z: model.init(key, z, z, z, placement, method=model.score_embeddings),
                             jax.random.key(0), jax.ShapeDtypeStruct((1, d), jnp.float32))

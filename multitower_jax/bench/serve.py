@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from multitower_jax import bench
 from multitower_jax import features as F
+from multitower_jax.bench.random_params import random_params
 from multitower_jax.bench.retrieve import structured_embeddings
 from multitower_jax.bench.score import bench_calibration, concurrent_clients, describe_calibration
 from multitower_jax.data.preprocess import FeatureStats
@@ -56,30 +56,6 @@ def random_features(spec: F.TowerSpec, rng: np.random.Generator) -> dict:
         elif isinstance(f, F.MultiHot):
             out[f.name] = rng.integers(0, f.size, int(rng.integers(0, f.max_items + 1))).tolist()
     return out
-
-
-def random_params(model: model_lib.MultiTowerModel, seed: int = 0) -> dict:
-    """Random parameters of the model's shapes, drawn on the host: compiling the model's own
-    initializers takes ~30 s on 2 CPU cores, and benchmarks and tests only need random values.
-    Dense kernels ~ N(0, 1 / fan_in), embeddings ~ N(0, 1), LayerNorm scales 1, biases small."""
-    shapes = nn.meta.unbox(jax.eval_shape(lambda key: model_lib.init_params(model, key), jax.random.key(seed)))
-    return random_like(shapes, seed)["params"]
-
-
-def random_like(shapes, seed: int = 0):
-    """Host-drawn random arrays of a tree of shapes (the distributions of `random_params`)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf) -> np.ndarray:
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "scale":
-            return np.ones(leaf.shape, leaf.dtype)
-        if name == "bias" or leaf.ndim < 2:
-            return (0.01 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-        std = 1.0 if name == "embedding" else 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
-        return (std * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def random_trained(config: ml_collections.ConfigDict, workdir: Path) -> Trained:

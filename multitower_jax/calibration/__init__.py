@@ -11,22 +11,18 @@ loss and AUC before and after on the test split, and draws a reliability diagram
 
 from multitower_jax.calibration.core import (
     FILE,
-    HEADS,
-    METHODS,
-    PRODUCT,
     Calibration,
     CalibrationError,
     correct_downsampling,
-    default_config,
     downsample_correction_rate,
     exists,
     heads_of,
     load,
     save,
-    validate_config,
 )
 from multitower_jax.calibration.fitting import fit, fit_isotonic, fit_platt, fit_temperature
 from multitower_jax.calibration.metrics import ece, equal_mass_bins, equal_width_bins, head_report
+from multitower_jax.calibration_settings import HEADS, METHODS, PRODUCT, default_config, validate_config
 
 __all__ = [
     "FILE", "HEADS", "METHODS", "PRODUCT", "Calibration", "CalibrationError", "correct_downsampling",

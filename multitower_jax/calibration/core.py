@@ -45,67 +45,21 @@ import numpy as np
 
 from multitower_jax import config as config_lib
 from multitower_jax import fileio, run_identity
+from multitower_jax.calibration_settings import DEFAULT_EPS, HEADS, METHODS, PRODUCT, section
 
 log = logging.getLogger(__name__)
 
 FILE = "calibration.json"
 FORMAT_VERSION = 1
-METHODS = ("isotonic", "platt", "temperature", "identity")
-PRODUCT = "product"  # calibration.ctcvr only
-HEADS = ("ctr", "cvr", "ctcvr")
-DEFAULT_EPS = 1e-6
 
 
 class CalibrationError(ValueError):
     """A calibration file is missing, malformed or belongs to another model; or a head cannot be fitted."""
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The ``config.calibration`` section (experiments/base.py uses it; old workdirs fall back to it)."""
-    c = ml_collections.ConfigDict()
-    c.ctr = "isotonic"  # "isotonic" | "platt" | "temperature" | "identity"
-    c.cvr = "temperature"  # fitted on clicked impressions only, like the CVR loss
-    # "product": calibrated pCTR x calibrated pCVR (keeps ESMM's identity); or a method of its own.
-    c.ctcvr = PRODUCT
-    c.ece_bins = 15  # bins of the expected calibration error and the reliability diagram
-    # Calibrated probabilities stay in [eps, 1 - eps]: isotonic returns exactly 0 where a
-    # validation bin had no positive, which would make log loss and logit(p) infinite.
-    c.clip_eps = DEFAULT_EPS
-    return c
-
-
 def heads_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The heads a model's config has: ("ctr",) or ("ctr", "cvr", "ctcvr")."""
     return ("ctr",) if config.model.head == "ctr" else HEADS
-
-
-def section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config.calibration`` with defaults for missing keys (workdirs written before it existed)."""
-    out = default_config()
-    if "calibration" in config:
-        for key, value in config.calibration.items():
-            if key not in out:
-                raise config_lib.ConfigError(f"config.calibration.{key}: unknown key; expected one of {sorted(out)}")
-            out[key] = value
-    return out
-
-
-def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check ``config.calibration``; returns the section with defaults filled in."""
-    c = section(config)
-
-    def require(ok: bool, key: str, expected: str) -> None:
-        if not ok:
-            hint = " (an override `=none` reads as None: write `=identity`)" if c[key] is None else ""
-            raise config_lib.ConfigError(f"config.calibration.{key}: expected {expected}, got {c[key]!r}{hint}")
-
-    require(c.ctr in METHODS, "ctr", f"one of {METHODS}")
-    require(c.cvr in METHODS, "cvr", f"one of {METHODS}")
-    require(c.ctcvr in (PRODUCT, *METHODS), "ctcvr", f"one of {(PRODUCT, *METHODS)}")
-    require(isinstance(c.ece_bins, int) and not isinstance(c.ece_bins, bool) and 2 <= c.ece_bins <= 1000,
-            "ece_bins", "an integer in [2, 1000]")
-    require(isinstance(c.clip_eps, float | int) and 0 < c.clip_eps < 0.01, "clip_eps", "a float in (0, 0.01)")
-    return c
 
 
 def downsample_correction_rate(config: ml_collections.ConfigDict) -> float:

@@ -11,7 +11,8 @@ import scipy.optimize
 import scipy.special
 from sklearn.isotonic import IsotonicRegression
 
-from multitower_jax.calibration.core import PRODUCT, Calibration, CalibrationError
+from multitower_jax.calibration.core import Calibration, CalibrationError
+from multitower_jax.calibration_settings import PRODUCT
 
 
 def _check(head: str, p: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> np.ndarray:

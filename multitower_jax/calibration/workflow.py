@@ -20,68 +20,21 @@ import ml_collections
 import numpy as np
 
 from multitower_jax import config as config_lib
-from multitower_jax import fileio, run_identity
-from multitower_jax.calibration import core, fitting, metrics, plot
+from multitower_jax import calibration_settings, fileio, run_identity
+from multitower_jax.calibration import core, fitting, plot
+from multitower_jax.calibration.evaluation import calibrated_outputs, compare, head_predictions
+from multitower_jax.train import evaluate
+from multitower_jax.train import trainer as trainer_lib
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "calibration_report.json"
 
 
-def head_predictions(pred: Mapping[str, np.ndarray], outputs: Mapping[str, Any]) -> dict[str, tuple]:
-    """Per head: (probabilities, labels) on the rows where the head's label is defined."""
-    click = np.asarray(pred["click"], np.float64)
-    out = {"ctr": (np.asarray(outputs["pctr"]), click)}
-    if "pcvr" in outputs:
-        conversion = np.asarray(pred["conversion"], np.float64)
-        clicked = click > 0.5
-        out["cvr"] = (np.asarray(outputs["pcvr"])[clicked], conversion[clicked])
-        out["ctcvr"] = (np.asarray(outputs["pctcvr"]), click * conversion)
-    return out
-
-
-def compare(pred: Mapping[str, np.ndarray], cal: core.Calibration, num_bins: int) -> dict[str, dict[str, Any]]:
-    """Per head: metrics of the model's own probabilities ("before") and the calibrated ones ("after");
-    with a downsampling correction also "corrected" (the correction alone, no fitted map)."""
-    raw = {k: pred[k] for k in ("pctr", "pcvr", "pctcvr") if k in pred}
-    stages = {"before": raw, "after": _calibrated(cal, pred)}
-    if float(cal.negative_rate) < 1.0:
-        stages["corrected"] = _calibrated(core.Calibration.identity(cal.heads, float(cal.negative_rate),
-                                                                    cal.clip_eps), pred)
-    per_stage = {name: head_predictions(pred, outputs) for name, outputs in stages.items()}
-    return {head: {name: metrics.head_report(*per_stage[name][head], num_bins) for name in stages}
-            for head in cal.heads}
-
-
-def _calibrated(cal: core.Calibration, pred: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = jax.jit(core.Calibration.outputs)(cal, pred["pctr"], pred.get("pcvr"))
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
-def calibrated_columns(pred: Mapping[str, np.ndarray], cal: core.Calibration) -> dict[str, np.ndarray]:
-    """``pctr_calibrated`` (and ``pcvr_calibrated``, ``pctcvr_calibrated``) for the predictions file."""
-    return {f"{k}_calibrated": v for k, v in _calibrated(cal, pred).items()}
-
-
-def evaluation_metrics(pred: Mapping[str, np.ndarray], cal: core.Calibration,
-                       config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Flat keys for `multitower evaluate`: ``<head>_ece``, ``<head>_ece_equal_width`` and
-    ``calibrated_<head>_{auc,logloss,mean_pred,ece,ece_equal_width}``."""
-    out: dict[str, float] = {}
-    for head, stages in compare(pred, cal, int(core.section(config).ece_bins)).items():
-        out[f"{head}_ece"] = stages["before"]["ece"]
-        out[f"{head}_ece_equal_width"] = stages["before"]["ece_equal_width"]
-        for key in ("auc", "logloss", "mean_pred", "ece", "ece_equal_width"):
-            out[f"calibrated_{head}_{key}"] = stages["after"][key]
-    return out
-
-
 def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Fit on the validation split, report on test, save the calibration, draw the diagrams."""
-    from multitower_jax.train import evaluate, trainer as trainer_lib  # noqa: PLC0415
-
     workdir = epath.Path(workdir)
-    settings = core.validate_config(config)
+    settings = calibration_settings.validate_config(config)
     heads = core.heads_of(config)
     methods = {h: settings[h] for h in heads}
     rate = core.downsample_correction_rate(config)
@@ -132,7 +85,7 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
 
 def _diagram_inputs(pred: Mapping[str, np.ndarray], cal: core.Calibration) -> dict[str, tuple]:
     before = head_predictions(pred, {k: pred[k] for k in ("pctr", "pcvr", "pctcvr") if k in pred})
-    after = head_predictions(pred, _calibrated(cal, pred))
+    after = head_predictions(pred, calibrated_outputs(cal, pred))
     return {h: (before[h][1], before[h][0], after[h][0]) for h in cal.heads}
 
 
@@ -143,7 +96,7 @@ def workdir_config(workdir: str | os.PathLike, overrides: Sequence[str] = ()) ->
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a `multitower train` workdir?")
     config = config_lib.from_json(path)
-    config.calibration = core.section(config)
+    config.calibration = calibration_settings.section(config)
     config = config_lib.apply_overrides(config, overrides)
     config_lib.validate(config)
     return config

@@ -95,6 +95,7 @@ def tuning_queries(export_dir: str, manifest: dict, workdir: str | None, overrid
     rng = np.random.default_rng(0)
     normalize = bool(manifest["query_rule"]["l2_normalize"])
     if workdir and (epath.Path(workdir) / "config.json").is_file():
+        # imported on use: cli.py imports this module to build its parser, before --help
         from multitower_jax.retrieval import evaluate
 
         trained = _load_trained(workdir, overrides)
@@ -132,6 +133,7 @@ def _workdir_config(workdir: str | Path, overrides) -> ml_collections.ConfigDict
 
 def _load_trained(workdir: str, overrides, step: int | None = None):
     """load_trained with `config.retrieval` present (defaults + overrides), even for older workdirs."""
+    # imported on use: cli.py imports this module to build its parser, before --help
     from multitower_jax.inference import load_trained
 
     config = _workdir_config(workdir, overrides)
@@ -143,9 +145,8 @@ def _load_trained(workdir: str, overrides, step: int | None = None):
 
 
 def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
-    from multitower_jax.retrieval.settings import RetrievalSettings
-
     if args.command == "export":
+        # imported on use: cli.py imports this module to build its parser, before --help
         from multitower_jax.retrieval import export
 
         trained = _load_trained(args.workdir, overrides, args.step)
@@ -153,6 +154,7 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
         print(f"wrote {args.out} ({manifest['num_ads']:,} ads, {manifest['num_users']:,} users)")
         return manifest
     if args.command == "index":
+        # imported on use: cli.py imports this module to build its parser, before --help
         from multitower_jax.retrieval import index as index_lib
 
         manifest = index_lib.read_manifest(args.embeddings, "multitower-export")
@@ -168,18 +170,20 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
                 ml_collections.ConfigDict({"retrieval": settings_lib.default_config()}), overrides)
         tune = None
         if args.target_recall is not None:
+            # imported on use: cli.py imports this module to build its parser, before --help
             from multitower_jax.retrieval import tuning
 
             queries, source = tuning_queries(args.embeddings, manifest, workdir, overrides, args.tuning_queries)
             tune = lambda index: tuning.tune_index(index, queries, args.k, args.target_recall, source=source)
-        index = index_lib.build_from_export(args.embeddings, args.out, RetrievalSettings.from_config(config), tune)
+        settings = settings_lib.RetrievalSettings.from_config(config)
+        index = index_lib.build_from_export(args.embeddings, args.out, settings, tune)
         print(f"wrote {args.out} ({len(index):,} ads, {index.mode}, {index.manifest['num_leaves']} leaves, "
               f"{index.manifest['build_seconds']} s)")
         keys = ("mode", "num_leaves", "built_size", "build_seconds", "fingerprint", "tuning")
         return {k: index.manifest[k] for k in keys if k in index.manifest}
     if args.command == "retrieve-eval":
+        # imported on use: cli.py imports this module to build its parser, before --help
         from multitower_jax.retrieval import evaluate
-
         from multitower_jax.retrieval import index as index_lib
 
         trained = _load_trained(args.workdir, overrides)
@@ -187,7 +191,7 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
         explicit = [o for o in overrides if o.startswith("--config.retrieval.")]
         if explicit:  # search-time knobs: the index's own settings with these changed
             built = index_lib.read_manifest(args.index, "multitower-index")["settings"]
-            settings = RetrievalSettings.from_config(config_lib.apply_overrides(
+            settings = settings_lib.RetrievalSettings.from_config(config_lib.apply_overrides(
                 ml_collections.ConfigDict({"retrieval": built}), explicit))
         return evaluate.evaluate(trained, args.index, args.split, max_queries=args.max_queries, settings=settings,
                                  allow_other_run=args.allow_other_run)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from multitower_jax import fileio
 from multitower_jax.data import pipeline
+from multitower_jax.data.synthetic import World
 from multitower_jax.retrieval import targeting as targeting_lib
 from multitower_jax.retrieval.index import _top_k
 from multitower_jax.retrieval.retriever import Eligibility, Retriever
@@ -151,7 +152,6 @@ def _oracle_hit_rates(trained, placement: str, split: str, q: dict, ad_ids: np.n
     config = trained.config
     if config.data.source != "synthetic":
         return None
-    from multitower_jax.data.synthetic import World
 
     world = World(config.synthetic, trained.spec)
     num = int(config.synthetic.impressions[split])

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from multitower_jax.retrieval.commands import add_allow_flag
+from multitower_jax.serving.settings import ServingConfigError
 
 COMMANDS = {
     "rank": "answer one ranking request from the command line: user embedding -> context tower -> retrieve K "
@@ -36,6 +37,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
+    # imported on use: cli.py imports this module to build its parser, before --help
     from multitower_jax.serving.portable import PortableScorerError
     from multitower_jax.serving.requests import RequestError
 
@@ -45,10 +47,9 @@ def user_errors() -> tuple[type[Exception], ...]:
 def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
     bad = [o for o in overrides if not o.startswith("--config.serving.")]
     if bad:
-        from multitower_jax.serving.settings import ServingConfigError
-
         raise ServingConfigError(f"`multitower {args.command}` takes only --config.serving.* overrides, got {bad}")
     if args.command == "rank":
+        # imported on use: cli.py imports this module to build its parser, before --help
         from multitower_jax.serving import requests as requests_lib
         from multitower_jax.serving.ranker import Ranker
 
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace, overrides) -> dict[str, Any]:
         finally:
             ranker.close()
     if args.command == "export-scorer":
-        from multitower_jax.serving.portable import export_scorer
+        # imported on use: cli.py imports this module to build its parser, before --help
+        from multitower_jax.serving.portable_export import export_scorer
 
         platforms = tuple(p.strip() for p in args.platforms.split(",")) if args.platforms else None
         manifest = export_scorer(args.workdir, args.out, tuple(overrides), platforms,

@@ -38,7 +38,16 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 
+from multitower_jax import calibration as calibration_lib
+from multitower_jax import config as config_lib
+from multitower_jax import features as F
+from multitower_jax.data.catalogue_columns import read_column
+from multitower_jax.inference import load_trained
+from multitower_jax.models.model import dummy_features
+from multitower_jax.retrieval.retriever import Retriever
+from multitower_jax.retrieval.targeting import Eligibility
 from multitower_jax.serving import requests as requests_lib
+from multitower_jax.serving import settings as settings_lib
 from multitower_jax.serving.batcher import MicroBatcher
 from multitower_jax.serving.cache import TTLCache
 from multitower_jax.serving.scorer import AD_PART_FILE, AdCatalogue, Scorer, compute_ad_parts, pad_to
@@ -52,13 +61,12 @@ class UserCatalogue:
     """Raw user features by user id (the `users.parquet` catalogue), for cache misses."""
 
     def __init__(self, path: str | Path, spec):
-        from multitower_jax.retrieval.export import _column  # the export's validated column reader
-
         path = Path(path)
         table = pq.read_table(path, columns=["user_id", *(f"user.{f.name}" for f in spec.features)])
         batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
         self.ids = np.asarray(table.column("user_id").to_numpy(), np.int64)
-        self.columns = {f.name: _column(batch, f"user.{f.name}", f, 0, path) for f in spec.features} if batch else {}
+        self.columns = ({f.name: read_column(batch, f"user.{f.name}", f, 0, path) for f in spec.features}
+                        if batch else {})
         self._order = np.argsort(self.ids)
 
     def rows(self, user_ids: Sequence[int]) -> np.ndarray:
@@ -97,8 +105,6 @@ class Prepared:
 def _targeting_keys(spec, columns: Mapping[str, np.ndarray]) -> tuple[int | None, int | None]:
     """(country, device) from one row of raw user columns: the raw ids of `user.country` and
     `user.device_type` (what ads' targeting lists hold), when the spec has them as id features."""
-    from multitower_jax import features as F
-
     by_name = {f.name: f for f in spec.features}
     out = []
     for name, _ in TARGETING_FEATURES:
@@ -150,12 +156,6 @@ class Ranker:
              users_path: str | Path | None = None, allow_other_run: bool = False) -> Ranker:
         """A trained workdir + an index (`multitower index`); `overrides` like --config.serving.top_n=10.
         An index or calibration of another training run is refused unless `allow_other_run`."""
-        from multitower_jax import calibration as calibration_lib
-        from multitower_jax import config as config_lib
-        from multitower_jax.inference import load_trained
-        from multitower_jax.retrieval.retriever import Retriever
-        from multitower_jax.serving import settings as settings_lib
-
         trained = load_trained(workdir)
         if "serving" not in trained.config:  # workdirs trained before config.serving existed
             with trained.config.unlocked():
@@ -292,8 +292,6 @@ class Ranker:
         return out
 
     def _rank_group(self, preps: Sequence[Prepared], placement: str) -> list[dict[str, Any]]:
-        from multitower_jax.retrieval.targeting import Eligibility
-
         t0 = time.perf_counter()
         n, s = len(preps), self.settings
         reqs = [p.request for p in preps]
@@ -343,8 +341,6 @@ class Ranker:
         """Compile every (batch bucket x candidate bucket) the path can hit, before serving."""
         s = self.settings
         k_bucket = bucket_for(s.num_candidates, s.buckets)
-        from multitower_jax.models.model import dummy_features
-
         for placement in self.placements:
             scorer = self.scorers[placement]
             for b in s.batch_buckets:

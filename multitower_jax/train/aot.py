@@ -30,7 +30,11 @@ import ml_collections
 import numpy as np
 
 from multitower_jax.data import fake
+from multitower_jax.models.model import ModelConfig
+from multitower_jax.serving import scorer as scorer_lib
+from multitower_jax.serving.settings import ServingSettings, bucket_for
 from multitower_jax.train import roofline, sharding
+from multitower_jax.train.trainer import Trainer
 
 INSTALL_HINT = (f"`multitower compile` needs libtpu: pip install -e '.[tpu]' "
                 f"(or pip install 'jax[tpu]=={jax.__version__}')")
@@ -143,8 +147,6 @@ PROGRAMS = ("train_step", "eval_step", "scorer")
 def compile_programs(config: ml_collections.ConfigDict, devices: list,
                      programs: tuple[str, ...] = PROGRAMS) -> dict[str, Any]:
     """{"trainer": the Trainer, and each of `programs`: its compiled executable}."""
-    from multitower_jax.train.trainer import Trainer  # noqa: PLC0415
-
     try:
         trainer = Trainer(config, None, devices=devices)
     except ValueError as e:  # the mesh does not fit the topology
@@ -167,10 +169,6 @@ def compile_programs(config: ml_collections.ConfigDict, devices: list,
 
 def _compile_scorer(config, trainer, device) -> Any:
     """The serving scorer of the primary placement on one chip (uncalibrated)."""
-    from multitower_jax.models.model import ModelConfig  # noqa: PLC0415
-    from multitower_jax.serving import scorer as scorer_lib  # noqa: PLC0415
-    from multitower_jax.serving.settings import ServingSettings, bucket_for  # noqa: PLC0415
-
     settings = ServingSettings.from_config(config)
     m = ModelConfig.from_config(config)
     spec = scorer_lib.ScorerSpec.from_model(m, settings)

@@ -24,6 +24,7 @@ from etils import epath
 
 from multitower_jax import fileio
 from multitower_jax.config import ConfigError
+from multitower_jax.train import trainer
 
 SUMMARY_FILE = "seeds_summary.json"
 TABLE_KEYS = ("ctr_auc", "ctcvr_auc", "cvr_auc", "cvr_entire_space_auc", "ctr_logloss")
@@ -89,8 +90,6 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str | Path, seeds: S
     """Train one run per seed into ``<workdir>/seed_<s>`` (a finished run is not trained again;
     an interrupted one resumes), then write and return the summary. A run stopped by a signal
     ends the loop: ``{"interrupted": True, "seed", "step"}`` and no summary."""
-    from multitower_jax.train import trainer  # noqa: PLC0415
-
     workdir = epath.Path(workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from multitower_jax import config as config_lib
 from multitower_jax import features as F
 from multitower_jax import fileio, run_identity
 from multitower_jax import workdir as workdir_lib
+from multitower_jax.calibration import evaluation as calibration_evaluation
 from multitower_jax.data import builders, pipeline
 from multitower_jax.data.generate import generate
 from multitower_jax.models import model as model_lib
@@ -212,10 +213,8 @@ class Trainer:
                                 self.mesh, desc=desc)
         calibrated = {}
         if calibration is not None:
-            from multitower_jax.calibration import workflow as calibration_workflow  # noqa: PLC0415
-
-            calibrated = calibration_workflow.evaluation_metrics(pred, calibration, self.config)
-            pred = {**pred, **calibration_workflow.calibrated_columns(pred, calibration)}
+            calibrated = calibration_evaluation.evaluation_metrics(pred, calibration, self.config)
+            pred = {**pred, **calibration_evaluation.calibrated_columns(pred, calibration)}
         if predictions_path:
             evaluate.write_predictions(pred, predictions_path)
         return {**evaluate.report(pred, self.implicit, bool(self.config.loss.l2_normalize)), **calibrated}
