@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from multitower_jax.config_error import ConfigError
+from multitower_jax.config_checks import is_int, require, require_known
 
 METHODS = ("isotonic", "platt", "temperature", "identity")
 PRODUCT = "product"  # calibration.ctcvr only
@@ -36,10 +36,8 @@ def section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config.calibration`` with defaults for missing keys (workdirs written before it existed)."""
     out = default_config()
     if "calibration" in config:
-        for key, value in config.calibration.items():
-            if key not in out:
-                raise ConfigError(f"config.calibration.{key}: unknown key; expected one of {sorted(out)}")
-            out[key] = value
+        require_known("calibration", config.calibration.keys(), out.keys())
+        out.update(config.calibration)
     return out
 
 
@@ -47,15 +45,13 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     """Check ``config.calibration``; returns the section with defaults filled in."""
     c = section(config)
 
-    def require(ok: bool, key: str, expected: str) -> None:
-        if not ok:
-            hint = " (an override `=none` reads as None: write `=identity`)" if c[key] is None else ""
-            raise ConfigError(f"config.calibration.{key}: expected {expected}, got {c[key]!r}{hint}")
+    def check(ok: bool, key: str, expected: str) -> None:
+        hint = " (an override `=none` reads as None: write `=identity`)" if c[key] is None else ""
+        require(ok, f"calibration.{key}", expected, c[key], hint)
 
-    require(c.ctr in METHODS, "ctr", f"one of {METHODS}")
-    require(c.cvr in METHODS, "cvr", f"one of {METHODS}")
-    require(c.ctcvr in (PRODUCT, *METHODS), "ctcvr", f"one of {(PRODUCT, *METHODS)}")
-    require(isinstance(c.ece_bins, int) and not isinstance(c.ece_bins, bool) and 2 <= c.ece_bins <= 1000,
-            "ece_bins", "an integer in [2, 1000]")
-    require(isinstance(c.clip_eps, float | int) and 0 < c.clip_eps < 0.01, "clip_eps", "a float in (0, 0.01)")
+    check(c.ctr in METHODS, "ctr", f"one of {METHODS}")
+    check(c.cvr in METHODS, "cvr", f"one of {METHODS}")
+    check(c.ctcvr in (PRODUCT, *METHODS), "ctcvr", f"one of {(PRODUCT, *METHODS)}")
+    check(is_int(c.ece_bins) and 2 <= c.ece_bins <= 1000, "ece_bins", "an integer in [2, 1000]")
+    check(isinstance(c.clip_eps, float | int) and 0 < c.clip_eps < 0.01, "clip_eps", "a float in (0, 0.01)")
     return c

@@ -22,11 +22,13 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from multitower_jax import calibration_settings
+from multitower_jax import calibration_settings, model_settings
 from multitower_jax import features as features_lib
 from multitower_jax import fileio
-from multitower_jax.config_error import ConfigError
+from multitower_jax.config_checks import ConfigError, require, require_present
 from multitower_jax.data import log_splits
+from multitower_jax.retrieval.settings import RetrievalSettings
+from multitower_jax.serving.settings import ServingSettings
 
 OVERRIDE_PREFIX = "--config."
 
@@ -215,61 +217,56 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
     return config
 
 
-def _require(cond: bool, key: str, expected: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"config.{key}: expected {expected}, got {value!r}")
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Check every value the library reads; raise ConfigError naming the first bad key."""
-    for section in ("data", "features"):
-        if section not in config:
-            raise ConfigError(f"config.{section}: missing section")
+    """Check every value the library reads; raise ConfigError naming the first bad key.
+
+    The one entry point for config checks: this module checks data, features, train, mesh and
+    synthetic, and calls each other section's own check (`model_settings`: model, loss, optim;
+    `calibration_settings`; `retrieval.settings`; `serving.settings`), all in `config_checks`'s style."""
+    require_present(config, ("data", "features"))
     try:
         spec = features_lib.parse_spec(config.features)
     except features_lib.SpecError as e:
         raise ConfigError(str(e)) from None
     data = config.data
-    _require(data.source in ("synthetic", "logs"), "data.source", "'synthetic' or 'logs'", data.source)
+    require(data.source in ("synthetic", "logs"), "data.source", "'synthetic' or 'logs'", data.source)
     placements = tuple(data.placements)
-    _require(len(placements) > 0, "data.placements", "at least one placement", data.placements)
+    require(len(placements) > 0, "data.placements", "at least one placement", data.placements)
     for p in placements:
-        _require(p in spec.contexts, "data.placements",
+        require(p in spec.contexts, "data.placements",
                  f"placements with a context spec {sorted(spec.contexts)}", data.placements)
     for key in ("batch_size", "eval_batch_size", "block_size"):
-        _require(isinstance(data[key], int) and data[key] > 0, f"data.{key}", "a positive integer", data[key])
+        require(isinstance(data[key], int) and data[key] > 0, f"data.{key}", "a positive integer", data[key])
     rate = data.negative_downsample_rate
-    _require(isinstance(rate, float | int) and 0 < rate <= 1, "data.negative_downsample_rate",
+    require(isinstance(rate, float | int) and 0 < rate <= 1, "data.negative_downsample_rate",
              "a fraction in (0, 1] of negatives to keep", rate)
     if data.source == "logs":
-        _require(data.logs.format in ("auto", "parquet", "csv", "jsonl"), "data.logs.format",
+        require(data.logs.format in ("auto", "parquet", "csv", "jsonl"), "data.logs.format",
                  "'auto', 'parquet', 'csv' or 'jsonl'", data.logs.format)
         if problem := log_splits.validate(data.logs):  # by time (paths + boundaries) or by file (split_paths)
             raise ConfigError(problem)
     if "model" in config:
-        # lazy: JAX; `multitower --help` and experiment files import this module without it
-        from multitower_jax.models.model import validate_config as validate_model  # noqa: PLC0415
-
-        try:
-            validate_model(config)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        model_settings.validate_config(config)
     if "train" in config:
         for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "patience", "keep_checkpoints"):
-            _require(isinstance(config.train[key], int) and config.train[key] > 0, f"train.{key}",
+            require(isinstance(config.train[key], int) and config.train[key] > 0, f"train.{key}",
                      "a positive integer", config.train[key])
         _validate_feedback(config)
     if "mesh" in config:
         _validate_mesh(config)
     if "calibration" in config:
         calibration_settings.validate_config(config)
+    if "retrieval" in config:
+        RetrievalSettings.from_config(config)
+    if "serving" in config:
+        ServingSettings.from_config(config)
     if "synthetic" in config:
         syn = config.synthetic
         for key in ("num_users", "num_ads", "num_advertisers"):
-            _require(isinstance(syn[key], int) and syn[key] > 0, f"synthetic.{key}", "a positive integer", syn[key])
+            require(isinstance(syn[key], int) and syn[key] > 0, f"synthetic.{key}", "a positive integer", syn[key])
         for split in ("train", "validation", "test"):
             n = syn.impressions[split]
-            _require(isinstance(n, int) and n > 0, f"synthetic.impressions.{split}", "a positive integer", n)
+            require(isinstance(n, int) and n > 0, f"synthetic.impressions.{split}", "a positive integer", n)
 
 
 # What early stopping can watch on the validation split: a head's AUC, or the towers' in-split
@@ -284,21 +281,21 @@ FEEDBACKS = ("explicit", "implicit")
 
 def _validate_feedback(config: ml_collections.ConfigDict) -> None:
     metric = config.train.get("early_stopping_metric", "ctr_auc")
-    _require(metric in EARLY_STOPPING_METRICS, "train.early_stopping_metric", f"one of {EARLY_STOPPING_METRICS}",
+    require(metric in EARLY_STOPPING_METRICS, "train.early_stopping_metric", f"one of {EARLY_STOPPING_METRICS}",
              metric)
     if metric == "ctcvr_auc" and "model" in config:
-        _require(config.model.head != "ctr", "train.early_stopping_metric",
+        require(config.model.head != "ctr", "train.early_stopping_metric",
                  "'ctr_auc' or a hit rate with model.head='ctr' (no CTCVR)", metric)
     feedback = config.data.get("feedback", "explicit")
-    _require(feedback in FEEDBACKS, "data.feedback", f"one of {FEEDBACKS}", feedback)
+    require(feedback in FEEDBACKS, "data.feedback", f"one of {FEEDBACKS}", feedback)
     if feedback != "implicit" or "loss" not in config:
         return
     why = "under data.feedback='implicit' (every row a positive: no non-clicks for the heads to learn from)"
-    _require(config.loss.alpha == 0, "loss.alpha", f"0 {why}", config.loss.alpha)
-    _require(config.loss.beta > 0, "loss.beta", f"> 0 {why}: the retrieval loss is all there is", config.loss.beta)
-    _require(config.loss.get("retrieval_positives", "clicks") == "impressions", "loss.retrieval_positives",
+    require(config.loss.alpha == 0, "loss.alpha", f"0 {why}", config.loss.alpha)
+    require(config.loss.beta > 0, "loss.beta", f"> 0 {why}: the retrieval loss is all there is", config.loss.beta)
+    require(config.loss.get("retrieval_positives", "clicks") == "impressions", "loss.retrieval_positives",
              f"'impressions' {why}", config.loss.get("retrieval_positives"))
-    _require(metric in RETRIEVAL_METRICS, "train.early_stopping_metric", f"one of {RETRIEVAL_METRICS} {why}", metric)
+    require(metric in RETRIEVAL_METRICS, "train.early_stopping_metric", f"one of {RETRIEVAL_METRICS} {why}", metric)
 
 
 MESH_AXES = ("data", "model")
@@ -306,17 +303,17 @@ MESH_AXES = ("data", "model")
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:
     mesh = config.mesh
-    _require(isinstance(mesh.data, int) and (mesh.data == -1 or mesh.data > 0), "mesh.data",
+    require(isinstance(mesh.data, int) and (mesh.data == -1 or mesh.data > 0), "mesh.data",
              "a positive device count, or -1 for every device not used by mesh.model", mesh.data)
-    _require(isinstance(mesh.model, int) and mesh.model > 0, "mesh.model", "a positive device count", mesh.model)
+    require(isinstance(mesh.model, int) and mesh.model > 0, "mesh.model", "a positive device count", mesh.model)
     rules = tuple(config.sharding.rules) if "sharding" in config else ()
     for rule in rules:
         ok = (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)
               and (rule[1] is None or rule[1] in MESH_AXES))
-        _require(ok, "sharding.rules", f"(logical_axis, mesh_axis) pairs with mesh_axis in {MESH_AXES} or None", rule)
+        require(ok, "sharding.rules", f"(logical_axis, mesh_axis) pairs with mesh_axis in {MESH_AXES} or None", rule)
     multiple = config.model.get("vocab_multiple", 1) if "model" in config else 1
     if mesh.model > 1 and ("vocab", "model") in [tuple(r) for r in rules]:
-        _require(multiple % mesh.model == 0, "model.vocab_multiple",
+        require(multiple % mesh.model == 0, "model.vocab_multiple",
                  f"a multiple of mesh.model={mesh.model} when embedding tables are sharded over \"model\" "
                  "(rows are padded to it so each device holds an equal slice; e.g. 128)", multiple)
 

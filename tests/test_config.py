@@ -88,6 +88,38 @@ def test_model_and_train_validation(override, message):
         load(override)
 
 
+@pytest.mark.parametrize("override, message", [
+    # every section is checked when the config loads, not when a later command first reads it
+    ("--config.serving.top_n=0", "config.serving.top_n: expected a positive integer, got 0"),
+    ("--config.retrieval.overfetch=0.5", "config.retrieval.overfetch: expected a number >= 1, got 0.5"),
+    ("--config.retrieval.leaves_fraction=0", "config.retrieval.leaves_fraction: expected a fraction in (0, 1]"),
+    ("--config.calibration.ece_bins=1", "config.calibration.ece_bins: expected an integer in [2, 1000], got 1"),
+    ("--config.optim.large_table_optimizer=sgd",
+     "config.optim.large_table_optimizer: expected 'adamw' or 'rowwise_adagrad', got 'sgd'"),
+    ("--config.model.wide_pooling=('max',)", "config.model.wide_pooling: expected a tuple of 'mean' / 'sum'"),
+    ("--config.optim.ema_decay=1.0", "config.optim.ema_decay: expected a decay in [0, 1)"),
+])
+def test_every_section_is_checked_at_load_in_one_style(override, message):
+    with pytest.raises(config_lib.ConfigError) as e:
+        load(override)
+    assert str(e.value).startswith(message)
+
+
+def test_unknown_keys_read_the_same_in_every_section():
+    for section in ("serving", "retrieval", "calibration"):
+        config = config_lib.load_config_file(QUICKSTART)
+        config[section].typo = 1
+        with pytest.raises(config_lib.ConfigError, match=rf"^config\.{section}: unknown keys \['typo'\]; known: "):
+            config_lib.validate(config)
+
+
+def test_loading_and_checking_a_config_does_not_import_jax():
+    code = ("import sys; from multitower_jax import config; config.load(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
+    out = subprocess.run([sys.executable, "-c", code, str(QUICKSTART)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_log_column_mapping_can_be_added_from_the_command_line():
     config = load("--config.data.logs.columns.user.age_bucket=age", "--config.data.logs.columns.click=clicked")
     assert config.data.logs.columns.user.age_bucket == "age" and config.data.logs.columns.click == "clicked"

@@ -13,6 +13,7 @@ import ml_collections
 from etils import epath
 
 from multitower_jax import config as config_lib
+from multitower_jax.config_checks import require
 
 
 LEARNERS = ("rates", "lr", "gbdt")
@@ -97,7 +98,6 @@ def baseline_config(workdir: str | os.PathLike, config_file: str | None = None,
     config_lib.validate(config)
     if not config.data.dir:
         config.data.dir = str(workdir / "data")
-    unknown = sorted(set(config.baselines.run) - set(LEARNERS))
-    if unknown:
-        raise config_lib.ConfigError(f"config.baselines.run: unknown learners {unknown}; expected some of {LEARNERS}")
+    require(set(config.baselines.run) <= set(LEARNERS), "baselines.run", f"some of {LEARNERS}",
+            tuple(config.baselines.run))
     return config

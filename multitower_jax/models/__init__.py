@@ -1,5 +1,6 @@
 """The multi-tower CTR/CVR model: towers, text encoder, fusion and heads (Flax linen)."""
 
+from multitower_jax.model_settings import validate_config
 from multitower_jax.models.fusion import FUSIONS, Fusion, interaction_features, pairwise_dots
 from multitower_jax.models.heads import HEADS, Heads, head_outputs
 from multitower_jax.models.layers import LOGICAL_AXES, MLP, Block, FeatureEmbedding
@@ -11,7 +12,6 @@ from multitower_jax.models.model import (
     dummy_features,
     init_params,
     param_count,
-    validate_config,
 )
 from multitower_jax.models.text_encoder import TextEncoder, TextEncoderConfig, sinusoidal_positions
 from multitower_jax.models.towers import Tower, tower_input_dim

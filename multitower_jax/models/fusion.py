@@ -19,13 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from multitower_jax.model_settings import FUSIONS
 from multitower_jax.models import layers
 
 Array = jax.Array
 Dtype = Any
-
-FUSIONS = ("concat", "dot", "product")
-
 
 def pairwise_dots(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array) -> Array:
     """[user.ad, user.context, context.ad] per row -> [B, 3]."""

@@ -16,18 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from multitower_jax.model_settings import HEADS
 from multitower_jax.models import layers
 
 Array = jax.Array
 Dtype = Any
-
-HEADS = ("ctr", "ctr_cvr", "esmm")
-
-
-def num_logits(kind: str) -> int:
-    """How many logits a head has (CTR, then CVR)."""
-    return 1 if kind == "ctr" else 2
-
 
 def head_outputs(ctr_logit_B: Array, cvr_logit_B: Array | None) -> dict[str, Array]:
     """Logits -> the output dict (probabilities included); used by the heads and the scorer."""

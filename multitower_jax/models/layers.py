@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from multitower_jax import features as F
+from multitower_jax.model_settings import EMBED_INITS
 
 Array = jax.Array
 Dtype = Any
@@ -30,14 +31,10 @@ Dtype = Any
 LOGICAL_AXES = ("vocab", "embed", "embed_in", "mlp", "heads", "kv", "pos")
 
 DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
-# How embedding rows start: "unit" draws N(0, 1/dim) per element, so a row has norm ~1 whatever
-# its width and a 64-d id does not drown a 128-d image vector (norm 1) in the tower's first
-# layer; "normal" draws N(0, 1) per element (row norm ~sqrt(dim)), as nn.Embed does.
-EMBED_INITS = ("unit", "normal")
 
 
 def embedding_init(features: int, mode: str = "normal") -> nn.initializers.Initializer:
-    """The initializer of an embedding table `features` wide (see `EMBED_INITS`)."""
+    """The initializer of an embedding table `features` wide (see `model_settings.EMBED_INITS`)."""
     if mode == "unit":
         return nn.initializers.normal(stddev=1.0 / math.sqrt(features))
     if mode == "normal":

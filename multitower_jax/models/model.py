@@ -24,19 +24,18 @@ import ml_collections
 import numpy as np
 
 from multitower_jax import features as F
-from multitower_jax.models import heads as heads_lib
+from multitower_jax.model_settings import num_logits, str_or_tuple, validate_config
 from multitower_jax.models import layers
 from multitower_jax.models import towers as towers_lib
-from multitower_jax.models.fusion import FUSIONS, Fusion
-from multitower_jax.models.heads import HEADS, Heads
+from multitower_jax.models.fusion import Fusion
+from multitower_jax.models.heads import Heads
 from multitower_jax.models.text_encoder import TextEncoder, TextEncoderConfig
-from multitower_jax.models.wide import WIDE_INITS, Wide, logit_poolings
+from multitower_jax.models.wide import Wide
 
 Array = jax.Array
 Batch = Mapping[str, Any]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TOWER_OUTPUTS = ("relu", "layernorm")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # `model_settings.DTYPES`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +71,7 @@ class ModelConfig:
     text: TextSettings = TextSettings()
     dtype: str = "float32"
     vocab_multiple: int = 1  # embedding-table rows are padded to a multiple of this
-    embed_init: str = "normal"  # embedding tables' initialization (`layers.EMBED_INITS`)
+    embed_init: str = "normal"  # embedding tables' initialization (`model_settings.EMBED_INITS`)
     tower_output: str = "relu"  # "relu": towers end Dense -> LayerNorm -> ReLU; "layernorm": at the LayerNorm
     wide: bool = False  # `Wide` logit offsets, linear in the context tower's features
     wide_pooling: str | tuple[str, ...] = ("mean",)  # how the wide part pools tokens and multi-hot items
@@ -99,7 +98,7 @@ class ModelConfig:
             embed_init=str(m.get("embed_init", "normal")),
             tower_output=str(m.get("tower_output", "relu")),
             wide=bool(m.get("wide", False)),
-            wide_pooling=_str_or_tuple(m.get("wide_pooling", ("mean",))),
+            wide_pooling=str_or_tuple(m.get("wide_pooling", ("mean",))),
         )
 
 
@@ -132,7 +131,7 @@ class MultiTowerModel(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        dtype = DTYPES[cfg.dtype]
+        dtype = COMPUTE_DTYPES[cfg.dtype]
         contexts = dict(self.context_specs)
         missing = [p for p in cfg.placements if p not in contexts]
         if missing:
@@ -161,7 +160,7 @@ class MultiTowerModel(nn.Module):
                         for p in cfg.placements}
         self.heads = {p: Heads(cfg.head, dtype) for p in cfg.placements}
         if cfg.wide:
-            k = heads_lib.num_logits(cfg.head)
+            k = num_logits(cfg.head)
             self.context_wides = {p: Wide(contexts[p], k, cfg.vocab_multiple, cfg.wide_pooling) for p in cfg.placements}
 
     def _check(self, placement: str) -> None:
@@ -263,121 +262,3 @@ def param_count(variables: Mapping[str, Any]) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(variables)))
 
 
-def _fail(key: str, expected: str, value: Any) -> None:
-    raise ValueError(f"config.{key}: expected {expected}, got {value!r}")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
-
-
-def _widths(section: Any, key: str, allow_empty: bool) -> None:
-    value = section[key.rsplit(".", 1)[-1]]
-    if not isinstance(value, tuple | list) or not all(_positive_int(w) for w in value) or (
-            not allow_empty and not value):
-        _fail(key, "a tuple of positive layer widths" + ("" if allow_empty else " (at least one)"), value)
-
-
-def _rate(value: Any, key: str) -> None:
-    if not isinstance(value, float | int) or isinstance(value, bool) or not 0 <= value < 1:
-        _fail(key, "a dropout rate in [0, 1)", value)
-
-
-def _str_or_tuple(value: Any) -> Any:
-    """A config's string, or its list / tuple as a tuple (JSON round trips turn tuples into lists)."""
-    return tuple(value) if isinstance(value, list | tuple) else value
-
-
-def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(key, " or ".join(repr(c) for c in choices), value)
-
-
-def _positive_number(value: Any, key: str, allow_zero: bool = False) -> None:
-    ok = isinstance(value, float | int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        _fail(key, "a non-negative number" if allow_zero else "a positive number", value)
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Check ``config.model``, ``config.loss`` and ``config.optim``; ValueError names the bad key."""
-    for section in ("model", "loss", "optim"):
-        if section not in config:
-            raise ValueError(f"config.{section}: missing section")
-    m = config.model
-    for key in ("embed_dim", "user_hidden", "context_hidden", "ad_hidden", "tower_dropout", "context_dropout",
-                "fusion", "fusion_hidden", "fusion_dropout", "head", "share_text_encoder", "text", "dtype"):
-        if key not in m:
-            raise ValueError(f"config.model.{key}: missing")
-    if not _positive_int(m.embed_dim):
-        _fail("model.embed_dim", "a positive integer", m.embed_dim)
-    _widths(m, "model.user_hidden", allow_empty=True)
-    _widths(m, "model.context_hidden", allow_empty=True)
-    _widths(m, "model.ad_hidden", allow_empty=True)
-    _widths(m, "model.fusion_hidden", allow_empty=False)
-    for key in ("tower_dropout", "context_dropout", "fusion_dropout"):
-        _rate(m[key], f"model.{key}")
-    _choice(m.fusion, "model.fusion", FUSIONS)
-    _choice(m.head, "model.head", HEADS)
-    _choice(m.dtype, "model.dtype", tuple(DTYPES))
-    _choice(m.get("embed_init", "normal"), "model.embed_init", layers.EMBED_INITS)
-    _choice(m.get("tower_output", "relu"), "model.tower_output", TOWER_OUTPUTS)
-    if not _positive_int(m.get("vocab_multiple", 1)):
-        _fail("model.vocab_multiple", "a positive integer", m.get("vocab_multiple"))
-    if not isinstance(m.share_text_encoder, bool):
-        _fail("model.share_text_encoder", "true or false", m.share_text_encoder)
-    if not isinstance(m.get("wide", False), bool):
-        _fail("model.wide", "true or false", m.get("wide"))
-    _choice(m.get("wide_init", "zeros"), "model.wide_init", WIDE_INITS)
-    try:
-        logit_poolings(_str_or_tuple(m.get("wide_pooling", ("mean",))), heads_lib.num_logits(m.head))
-    except ValueError as e:
-        raise ValueError(f"config.{e}") from None
-    if m.get("wide_init", "zeros") == "logistic" and not m.get("wide", False):  # the ctr head ignores it
-        _fail("model.wide_init", "'zeros' unless model.wide=True ('logistic' fits the wide part's CVR column)",
-              m.wide_init)
-    t = m.text
-    for key in ("dim", "num_layers", "num_heads", "mlp_dim"):
-        if key not in t or not _positive_int(t[key]):
-            _fail(f"model.text.{key}", "a positive integer", t.get(key))
-    if t.dim % t.num_heads:
-        _fail("model.text.num_heads", f"a divisor of model.text.dim={t.dim}", t.num_heads)
-    _choice(t.get("positional"), "model.text.positional", ("sinusoidal", "learned"))
-    _choice(t.get("pooling"), "model.text.pooling", ("mean", "cls"))
-    _choice(t.get("norm"), "model.text.norm", ("pre", "post"))
-    _rate(t.get("dropout"), "model.text.dropout")
-    _choice(t.get("init", "random"), "model.text.init", ("random", "lsa"))
-
-    loss = config.loss
-    for key in ("alpha", "beta", "ctr_weight", "cvr_weight"):
-        _positive_number(loss.get(key), f"loss.{key}", allow_zero=True)
-    _positive_number(loss.get("wide_cvr_weight", 0.0), "loss.wide_cvr_weight", allow_zero=True)
-    if loss.get("wide_cvr_weight", 0.0) and not m.get("wide", False):
-        _fail("loss.wide_cvr_weight", "0 unless model.wide=True (it fits the wide part's CVR logit)",
-              loss.wide_cvr_weight)
-    _positive_number(loss.get("temperature"), "loss.temperature")
-    _choice(loss.get("retrieval_positives", "clicks"), "loss.retrieval_positives", ("clicks", "impressions"))
-    for key in ("logq_correction", "l2_normalize"):
-        if not isinstance(loss.get(key), bool):
-            _fail(f"loss.{key}", "true or false", loss.get(key))
-
-    o = config.optim
-    for key in ("init_lr", "peak_lr", "end_lr"):
-        _positive_number(o.get(key), f"optim.{key}", allow_zero=True)
-    warmup = o.get("warmup_steps")
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        _fail("optim.warmup_steps", "a non-negative integer", warmup)
-    if not _positive_int(o.get("decay_steps")):
-        _fail("optim.decay_steps", "a positive integer", o.get("decay_steps"))
-    _positive_number(o.get("weight_decay"), "optim.weight_decay", allow_zero=True)
-    if o.get("embedding_weight_decay") is not None:
-        _positive_number(o.get("embedding_weight_decay"), "optim.embedding_weight_decay", allow_zero=True)
-    _positive_number(o.get("clip_norm"), "optim.clip_norm", allow_zero=True)
-    _positive_number(o.get("wide_lr_multiplier", 1.0), "optim.wide_lr_multiplier")
-    ema = o.get("ema_decay", 0.0)
-    if not isinstance(ema, float | int) or isinstance(ema, bool) or not 0 <= ema < 1:
-        _fail("optim.ema_decay", "a decay in [0, 1) (0: no moving average)", ema)
-    if o.get("freeze_wide_cvr", False) and not m.get("wide", False):  # the ctr head ignores it
-        _fail("optim.freeze_wide_cvr", "false unless model.wide=True", o.freeze_wide_cvr)
-    if not _positive_int(o.get("accumulation_steps")):
-        _fail("optim.accumulation_steps", "a positive integer", o.get("accumulation_steps"))

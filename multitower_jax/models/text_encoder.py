@@ -40,7 +40,7 @@ class TextEncoderConfig:
     norm: str = "pre"  # "pre" | "post" LayerNorm placement
     dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32
-    embed_init: str = "normal"  # the token table's (`layers.EMBED_INITS`)
+    embed_init: str = "normal"  # the token table's (`model_settings.EMBED_INITS`)
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:

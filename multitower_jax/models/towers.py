@@ -62,7 +62,7 @@ class Tower(nn.Module):
     text_config: TextEncoderConfig | None = None
     dtype: Dtype = jnp.float32
     vocab_multiple: int = 1
-    embed_init: str = "normal"  # `layers.EMBED_INITS`
+    embed_init: str = "normal"  # `model_settings.EMBED_INITS`
     output_activation: bool = True  # False: the last block ends at its LayerNorm (both signs)
 
     @nn.compact

@@ -25,35 +25,19 @@ the ad's historical rates 0.001.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from multitower_jax import features as F
+from multitower_jax.model_settings import logit_poolings
 from multitower_jax.models import layers
 
 Array = jax.Array
 
 _ZEROS = nn.initializers.zeros_init()
-# How the CVR column starts (`model.wide_init`): at zero, or at a logistic regression of
-# conversion given click on the train split's clicked rows (`train.wide_init`).
-WIDE_INITS = ("zeros", "logistic")
-# How a text's tokens (a multi-hot's items) are pooled (`model.wide_pooling`): the "mean" of their
-# weights, or their "sum" (a bag of words, as a one-hot logistic regression has it: a word's
-# weight is its whole effect, whatever the query's length). One for every logit, ("sum",), or one
-# per logit, CTR then CVR, ("mean", "sum") (a CTR-only head reads the first).
-WIDE_POOLINGS = ("mean", "sum")
-
-
-def logit_poolings(pooling: str | Sequence[str], num_logits: int) -> tuple[str, ...]:
-    """`model.wide_pooling` -> one pooling per logit (a pair is (CTR, CVR): a head with the CTR
-    logit only reads the first); ValueError for anything else."""
-    out = (pooling,) if isinstance(pooling, str) else tuple(pooling)
-    if len(out) not in (1, 2) or any(p not in WIDE_POOLINGS for p in out):
-        raise ValueError(f"model.wide_pooling: expected a tuple of {' / '.join(map(repr, WIDE_POOLINGS))}: one "
-                         f"for every logit or a pair (CTR, CVR), got {pooling!r}")
-    return out * num_logits if len(out) == 1 else out[:num_logits]
 
 
 class Wide(nn.Module):

@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from multitower_jax.config import ConfigError
+from multitower_jax.config_checks import require, require_bool, require_known
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -68,21 +68,18 @@ class RetrievalSettings:
         section = config.get("retrieval") if config is not None else None
         values = dict(default_config())
         if section is not None:
-            unknown = sorted(set(section) - set(values))
-            if unknown:
-                raise ConfigError(f"config.retrieval: unknown keys {unknown}; known: {sorted(values)}")
+            require_known("retrieval", section, values)
             values.update(dict(section))
         for f in dataclasses.fields(cls):
-            if isinstance(f.default, bool) and not isinstance(values[f.name], bool):
-                raise ConfigError(f"config.retrieval.{f.name}: expected true or false, got {values[f.name]!r}")
+            if isinstance(f.default, bool):
+                require_bool(values[f.name], f"retrieval.{f.name}")
         out = cls(**{f.name: type(f.default)(values[f.name]) for f in dataclasses.fields(cls)})
         out.validate()
         return out
 
     def validate(self) -> None:
         def need(ok: bool, key: str, expected: str) -> None:
-            if not ok:
-                raise ConfigError(f"config.retrieval.{key}: expected {expected}, got {getattr(self, key)!r}")
+            require(ok, f"retrieval.{key}", expected, getattr(self, key))
 
         for key in ("export_batch_size", "dims_per_block", "reorder_multiplier", "training_sample_size"):
             need(getattr(self, key) > 0, key, "a positive integer")

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from multitower_jax.models import heads as heads_lib
+from multitower_jax import model_settings
 from multitower_jax.models import layers
 from multitower_jax.models.heads import Heads
 from multitower_jax.models.model import ModelConfig
@@ -86,7 +86,7 @@ class ScorerSpec:
     @property
     def num_logits(self) -> int:
         """Width of the per-request logit offsets (the context's `Wide` terms): CTR[, CVR]."""
-        return heads_lib.num_logits(self.head)
+        return model_settings.num_logits(self.head)
 
 
 def split_first_layer(mlp_params: Params, mode: str, embed_dim: int) -> dict[str, Array]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from multitower_jax.config import ConfigError
+from multitower_jax.config_checks import ConfigError, is_number, is_positive_int, require, require_known
 
 OBJECTIVES = ("ecpm", "weighted")
 
@@ -52,33 +52,22 @@ class ServingSettings:
     max_wait_ms: float = 2.0
 
     def __post_init__(self) -> None:
-        def fail(key: str, expected: str, value: Any) -> None:
-            raise ServingConfigError(f"config.serving.{key}: expected {expected}, got {value!r}")
-
-        def pos_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-        def number(v: Any) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool)
+        def need(ok: bool, key: str, expected: str, value: Any) -> None:
+            require(ok, f"serving.{key}", expected, value, error=ServingConfigError)
 
         b = self.buckets
-        if not b or not all(pos_int(x) for x in b) or list(b) != sorted(set(b)):
-            fail("buckets", "strictly increasing positive candidate counts", b)
+        need(bool(b) and all(is_positive_int(x) for x in b) and list(b) == sorted(set(b)), "buckets",
+             "strictly increasing positive candidate counts", b)
         for key in ("num_candidates", "top_n", "cache_size", "max_batch_size"):
-            if not pos_int(getattr(self, key)):
-                fail(key, "a positive integer", getattr(self, key))
-        if self.num_candidates > b[-1]:
-            fail("num_candidates", f"at most the largest bucket {b[-1]}", self.num_candidates)
-        if self.top_n > b[0]:
-            fail("top_n", f"at most the smallest bucket {b[0]}", self.top_n)
-        if self.objective not in OBJECTIVES:
-            fail("objective", " or ".join(map(repr, OBJECTIVES)), self.objective)
+            need(is_positive_int(getattr(self, key)), key, "a positive integer", getattr(self, key))
+        need(self.num_candidates <= b[-1], "num_candidates", f"at most the largest bucket {b[-1]}", self.num_candidates)
+        need(self.top_n <= b[0], "top_n", f"at most the smallest bucket {b[0]}", self.top_n)
+        need(self.objective in OBJECTIVES, "objective", " or ".join(map(repr, OBJECTIVES)), self.objective)
         for key in ("ctr_weight", "cvr_weight", "cache_ttl_s", "max_wait_ms"):
             v = getattr(self, key)
-            if not number(v) or v < 0:
-                fail(key, "a non-negative number", v)
-        if self.objective == "weighted" and self.ctr_weight == 0 and self.cvr_weight == 0:
-            fail("ctr_weight", "a positive ctr_weight or cvr_weight for objective 'weighted'", 0)
+            need(is_number(v) and v >= 0, key, "a non-negative number", v)
+        need(not (self.objective == "weighted" and self.ctr_weight == 0 and self.cvr_weight == 0), "ctr_weight",
+             "a positive ctr_weight or cvr_weight for objective 'weighted'", 0)
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
@@ -95,9 +84,7 @@ class ServingSettings:
         merged = defaults().to_dict()
         section = config.get("serving") if config is not None else None
         if section is not None:
-            unknown = sorted(set(section.keys()) - set(merged))
-            if unknown:
-                raise ServingConfigError(f"config.serving: unknown keys {unknown}; known: {sorted(merged)}")
+            require_known("serving", section.keys(), merged, error=ServingConfigError)
             merged.update(section.to_dict() if hasattr(section, "to_dict") else dict(section))
         merged["buckets"] = tuple(merged["buckets"])
         return cls(**merged)

@@ -20,6 +20,8 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from multitower_jax.model_settings import RETRIEVAL_POSITIVES
+
 Array = jax.Array
 
 # Candidates masked out of a retrieval row get this logit: exp() of it is exactly 0, and,
@@ -183,9 +185,6 @@ def retrieval_logits(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, a
     same_ad_BxG = (_constrain(ad_id_B, mesh, rows)[:, None] == _constrain(ad_id_B, mesh, replicated)[None, :])
     duplicate_BxG = same_ad_BxG & (row_B[:, None] != col_G[None, :])
     return jnp.where(duplicate_BxG, _MASKED_LOGIT, logits_BxG)
-
-
-RETRIEVAL_POSITIVES = ("clicks", "impressions")
 
 
 def retrieval_loss(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, batch: Mapping[str, Any],

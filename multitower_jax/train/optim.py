@@ -19,6 +19,9 @@ import ml_collections
 import numpy as np
 import optax
 
+from multitower_jax.config_checks import fail, require_choice
+from multitower_jax.model_settings import LARGE_TABLE_OPTIMIZERS
+
 # Parameters whose last name is one of these are not weight-decayed: shrinking a bias or a
 # LayerNorm gain towards 0 regularizes nothing, it only shifts or shrinks the activations.
 NO_DECAY_NAMES = ("bias", "scale")
@@ -119,14 +122,13 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> opt
         parts.append(optax.clip_by_global_norm(float(o.clip_norm)))
     choice = str(o.get("large_table_optimizer", "adamw"))
     threshold = int(o.get("large_table_bytes", 0) or 0)
-    if choice not in LARGE_TABLE_OPTIMIZERS:
-        raise ValueError(f"config.optim.large_table_optimizer={choice!r}: one of {LARGE_TABLE_OPTIMIZERS}")
+    require_choice(choice, "optim.large_table_optimizer", LARGE_TABLE_OPTIMIZERS)
     if choice == "adamw" or threshold <= 0:
         parts += _dense_parts(config)
     else:
         if params is not None and not any(jax.tree.leaves(large_table_mask(params, threshold))):
-            raise ValueError(f"config.optim.large_table_bytes={threshold} selects no embedding table for "
-                             f"{choice}; lower it or set optim.large_table_optimizer='adamw'")
+            fail("optim.large_table_bytes", f"a size that selects an embedding table for {choice} (lower it, "
+                 "or set optim.large_table_optimizer='adamw'): it selects no embedding table", threshold)
         rowwise = rowwise_adagrad(rowwise_schedule(config), float(o.get("rowwise_initial_accumulator", 0.1)))
         parts.append(_without_boxed_masks(optax.multi_transform(
             {"dense": optax.chain(*_dense_parts(config)), "rowwise": rowwise},
@@ -144,8 +146,6 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> opt
 
 
 # -- row-wise Adagrad for large embedding tables --------------------------------------------------
-
-LARGE_TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad")
 
 
 def _nbytes(x: Any) -> int:

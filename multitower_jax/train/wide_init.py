@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 
 from multitower_jax import features as F
 from multitower_jax.data import pipeline, preprocess
-from multitower_jax.models.wide import logit_poolings
+from multitower_jax.model_settings import logit_poolings
 
 # L2 strengths tried (sklearn's C, the inverse of the penalty), chosen by held-out log loss.
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
