@@ -9,15 +9,14 @@ data, features, train, mesh, synthetic; `model_settings`: model, loss, optim;
     config.<section>: unknown keys [...]; known: [...]
 
 A module of its own, below `config` and free of JAX, so that a section's checks import it without
-an import cycle and `multitower --help` stays fast; `config.ConfigError` is the same class.
+an import cycle, and `multitower --help` stays fast (not even numpy); `config.ConfigError` is the same class.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Collection, Iterable
 from typing import Any, NoReturn
-
-import numpy as np
 
 
 class ConfigError(ValueError):
@@ -54,12 +53,12 @@ def require_known(section: str, given: Iterable[str], known: Collection[str],
 
 def is_int(value: Any) -> bool:
     """An integer (numpy's too), not a bool."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
     """An int or float (numpy's too), not a bool."""
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def is_positive_int(value: Any) -> bool:

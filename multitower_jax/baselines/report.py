@@ -8,6 +8,8 @@ import math
 import os
 from typing import Any
 
+from etils import epath
+
 RESULT_FILE = "eval_baseline.json"
 # report key -> column header (cvr_entire_space_auc: pCVR ranking conversions over every impression)
 KEYS = {"ctr_auc": "ctr_auc", "ctr_logloss": "ctr_logloss", "ctcvr_auc": "ctcvr_auc", "cvr_auc": "cvr_auc",
@@ -18,8 +20,6 @@ EXPECTED_KEYS = {"expected_ctr_auc": "exp_ctr_auc", "expected_ctcvr_auc": "exp_c
 
 
 def load(workdir: str | os.PathLike) -> dict[str, Any] | None:
-    from etils import epath  # noqa: PLC0415
-
     path = epath.Path(workdir) / RESULT_FILE
     return json.loads(path.read_text()) if path.exists() else None
 

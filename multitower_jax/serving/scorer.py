@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -410,8 +411,6 @@ def compute_ad_parts(scorer: Scorer, e_ad_NxD: np.ndarray, out: np.ndarray | Non
 def write_ad_parts(trained: Any, e_ad_NxD: np.ndarray, folder: Any) -> dict[str, str]:
     """`multitower export`: one `fusion_ad_part_<placement>.npy` float32[N, H] per placement
     beside the embeddings; returns {placement: file name} for the manifest."""
-    from pathlib import Path
-
     files = {}
     for placement in trained.config.data.placements:
         scorer = Scorer.from_trained(trained, placement)
