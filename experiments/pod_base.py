@@ -55,7 +55,7 @@ WARMUP_FRACTION = 0.1  # ... but at most this much of the run
 CHIPS_PER_VM = 4  # every multi-host v5e, v5p and v6e slice
 EPOCHS = 2
 
-# The world: 50,000 advertisers with 1-3 brands each (2 on average, `data/synthetic.py`), 5,000
+# The world: 50,000 advertisers with 1-3 brands each (2 on average, `data/synthetic_catalogue.py`), 5,000
 # cities. Each hashed table gets HASH_BUCKETS_PER_ID buckets per distinct id.
 NUM_ADVERTISERS = 50_000
 BRANDS_PER_ADVERTISER = 2

@@ -208,18 +208,18 @@ def main(argv: list[str] | None = None) -> int:
             else:  # a run was stopped by a signal
                 print(json.dumps(summary, indent=2))
         elif args.command == "train":
-            from multitower_jax.train import trainer
+            from multitower_jax.train import loop
 
             _log_devices()
-            result = trainer.train(config, args.workdir)
+            result = loop.train(config, args.workdir)
             print(json.dumps(result, indent=2))
             print(f"metrics: {args.workdir}/metrics.jsonl, {args.workdir}/eval_test.json, "
                   f"tensorboard --logdir {args.workdir}/tensorboard")
         elif args.command == "evaluate":
-            from multitower_jax.train import trainer
+            from multitower_jax.train import loop
 
-            result = trainer.evaluate_workdir(config, args.workdir, args.split, args.predictions,
-                                              allow_other_run=args.allow_other_run)
+            result = loop.evaluate_workdir(config, args.workdir, args.split, args.predictions,
+                                           allow_other_run=args.allow_other_run)
             print(json.dumps(result, indent=2))
             from multitower_jax.baselines import report as baseline_report
 

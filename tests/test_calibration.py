@@ -15,6 +15,7 @@ from multitower_jax import calibration as C
 from multitower_jax import cli
 from multitower_jax import config as config_lib
 from multitower_jax.calibration import workflow
+from multitower_jax.train import loop
 from multitower_jax.train import metrics as train_metrics
 from tests.conftest import synthetic_config, tiny_config
 
@@ -252,8 +253,6 @@ def untrained_workdir(config, workdir):
 
 
 def test_calibrate_workdir_end_to_end(synthetic_dir, tmp_path, capsys, monkeypatch):
-    from multitower_jax.train import trainer as trainer_lib
-
     workdir = tmp_path / "run"
     # as if trained with negatives kept at rate 0.5 and no importance weights: calibrate undoes it first
     untrained_workdir(synthetic_config(synthetic_dir, "--config.data.negative_downsample_rate=0.5",
@@ -283,8 +282,8 @@ def test_calibrate_workdir_end_to_end(synthetic_dir, tmp_path, capsys, monkeypat
     # the saved calibration is what the scorer loads, and `evaluate` now reports calibrated metrics
     cal = C.load(workdir)
     assert cal.method("ctr") == "platt" and float(cal.negative_rate) == 0.5
-    result = trainer_lib.evaluate_workdir(workflow.workdir_config(workdir), workdir, "test",
-                                          str(tmp_path / "pred.parquet"))
+    result = loop.evaluate_workdir(workflow.workdir_config(workdir), workdir, "test",
+                                   str(tmp_path / "pred.parquet"))
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "pred.parquet").to_pydict()

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from multitower_jax.train import optim, sharding
+from multitower_jax.train import loop, optim, sharding
 from multitower_jax.train import trainer as trainer_lib
 from tests.conftest import synthetic_config
 
@@ -43,7 +43,7 @@ def test_train_step_keeps_the_moving_average_of_the_parameters(synthetic_dir, tm
 def test_a_run_tests_and_restores_the_average(synthetic_dir, tmp_path):
     config = synthetic_config(synthetic_dir, "--config.optim.ema_decay=0.9", "--config.train.num_steps=6",
                               "--config.train.eval_every=6", "--config.train.checkpoint_every=6")
-    result = trainer_lib.train(config, tmp_path)
+    result = loop.train(config, tmp_path)
     trainer = trainer_lib.Trainer(config, tmp_path)
     state = trainer.restore(trainer.checkpoint_manager())
     params, step = trainer.restore_final()

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from multitower_jax import config as config_lib
-from multitower_jax.train import evaluate
-from multitower_jax.train import trainer as trainer_lib
+from multitower_jax.train import evaluate, loop
 from tests.conftest import synthetic_config
 from tests.test_logs import make_config, make_rows, read_back, write
 
@@ -73,7 +72,7 @@ def test_implicit_logs_need_no_label_columns(tmp_path):
 def test_implicit_training_stops_on_hit_rate_and_reports_no_nan(synthetic_dir, tmp_path):
     config = synthetic_config(synthetic_dir, "--config.train.num_steps=40", "--config.train.eval_every=20",
                               "--config.train.checkpoint_every=20", *IMPLICIT)
-    result = trainer_lib.train(config, tmp_path)
+    result = loop.train(config, tmp_path)
     saved = json.loads((tmp_path / "eval_test.json").read_text())  # strict JSON: no NaN anywhere
     assert "ctr_auc" not in saved and "ctcvr_auc" not in saved
     assert saved["retrieval_num_queries"] == saved["num_examples"] == 2000  # every test row is a positive
@@ -98,6 +97,6 @@ def test_implicit_feedback_config_errors_name_the_key(synthetic_dir):
 def test_explicit_training_can_stop_on_a_hit_rate(synthetic_dir, tmp_path):
     config = synthetic_config(synthetic_dir, "--config.train.num_steps=20", "--config.train.eval_every=20",
                               "--config.train.early_stopping_metric=hit_rate_at_100")
-    result = trainer_lib.train(config, tmp_path)
+    result = loop.train(config, tmp_path)
     assert 0 < result["ctr_auc"] < 1 and result["best_validation_hit_rate_at_100"] > 0
     assert 0 < result["retrieval_num_queries"] < result["num_examples"]  # the clicked test rows

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
 from multitower_jax.data.preprocess import compute_stats, pool_stats
-from multitower_jax.train import losses, sharding
+from multitower_jax.train import loop, losses, sharding
 from multitower_jax.train import trainer as trainer_lib
 from tests.conftest import QUICKSTART, random_chunks, synthetic_config
 
@@ -89,9 +89,9 @@ def test_one_step_trains_every_placement_and_shares_the_user_and_ad_towers(two_p
 def test_joint_run_reports_every_placement_and_resumes_exactly(two_placements, tmp_path):
     common = ["--config.train.checkpoint_every=6", "--config.train.eval_every=6"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = trainer_lib.train(_config(two_placements, "--config.train.num_steps=10", *common), straight)
-    trainer_lib.train(_config(two_placements, "--config.train.num_steps=6", *common), resumed)
-    trainer_lib.train(_config(two_placements, "--config.train.num_steps=10", *common), resumed)
+    result = loop.train(_config(two_placements, "--config.train.num_steps=10", *common), straight)
+    loop.train(_config(two_placements, "--config.train.num_steps=6", *common), resumed)
+    loop.train(_config(two_placements, "--config.train.num_steps=10", *common), resumed)
 
     saved = json.loads((straight / "eval_test.json").read_text())
     assert saved["placement"] == "search" and set(saved["placements"]) == {"search", "homepage"}
@@ -105,8 +105,8 @@ def test_joint_run_reports_every_placement_and_resumes_exactly(two_placements, t
     assert any("validation/homepage/ctr_auc" in line for line in lines)
     assert (straight / "checkpoints" / "10" / "data_homepage").is_dir()
 
-    again = trainer_lib.evaluate_workdir(_config(two_placements, *common), straight, "test",
-                                         str(tmp_path / "pred.parquet"))
+    again = loop.evaluate_workdir(_config(two_placements, *common), straight, "test",
+                                  str(tmp_path / "pred.parquet"))
     assert again["placements"]["homepage"]["ctr_auc"] == pytest.approx(saved["placements"]["homepage"]["ctr_auc"])
     for p in ("search", "homepage"):
         table = pq.read_table(tmp_path / f"pred.{p}.parquet")

@@ -7,7 +7,7 @@ import pytest
 
 from multitower_jax import cli
 from multitower_jax.config import ConfigError
-from multitower_jax.train import seeds, trainer
+from multitower_jax.train import loop, seeds
 from tests.conftest import QUICKSTART, synthetic_config
 
 
@@ -38,7 +38,7 @@ def test_summary_statistics_equal_numpys():
 def test_one_run_per_seed_on_data_generated_once(tmp_path, monkeypatch, capsys):
     """The orchestration with the training stubbed: seeds, shuffle seeds, one shared data folder."""
     calls, generated = [], []
-    monkeypatch.setattr(trainer, "generate", lambda config, out: generated.append(str(out)))
+    monkeypatch.setattr(loop, "generate", lambda config, out: generated.append(str(out)))
 
     def fake_train(config, workdir):
         calls.append((int(config.seed), int(config.data.shuffle_seed), config.data.dir, str(workdir)))
@@ -48,7 +48,7 @@ def test_one_run_per_seed_on_data_generated_once(tmp_path, monkeypatch, capsys):
         (workdir / "eval_test.json").write_text(json.dumps(report))
         return report
 
-    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(loop, "train", fake_train)
     config = synthetic_config("", "--config.train.num_steps=3")
     assert cli.main(["train", "--config", str(QUICKSTART), "--workdir", str(tmp_path), "--seeds", "0,1,2",
                      "--config.train.num_steps=3"]) == 0

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from multitower_jax.train import trainer as trainer_lib
-from multitower_jax.train import metrics, sharding
+from multitower_jax.train import loop, metrics, sharding
 from tests.conftest import synthetic_config
 
 
@@ -42,10 +42,10 @@ def test_sharded_step_equals_single_device_step(synthetic_dir, tmp_path):
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(synthetic_dir, tmp_path):
     common = ["--config.train.checkpoint_every=10", "--config.data.negative_downsample_rate=0.5"]
     straight = tmp_path / "straight"
-    trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=24", *common), straight)
+    loop.train(synthetic_config(synthetic_dir, "--config.train.num_steps=24", *common), straight)
     resumed = tmp_path / "resumed"
-    trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=14", *common), resumed)
-    trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=24", *common), resumed)
+    loop.train(synthetic_config(synthetic_dir, "--config.train.num_steps=14", *common), resumed)
+    loop.train(synthetic_config(synthetic_dir, "--config.train.num_steps=24", *common), resumed)
 
     def final_params(workdir):
         t = trainer_lib.Trainer(synthetic_config(synthetic_dir, *common), workdir)
@@ -62,14 +62,14 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(synthetic_dir, tmp
 
 def test_eval_report_and_predictions(synthetic_dir, tmp_path):
     workdir = tmp_path / "run"
-    result = trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=10"), workdir)
+    result = loop.train(synthetic_config(synthetic_dir, "--config.train.num_steps=10"), workdir)
     for key in ("ctr_auc", "ctr_logloss", "cvr_auc", "ctcvr_auc", "oracle_ctr_auc", "oracle_ctcvr_auc", "num_examples"):
         assert key in result
     assert result["num_examples"] == 2000
     saved = json.loads((workdir / "eval_test.json").read_text())
     assert saved["ctr_auc"] == pytest.approx(result["ctr_auc"])
     config = synthetic_config(synthetic_dir)
-    again = trainer_lib.evaluate_workdir(config, workdir, "test", str(tmp_path / "pred.parquet"))
+    again = loop.evaluate_workdir(config, workdir, "test", str(tmp_path / "pred.parquet"))
     table = {k: v.to_numpy() for k, v in zip(*[pq.read_table(tmp_path / "pred.parquet").column_names,
                                                   pq.read_table(tmp_path / "pred.parquet").columns])}
     assert len(table["click"]) == 2000 and {"pctr", "pcvr", "pctcvr", "click", "p_click", "ad_id"} <= set(table)
@@ -148,9 +148,9 @@ def test_resumed_run_tests_the_best_parameters_and_keeps_its_early_stopping_prog
     common = ["--config.train.eval_every=4", "--config.train.checkpoint_every=6", "--config.train.patience=1",
               "--config.train.min_delta=1.0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    a = trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=12", *common), straight)
-    trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=6", *common), resumed)
-    b = trainer_lib.train(synthetic_config(synthetic_dir, "--config.train.num_steps=12", *common), resumed)
+    a = loop.train(synthetic_config(synthetic_dir, "--config.train.num_steps=12", *common), straight)
+    loop.train(synthetic_config(synthetic_dir, "--config.train.num_steps=6", *common), resumed)
+    b = loop.train(synthetic_config(synthetic_dir, "--config.train.num_steps=12", *common), resumed)
     assert a["stopped_early"] and b["stopped_early"] and a["step"] == b["step"] == 8
     assert b["best_validation_ctr_auc"] == pytest.approx(a["best_validation_ctr_auc"], abs=1e-12)
     assert b["ctr_auc"] == pytest.approx(a["ctr_auc"], abs=1e-9)
@@ -161,7 +161,7 @@ def test_resumed_run_tests_the_best_parameters_and_keeps_its_early_stopping_prog
     # `evaluate`, calibration, export and serving load the same best parameters; --step picks a checkpoint.
     from multitower_jax.inference import load_trained
 
-    again = trainer_lib.evaluate_workdir(synthetic_config(synthetic_dir, *common), resumed, "test")
+    again = loop.evaluate_workdir(synthetic_config(synthetic_dir, *common), resumed, "test")
     assert again["params_step"] == 4 and again["step"] == 8 and again["params_from"] == "best"
     assert again["ctr_auc"] == pytest.approx(b["ctr_auc"], abs=1e-9)
     assert load_trained(resumed).step == 4 and load_trained(resumed, step=8).step == 8
@@ -184,7 +184,7 @@ def test_train_without_a_data_dir_generates_the_world_into_the_workdir(tmp_path)
     config = synthetic_config("", "--config.train.num_steps=2", "--config.train.eval_every=2",
                               "--config.synthetic.impressions.train=1024", "--config.synthetic.impressions.validation=512",
                               "--config.synthetic.impressions.test=512")
-    result = trainer_lib.train(config, workdir)
+    result = loop.train(config, workdir)
     assert (workdir / "data" / "synthetic_impressions" / "search" / "1.0.0").is_dir()
     assert json.loads((workdir / "config.json").read_text())["data"]["dir"] == str(workdir / "data")
     assert result["num_examples"] == 512 and json.loads((workdir / "eval_test.json").read_text())["num_examples"] == 512

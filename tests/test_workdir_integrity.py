@@ -19,7 +19,7 @@ from multitower_jax.retrieval import index as index_lib
 from multitower_jax.retrieval.retriever import Retriever
 from multitower_jax.retrieval.settings import RetrievalSettings
 from multitower_jax.serving import portable, requests
-from multitower_jax.train import checkpoint_fallback
+from multitower_jax.train import checkpoint_fallback, loop
 from multitower_jax.train import trainer as trainer_lib
 from tests.conftest import QUICKSTART, TINY_MODEL, synthetic_config
 from tests.test_logs import make_config, make_rows, write
@@ -35,7 +35,7 @@ def trained(synthetic_dir, tmp_path_factory):
     before changing anything."""
     root = tmp_path_factory.mktemp("integrity")
     workdir = root / "run"
-    result = trainer_lib.train(synthetic_config(synthetic_dir, *RUN), workdir)
+    result = loop.train(synthetic_config(synthetic_dir, *RUN), workdir)
     export_lib.export(load_trained(workdir), root / "export")
     index_lib.build_from_export(root / "export", root / "index", RetrievalSettings())
     return {"root": root, "workdir": workdir, "result": result, "data": synthetic_dir}
@@ -130,7 +130,7 @@ def test_resume_that_changes_the_model_is_refused_before_writing(trained, tmp_pa
     config = synthetic_config(trained["data"], *RUN, "--config.train.num_steps=16", "--config.model.embed_dim=32",
                               "--config.data.batch_size=64")
     with pytest.raises(workdir_lib.WorkdirError) as e:
-        trainer_lib.train(config, workdir)
+        loop.train(config, workdir)
     assert "model.embed_dim: 16 -> 32" in str(e.value) and "data.batch_size: 128 -> 64" in str(e.value)
     assert "train.num_steps" not in str(e.value)  # training longer is a resume
     assert _snapshot(workdir) == before  # nothing written: config.json, checkpoints, metrics as they were
@@ -175,10 +175,10 @@ def test_paths_are_recorded_absolute(trained, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "rel/data/config.json").read_text())["data"]["dir"] == str(tmp_path / "rel/data")
     # train: a relative data.dir (or the default <workdir>/data) is resolved before it is recorded.
     config = synthetic_config("rel/data")
-    trainer_lib.ensure_data(config, tmp_path / "w")
+    loop.ensure_data(config, tmp_path / "w")
     assert config.data.dir == str(tmp_path / "rel/data")
     config.data.dir = ""
-    trainer_lib.resolve_data_dir(config, "w2")
+    loop.resolve_data_dir(config, "w2")
     assert config.data.dir == str(tmp_path / "w2" / "data")
     # An artifact records the workdir it came from as an absolute path, given a relative one.
     monkeypatch.chdir(trained["workdir"].parent)
@@ -199,7 +199,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, 
     _truncate_largest(workdir / "checkpoints" / "12")
     config = synthetic_config(trained["data"], *RUN, "--config.train.num_steps=16")
     with pytest.warns(checkpoint_fallback.CorruptCheckpointWarning, match="checkpoints/12"):
-        result = trainer_lib.train(config, workdir)
+        result = loop.train(config, workdir)
     assert result["step"] == 16  # resumed from step 8 and trained on, saving step 12 again
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [8, 12, 16]
@@ -212,7 +212,7 @@ def test_corrupt_best_parameters_fall_back_and_evaluate_states_its_step(trained,
     workdir = _copy(trained, tmp_path)
     _truncate_largest(workdir / "best" / "12")
     with pytest.warns(checkpoint_fallback.CorruptCheckpointWarning, match="best/12"):
-        result = trainer_lib.evaluate_workdir(synthetic_config(trained["data"], *RUN), workdir, "test")
+        result = loop.evaluate_workdir(synthetic_config(trained["data"], *RUN), workdir, "test")
     train = trained["result"]
     assert result["params_step"] == 8 and result["params_from"] == "best"
     assert result["step"] == train["step"] == 12
@@ -227,7 +227,7 @@ def test_corrupt_best_parameters_fall_back_and_evaluate_states_its_step(trained,
 
 def test_evaluate_keeps_trains_keys(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
-    result = trainer_lib.evaluate_workdir(synthetic_config(trained["data"], *RUN), workdir, "test")
+    result = loop.evaluate_workdir(synthetic_config(trained["data"], *RUN), workdir, "test")
     train = trained["result"]
     assert train["params_step"] == 12 and train["params_from"] == "best"
     for key in ("step", "stopped_early", "best_validation_ctr_auc", "params_step", "params_from"):
@@ -292,6 +292,6 @@ def test_evaluate_with_a_corrupt_latest_checkpoint_still_reports(trained, tmp_pa
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     shutil.rmtree(workdir / "best")
     with pytest.warns(checkpoint_fallback.CorruptCheckpointWarning):
-        result = trainer_lib.evaluate_workdir(synthetic_config(trained["data"], *RUN), workdir, "test")
+        result = loop.evaluate_workdir(synthetic_config(trained["data"], *RUN), workdir, "test")
     assert result["params_step"] == 8 and result["params_from"] == "latest checkpoint"
     assert result["best_validation_ctr_auc"] == pytest.approx(trained["result"]["best_validation_ctr_auc"], abs=1e-12)

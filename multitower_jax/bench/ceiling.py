@@ -32,7 +32,7 @@ from multitower_jax import features as F
 from multitower_jax.data.synthetic import World
 from multitower_jax.train.metrics import auc
 
-_USER_BIAS_SD, _OWN_QUALITY_SD, _ACTIVITY_SD = 0.25, 0.4, 1.0  # the world's priors (synthetic.py)
+_USER_BIAS_SD, _OWN_QUALITY_SD, _ACTIVITY_SD = 0.25, 0.4, 1.0  # the world's priors (synthetic_catalogue.py)
 _GRID = 41
 
 

@@ -1,6 +1,6 @@
 """`multitower train --seeds 0,1,2`: one run per seed on the same data, and the spread of their results.
 
-Each run ``<workdir>/seed_<s>`` is `trainer.train` with ``config.seed = s`` (parameter init,
+Each run ``<workdir>/seed_<s>`` is `loop.train` with ``config.seed = s`` (parameter init,
 dropout) and ``config.data.shuffle_seed = s`` (the order of the train blocks and which negatives
 are downsampled), so the spread measures all of a run's training noise. The data is the same for
 every seed: with an empty ``config.data.dir`` the synthetic world is generated once into
@@ -24,7 +24,7 @@ from etils import epath
 
 from multitower_jax import fileio
 from multitower_jax.config import ConfigError
-from multitower_jax.train import trainer
+from multitower_jax.train import loop
 
 SUMMARY_FILE = "seeds_summary.json"
 TABLE_KEYS = ("ctr_auc", "ctcvr_auc", "cvr_auc", "cvr_entire_space_auc", "ctr_logloss")
@@ -94,14 +94,14 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str | Path, seeds: S
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     config = ml_collections.ConfigDict(config.to_dict())
-    trainer.ensure_data(config, workdir)  # one generated world for every seed
+    loop.ensure_data(config, workdir)  # one generated world for every seed
     reports: dict[int, dict[str, Any]] = {}
     for seed in seeds:
         run_dir = workdir / f"seed_{seed}"
         report = _done(run_dir, int(config.train.num_steps))
         if report is None:
             print(f"seed {seed}: training into {run_dir}")
-            report = trainer.train(seed_config(config, seed), run_dir)
+            report = loop.train(seed_config(config, seed), run_dir)
             if report.get("interrupted"):  # by a signal: stop here; the same command resumes this seed
                 return {"interrupted": True, "seed": seed, "step": report.get("step")}
         else:
