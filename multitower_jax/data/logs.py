@@ -40,7 +40,7 @@ from multitower_jax import fileio
 from multitower_jax import workdir as workdir_lib
 from multitower_jax.data import builders, catalogue, log_splits, schema
 from multitower_jax.data.log_splits import FORMATS, LogError  # noqa: F401 (logs.LogError, logs.FORMATS)
-from multitower_jax.data.log_values import _TEXT, _np, _Said, _Source
+from multitower_jax.data.log_values import TEXT, ChunkSource, Said, arrow_to_numpy
 from multitower_jax.data.tokenizer import HashTokenizer
 
 REPORT_FILE = "ingest_report.json"
@@ -156,7 +156,7 @@ def _plan(config: ml_collections.ConfigDict, spec: F.FeatureSpec, placement: str
                  config.data.get("feedback", "explicit") == "implicit")
 
 
-def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str, Counter],
+def _convert(batch: pa.RecordBatch, plan: _Plan, src: ChunkSource, counts: dict[str, Counter],
              tokenizers: dict[str, HashTokenizer]) -> dict[str, np.ndarray]:
     """File columns -> our raw columns (the caller adds the timestamp, and impression ids if the file has none)."""
     out: dict[str, np.ndarray] = {}
@@ -166,7 +166,7 @@ def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str,
         if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):  # strings without a UTF-8 mark
             arr = src.cast(arr, pa.string(), column, "UTF-8 text")
         if arr.null_count:
-            src.check(_np(arr.is_null()), column, "a value", None)
+            src.check(arrow_to_numpy(arr.is_null()), column, "a value", None)
         if column in ("click", "conversion"):
             out[column] = src.binary(arr, column)
         elif column in ("impression_id", "user_id", "ad_id") or (isinstance(f, F.Categorical) and f.encoding == "hash"):
@@ -176,9 +176,9 @@ def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str,
             src.check((x < 0) | (x > 1), column, "a probability in [0, 1]", x)
             out[column] = x.astype(np.float32)
         elif isinstance(f, F.Categorical) and f.encoding == "vocab":
-            text = arr if arr.type in _TEXT else src.cast(arr, pa.string(), column, "a string")
+            text = arr if arr.type in TEXT else src.cast(arr, pa.string(), column, "a string")
             idx = pc.index_in(text, value_set=pa.array(f.vocab, pa.string())).fill_null(-1)
-            out[column] = _np(idx).astype(np.int64)
+            out[column] = arrow_to_numpy(idx).astype(np.int64)
             counts["oov"][column] += int(np.count_nonzero(out[column] < 0))
         elif isinstance(f, F.Categorical):
             out[column] = x = src.ints(arr, column, f"an integer id in [0, {f.size})")
@@ -188,14 +188,14 @@ def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str,
             if f.log1p:
                 src.check(x < 0, column, "a count >= 0 (a log1p feature), not a negative count", x)
         elif isinstance(f, F.Text):
-            if arr.type not in _TEXT:
+            if arr.type not in TEXT:
                 raise src.error(column, 0, "a string", arr[0])
             # Arrow counts the words of ASCII texts; the tokenizer itself looks at the others.
-            ascii_ = _np(pc.string_is_ascii(arr))
-            words = _np(pc.count_substring_regex(pc.ascii_lower(arr), WORD_PATTERN))
+            ascii_ = arrow_to_numpy(pc.string_is_ascii(arr))
+            words = arrow_to_numpy(pc.count_substring_regex(pc.ascii_lower(arr), WORD_PATTERN))
             counts["truncated_text"][column] += int(np.count_nonzero(ascii_ & (words > f.max_len))) + sum(
                 tokenizers[column].tokenize(t)[1] for t in arr.filter(pa.array(~ascii_)).to_pylist())
-            out[column] = _np(arr).astype(object)
+            out[column] = arrow_to_numpy(arr).astype(object)
         elif isinstance(f, F.Dense):
             out[column] = src.dense(arr, column, f)
         elif isinstance(f, F.MultiHot):
@@ -209,7 +209,7 @@ def _convert(batch: pa.RecordBatch, plan: _Plan, src: _Source, counts: dict[str,
         for column, value in IMPLICIT_LABELS.items():
             out.setdefault(column, np.full(batch.num_rows, value, np.int64))
     src.check((out["conversion"] == 1) & (out["click"] == 0), "conversion", "conversion=0 when click=0",
-              lambda i: _Said("a conversion without a click (click=0, conversion=1)"))
+              lambda i: Said("a conversion without a click (click=0, conversion=1)"))
     return out
 
 
@@ -268,9 +268,9 @@ def _read_split(plan: _Plan, seed: int, split: str, report: dict, seen: dict) ->
                 first = row
                 for batch in (b for b in _read(path, fmt, wanted, group) if b.num_rows):
                     n = batch.num_rows
-                    src = _Source(path, lambda i, first_row=row + 1: first_row + i, plan.names, fmt == "csv")
+                    src = ChunkSource(path, lambda i, first_row=row + 1: first_row + i, plan.names, fmt == "csv")
                     if (times := batch.column(plan.names["timestamp"])).null_count:
-                        src.check(_np(times.is_null()), "timestamp", "a value", None)
+                        src.check(arrow_to_numpy(times.is_null()), "timestamp", "a value", None)
                     ts = src.seconds(times, "timestamp")
                     t_min, t_max = min(t_min, int(ts.min(initial=_FAR))), max(t_max, int(ts.max(initial=-_FAR)))
                     if len(idx := np.flatnonzero((ts >= lo) & (ts < hi))):

@@ -30,8 +30,8 @@ import numpy as np
 
 from multitower_jax import features as F
 from multitower_jax.data import schema
-from multitower_jax.data.synthetic_catalogue import (_NCAT, _NFAV, _PRODUCTS_PER_TOPIC, _QUERIES_PER_POOL, Catalogue,
-                                                     _GroupSampler, _emit, _masked, _sigmoid, _topk, _zipf)
+from multitower_jax.data.synthetic_catalogue import (NCAT, NFAV, PRODUCTS_PER_TOPIC, QUERIES_PER_POOL, Catalogue,
+                                                     GroupSampler, emit, masked, sigmoid, topk, zipf)
 
 SPLITS = ("train", "validation", "test")
 EPOCH = 1_704_067_200  # 2024-01-01 00:00 UTC, a Monday
@@ -48,9 +48,9 @@ class World(Catalogue):
         pair = self._rng(5)  # standardize the taste dot product on random pairs
         aff = self._affinity(pair.integers(0, self.first_new_user, 8192), pair.integers(0, self.num_ads, 8192), 0, 1)
         self._aff_mu, self._aff_sd = float(aff.mean()), float(aff.std()) + 1e-9
-        groups = np.concatenate([self._ad_topic, T + self._ad_cat, np.full(self.num_ads, T + _NCAT)])
+        groups = np.concatenate([self._ad_topic, T + self._ad_cat, np.full(self.num_ads, T + NCAT)])
         ads = np.tile(np.arange(self.num_ads), 3)
-        self._ad_sampler = _GroupSampler(groups, ads, np.tile(self._ad_pop, 3), T + _NCAT + 1)
+        self._ad_sampler = GroupSampler(groups, ads, np.tile(self._ad_pop, 3), T + NCAT + 1)
         self._times: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _affinity(self, user: np.ndarray, ad: np.ndarray, mu: float, sd: float) -> np.ndarray:
@@ -113,13 +113,13 @@ class World(Catalogue):
             is_new = cold.random(n) < self.new_user_fraction
             new = np.minimum(np.searchsorted(self._new_u_cdf, cold.random(n), side="right"), self.num_new_users - 1)
             user = np.where(is_new, self.first_new_user + new, user)
-        fav = self._favs[user, (rng.random(n)[:, None] > self._fav_cdf[user]).sum(1).clip(max=_NFAV - 1)]
+        fav = self._favs[user, (rng.random(n)[:, None] > self._fav_cdf[user]).sum(1).clip(max=NFAV - 1)]
         intent = np.where(rng.random(n) < 0.6, fav, rng.integers(0, self.num_topics, n))
         icat = self.topic_cat[intent]
         ctx = self._context(placement, rng, user, intent, hour, dow)
         # The ad server retrieves ads of the intent topic, its category, or the popular ones.
         mode, (p_topic, p_cat), (m_topic, m_cat) = rng.random(n), ctx["retrieval"], ctx["match"]
-        popular = self.num_topics + _NCAT  # the group of all ads
+        popular = self.num_topics + NCAT  # the group of all ads
         group = np.where(mode < p_topic, intent, np.where(mode < p_topic + p_cat, self.num_topics + icat, popular))
         group = np.where(self._ad_sampler.empty[group], popular, group)
         ad = self._ad_sampler.sample(rng, group)
@@ -132,8 +132,8 @@ class World(Catalogue):
                        + self.dev_camp[self._u_device[user], self._ad_camp[ad]]
                        + 0.25 * np.cos(2 * np.pi * (hour - self.cat_phase[a_cat]) / 24))
         logit_conv = ctx["conv"] + self._ad_convq[ad] + 0.5 * self._u_buyer[user] + 0.4 * match + 0.2 * aff
-        p_click = _sigmoid(logit_click).astype(np.float32)
-        p_conv = _sigmoid(logit_conv).astype(np.float32)
+        p_click = sigmoid(logit_click).astype(np.float32)
+        p_conv = sigmoid(logit_conv).astype(np.float32)
         click = rng.random(n) < p_click
         conversion = click & (rng.random(n) < p_conv)  # conversions only happen after a click
         if latent is not None:  # for the oracle's ranking of every ad (`oracle_click_logits`)
@@ -143,7 +143,7 @@ class World(Catalogue):
         rows = {"impression_id": ((p_idx * len(SPLITS) + s_idx) << 40) + i, "user_id": user.astype(np.int64),
                 "ad_id": ad.astype(np.int64), "timestamp": ts, "click": click.astype(np.int64),
                 "conversion": conversion.astype(np.int64), "p_click": p_click, "p_convert_given_click": p_conv}
-        rows.update({f"context.{f.name}": _emit(f, ctx["cols"][f.name]) for f in spec.features})
+        rows.update({f"context.{f.name}": emit(f, ctx["cols"][f.name]) for f in spec.features})
         return rows
 
     def oracle_click_logits(self, placement: str, split: str, num: int, impression_ids: np.ndarray) -> np.ndarray:
@@ -184,22 +184,22 @@ class World(Catalogue):
         if placement == "search":
             nq = rng.geometric(0.45, n)
             pages = nq + rng.poisson(1.2 * nq)
-            buy = (rng.random(n) < _sigmoid(-1.2 + 0.8 * buyer + 0.2 * (nq - 1))).astype(np.int64)
+            buy = (rng.random(n) < sigmoid(-1.2 + 0.8 * buyer + 0.2 * (nq - 1))).astype(np.int64)
             work = (hour >= 9) & (hour < 18) & (dow < 5)
             p_home, p_work = np.where(work, 0.35, 0.75), np.where(work, 0.5, 0.05)
             u = rng.random(n)
             loc = (u >= p_home).astype(np.int64) + (u >= p_home + p_work)  # home, work, other
-            cols.update(query=self._queries[intent, buy, _zipf(rng, _QUERIES_PER_POOL, 1.0, n)],
+            cols.update(query=self._queries[intent, buy, zipf(rng, QUERIES_PER_POOL, 1.0, n)],
                         num_queries_in_session=nq, time_since_session_start=rng.gamma(nq, 45.0), pages_viewed=pages,
-                        city=np.where(rng.random(n) < 0.9, self._u_city[user], _zipf(rng, 5000, 0.8, n)),
+                        city=np.where(rng.random(n) < 0.9, self._u_city[user], zipf(rng, 5000, 0.8, n)),
                         location_type=loc)
             click += -5.55 + 0.3 * buy - 0.12 * np.log(nq) - 0.15 * (loc == 2)
             conv += -3.75 + 0.8 * buy + 0.1 * np.log1p(pages)
             return dict(cols=cols, click=click, conv=conv, retrieval=(0.4, 0.15), match=(2.0, 0.6))
         if placement == "product_page":
-            j = _zipf(rng, _PRODUCTS_PER_TOPIC, 1.0, n)
+            j = zipf(rng, PRODUCTS_PER_TOPIC, 1.0, n)
             price, rating = self._prod_price[intent, j], self._prod_rating[intent, j]
-            cols.update(viewed_product_id=intent * _PRODUCTS_PER_TOPIC + j, viewed_category=self.topic_cat[intent],
+            cols.update(viewed_product_id=intent * PRODUCTS_PER_TOPIC + j, viewed_category=self.topic_cat[intent],
                         viewed_price=price, num_reviews=self._prod_reviews[intent, j], rating=rating)
             click += -5.4 + 0.15 * (rating - 4.1)
             conv += -3.3 - 0.15 * (np.log(price) - 3.5)
@@ -208,7 +208,7 @@ class World(Catalogue):
             n_filters = rng.choice(5, n, p=[0.3, 0.3, 0.2, 0.12, 0.08])
             own = self._topic_filters[intent[:, None], rng.integers(0, 6, (n, 8))]
             filters = np.where(rng.random((n, 8)) < 0.8, own, rng.integers(0, 64, (n, 8)))
-            filters = -np.sort(-_masked(filters, n_filters), 1)
+            filters = -np.sort(-masked(filters, n_filters), 1)
             filters[:, 1:][filters[:, 1:] == filters[:, :-1]] = -1  # drop repeats, keep pads last
             sort_order = rng.choice(5, n, p=[0.5, 0.2, 0.1, 0.1, 0.1])  # relevance, price up/down, rating, new
             cols.update(category_id=self.topic_cat[intent], filters=-np.sort(-filters, 1), sort_order=sort_order)
@@ -216,13 +216,13 @@ class World(Catalogue):
             conv += -3.45 + 0.2 * (sort_order == 1) + 0.1 * n_filters
             return dict(cols=cols, click=click, conv=conv, retrieval=(0.3, 0.4), match=(1.4, 0.7))
         # homepage and cart reveal the intent only through categories
-        scores = np.full((n, _NCAT), -2.0)
+        scores = np.full((n, NCAT), -2.0)
         rows = np.arange(n)
-        for j in range(_NFAV):
+        for j in range(NFAV):
             scores[rows, self.topic_cat[self._favs[user, j]]] += 4 * self._fav_w[user, j]
         scores[rows, self.topic_cat[intent]] += 6.0
         if placement == "homepage":
-            cats = _topk(rng, scores, 1 + rng.binomial(9, 0.4, n), 10)
+            cats = topk(rng, scores, 1 + rng.binomial(9, 0.4, n), 10)
             cols.update(recent_browse_categories=cats)
             click += -5.45 + 0.1 * weekend
             conv += -3.4
@@ -231,7 +231,7 @@ class World(Catalogue):
             size = 1 + rng.poisson(1.5 + 0.5 * np.maximum(buyer, 0))
             stage = rng.choice(4, n, p=[0.5, 0.25, 0.15, 0.1])  # cart, shipping, payment, review
             value = rng.gamma(size, 35.0)
-            cats = _topk(rng, scores, size, 10)
+            cats = topk(rng, scores, size, 10)
             cols.update(cart_size=size, cart_value=value, checkout_stage=stage, cart_categories=cats)
             click += -5.3 - 0.25 * stage
             conv += -3.15 + 0.15 * stage + 0.1 * np.log1p(value / 100)

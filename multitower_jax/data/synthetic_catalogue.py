@@ -17,9 +17,9 @@ from multitower_jax import features as F
 from multitower_jax.data import schema
 
 _K = 16  # latent taste dimension
-_NCAT = 30  # product categories = ad industries
-_NFAV = 5  # favourite topics per user
-_WORDS_PER_TOPIC, _WORDS_PER_CAT, _PRODUCTS_PER_TOPIC, _QUERIES_PER_POOL = 24, 16, 200, 128
+NCAT = 30  # product categories = ad industries
+NFAV = 5  # favourite topics per user
+_WORDS_PER_TOPIC, _WORDS_PER_CAT, PRODUCTS_PER_TOPIC, QUERIES_PER_POOL = 24, 16, 200, 128
 _BUY = ("buy", "deal", "price", "discount", "sale", "cheap", "order", "coupon")
 _GENERIC = ("best", "new", "top", "for", "with", "review", "men", "women", "kids", "set",
             "pro", "mini", "large", "small", "black", "white", "premium", "classic", "gift", "online")
@@ -28,17 +28,17 @@ _SYLLABLES = np.array([c + v for c in "bcdfghjklmnprstvz" for v in ("a", "e", "i
 _DEFAULT = F.parse_spec(F.default_features())
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _zipf(rng: np.random.Generator, n: int, a: float, size) -> np.ndarray:
+def zipf(rng: np.random.Generator, n: int, a: float, size) -> np.ndarray:
     """Indices in [0, n) with P(i) proportional to 1 / (i + 1)^a."""
     cdf = np.cumsum(1.0 / np.arange(1, n + 1) ** a)
     return np.minimum(np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right"), n - 1)
 
 
-def _topk(rng: np.random.Generator, logits: np.ndarray, k: np.ndarray, width: int) -> np.ndarray:
+def topk(rng: np.random.Generator, logits: np.ndarray, k: np.ndarray, width: int) -> np.ndarray:
     """k[i] distinct columns per row, sampled by Gumbel-top-k from softmax(logits); -1 pads."""
     order = np.argsort(-(logits + rng.gumbel(size=logits.shape)), axis=1)[:, :width]
     return np.where(np.arange(width) < k[:, None], order, -1)
@@ -50,11 +50,11 @@ def _join(vocab: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.array([" ".join(w for w in row if w) for row in words.tolist()], dtype=object)
 
 
-def _masked(idx: np.ndarray, k: np.ndarray) -> np.ndarray:
+def masked(idx: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.where(np.arange(idx.shape[1]) < k[:, None], idx, -1)
 
 
-def _emit(f: F.Feature, x: np.ndarray) -> np.ndarray:
+def emit(f: F.Feature, x: np.ndarray) -> np.ndarray:
     """Latent value -> the raw column of a (possibly user-modified) feature spec."""
     if isinstance(f, F.Categorical):
         if f.encoding == "hash":  # a stable 64-bit entity key, salted per feature
@@ -107,7 +107,7 @@ def _new_users(raw) -> tuple[int, float]:
     return num, float(fraction)
 
 
-class _GroupSampler:
+class GroupSampler:
     """Draws items by weight restricted to a per-row group, vectorized (one searchsorted)."""
 
     def __init__(self, group: np.ndarray, item: np.ndarray, weight: np.ndarray, num_groups: int):
@@ -142,10 +142,10 @@ class Catalogue:
             _check_tower(ctx, _DEFAULT.context(p), f"context.{p}")
         rng = self._rng(0)
         T = self.num_topics
-        self.topic_cat = rng.permutation(T) % _NCAT  # topics nest inside categories
-        cat_vec = rng.normal(size=(_NCAT, _K))
+        self.topic_cat = rng.permutation(T) % NCAT  # topics nest inside categories
+        cat_vec = rng.normal(size=(NCAT, _K))
         self.topic_vec = (0.6 * cat_vec[self.topic_cat] + 0.8 * rng.normal(size=(T, _K))) / np.sqrt(_K)
-        self.cat_phase = rng.uniform(0, 24, _NCAT)  # hour at which an industry's ads click best
+        self.cat_phase = rng.uniform(0, 24, NCAT)  # hour at which an industry's ads click best
         self.dev_camp = rng.normal(0, 0.2, (5, 5))  # device type x campaign type affinity
         self._build_vocab(self._rng(1))
         self._build_ads(self._rng(2))
@@ -158,7 +158,7 @@ class Catalogue:
     # ---------------------------------------------------------------- the catalogue
     def _build_vocab(self, rng: np.random.Generator) -> None:
         n_brands_max = 3 * self.num_advertisers
-        need = self.num_topics * _WORDS_PER_TOPIC + _NCAT * _WORDS_PER_CAT + n_brands_max
+        need = self.num_topics * _WORDS_PER_TOPIC + NCAT * _WORDS_PER_CAT + n_brands_max
         words: dict[str, None] = dict.fromkeys(_BUY + _GENERIC)
         while len(words) < need + len(_BUY) + len(_GENERIC):
             length = rng.choice([2, 3, 4], need, p=[0.45, 0.45, 0.1])  # 4 syllables: room for many brands
@@ -169,11 +169,11 @@ class Catalogue:
         self._w_buy, self._w_generic = 0, len(_BUY)
         self._w_topic = len(_BUY) + len(_GENERIC)
         self._w_cat = self._w_topic + self.num_topics * _WORDS_PER_TOPIC
-        self._w_brand = self._w_cat + _NCAT * _WORDS_PER_CAT
+        self._w_brand = self._w_cat + NCAT * _WORDS_PER_CAT
 
     def _topic_words(self, rng: np.random.Generator, topic: np.ndarray, width: int) -> np.ndarray:
         """Words of each row's topic, common words first (Zipf within the topic's vocabulary)."""
-        rank = _zipf(rng, _WORDS_PER_TOPIC, 1.0, (len(topic), width))
+        rank = zipf(rng, _WORDS_PER_TOPIC, 1.0, (len(topic), width))
         return self._w_topic + topic[:, None] * _WORDS_PER_TOPIC + rank
 
     def _cat_words(self, rng: np.random.Generator, cat: np.ndarray, width: int) -> np.ndarray:
@@ -181,13 +181,13 @@ class Catalogue:
 
     def _build_ads(self, rng: np.random.Generator) -> None:
         A, V, T = self.num_ads, self.num_advertisers, self.num_topics
-        adv_cat = rng.permutation(_NCAT)[_zipf(rng, _NCAT, 0.6, V)]  # some industries are bigger
+        adv_cat = rng.permutation(NCAT)[zipf(rng, NCAT, 0.6, V)]  # some industries are bigger
         adv_q, adv_bid = rng.normal(0, 0.3, V), rng.normal(0, 0.4, V)
         n_brands = rng.integers(1, 4, V)
         # Every advertiser has an ad; the rest go to advertisers by a Zipf law (a few big ones).
-        extra = rng.permutation(V)[_zipf(rng, V, 0.8, max(A - V, 0))]
+        extra = rng.permutation(V)[zipf(rng, V, 0.8, max(A - V, 0))]
         adv = rng.permutation(np.concatenate([np.arange(min(A, V)), extra]))
-        topics = _GroupSampler(self.topic_cat, np.arange(T), np.ones(T), _NCAT)
+        topics = GroupSampler(self.topic_cat, np.arange(T), np.ones(T), NCAT)
         home = np.where(topics.empty[adv_cat[adv]], 0, adv_cat[adv])
         topic = np.where(topics.empty[adv_cat[adv]] | (rng.random(A) < 0.1),
                          rng.integers(0, T, A), topics.sample(rng, home))
@@ -205,23 +205,23 @@ class Catalogue:
         self._ad_pop = 1.0 / (rank + 1.0) ** self.ad_zipf
         # Historical stats: a past period with the same true quality, hence noisy but honest.
         imps = rng.poisson(self._ad_pop / self._ad_pop.sum() * 400 * A * np.minimum(age, 90) / 90)
-        clicks = rng.binomial(imps, _sigmoid(-3.5 + self._ad_quality))
-        convs = rng.binomial(clicks, _sigmoid(-2.3 + self._ad_convq))
+        clicks = rng.binomial(imps, sigmoid(-3.5 + self._ad_quality))
+        convs = rng.binomial(clicks, sigmoid(-2.3 + self._ad_convq))
         generic = self._w_generic + rng.integers(0, len(_GENERIC), (A, 6))
         title = np.concatenate([self._w_brand + brand[:, None],
-                                _masked(self._topic_words(rng, topic, 4), rng.integers(2, 5, A)),
+                                masked(self._topic_words(rng, topic, 4), rng.integers(2, 5, A)),
                                 np.where(rng.random((A, 1)) < 0.5, self._cat_words(rng, self._ad_cat, 1), -1),
                                 np.where(rng.random((A, 1)) < 0.4, generic[:, :1], -1)], 1)
-        desc = np.concatenate([_masked(self._topic_words(rng, topic, 10), rng.integers(4, 11, A)),
-                               _masked(self._cat_words(rng, self._ad_cat, 4), rng.integers(1, 5, A)),
-                               _masked(generic, rng.integers(2, 7, A)),
+        desc = np.concatenate([masked(self._topic_words(rng, topic, 10), rng.integers(4, 11, A)),
+                               masked(self._cat_words(rng, self._ad_cat, 4), rng.integers(1, 5, A)),
+                               masked(generic, rng.integers(2, 7, A)),
                                np.where(rng.random((A, 1)) < 0.5, self._w_brand + brand[:, None], -1)], 1)
         desc = np.take_along_axis(desc, np.argsort(rng.random(desc.shape), 1), 1)
         latent = {"ad_id": np.arange(A), "title": _join(self.vocab, title), "description": _join(self.vocab, desc),
                   "advertiser_id": adv, "brand_id": brand, "campaign_type": self._ad_camp,
                   "industry_category": self._ad_cat, "historical_ctr": (clicks + 30 * 0.03) / (imps + 30),
                   "historical_cvr": (convs + 5 * 0.09) / (clicks + 5), "total_impressions": imps, "ad_age_days": age}
-        self._ad_cols = {f"ad.{f.name}": _emit(f, self._ad_dense(f) if f.type == "dense" else latent[f.name])
+        self._ad_cols = {f"ad.{f.name}": emit(f, self._ad_dense(f) if f.type == "dense" else latent[f.name])
                          for f in self.spec.ad.features}
 
     def _ad_dense(self, f: F.Dense) -> np.ndarray:
@@ -229,7 +229,7 @@ class Catalogue:
         taste and quality; the topic is recoverable from many dims, not from any one."""
         rng, A = self._rng(6, f.dim), self.num_ads
         x = (0.3 * rng.normal(size=(self.num_topics, f.dim))[self._ad_topic]
-             + 0.2 * rng.normal(size=(_NCAT, f.dim))[self._ad_cat]
+             + 0.2 * rng.normal(size=(NCAT, f.dim))[self._ad_cat]
              + 0.4 * rng.normal(size=(self.num_advertisers, f.dim))[self.ad_advertiser]
              + self._ad_taste @ rng.normal(size=(_K, f.dim))
              + 0.3 * self._ad_quality[:, None] * rng.normal(size=f.dim) + rng.normal(0, 1.0, (A, f.dim)))
@@ -251,7 +251,7 @@ class Catalogue:
         cdfs = [np.cumsum(p["activity"]) / p["activity"].sum() for p in parts]
         self._u_cdf, self._new_u_cdf = cdfs[0], cdfs[-1]  # (the second is only read with new users)
         u["user_id"] = np.arange(self.num_users)
-        self._user_cols = {f"user.{f.name}": _emit(f, self._user_dense(f) if f.type == "dense" else u[f.name])
+        self._user_cols = {f"user.{f.name}": emit(f, self._user_dense(f) if f.type == "dense" else u[f.name])
                            for f in self.spec.user.features}
 
     def _draw_users(self, rng: np.random.Generator, U: int, shared: dict) -> dict[str, np.ndarray]:
@@ -260,20 +260,20 @@ class Catalogue:
         T, first = self.num_topics, not shared
         age = rng.choice(10, U, p=[0.02, 0.1, 0.18, 0.2, 0.16, 0.12, 0.09, 0.07, 0.04, 0.02])
         gender = rng.choice(3, U, p=[0.49, 0.48, 0.03])
-        country = _zipf(rng, 200, 1.1, U)
+        country = zipf(rng, 200, 1.1, U)
         native = rng.random(U) < 0.9
         if first:
-            shared["language"] = _zipf(rng, 50, 1.2, 200)  # each country's main language
+            shared["language"] = zipf(rng, 50, 1.2, 200)  # each country's main language
         language = np.where(native, shared["language"][country], rng.integers(0, 50, U))
         device = rng.choice(5, U, p=[0.38, 0.3, 0.22, 0.07, 0.03])  # android, ios, desktop, tablet, tv
-        city = (country * 25 + _zipf(rng, 25, 1.0, U)) % 5000  # home city, inside the country
+        city = (country * 25 + zipf(rng, 25, 1.0, U)) % 5000  # home city, inside the country
         if first:
             shared["demo_age"], shared["demo_gender"] = rng.normal(0, 0.8, (10, T)), rng.normal(0, 0.8, (3, T))
         demo_age, demo_gender = shared["demo_age"], shared["demo_gender"]
         favs = np.concatenate([  # demographics shift which topics a user likes (chunked: U x T scores)
-            _topk(rng, demo_age[age[s:s + 65536]] + demo_gender[gender[s:s + 65536]],
-                  np.full(min(65536, U - s), _NFAV), _NFAV) for s in range(0, U, 65536)])
-        fav_w = rng.dirichlet(np.full(_NFAV, 0.7), U)
+            topk(rng, demo_age[age[s:s + 65536]] + demo_gender[gender[s:s + 65536]],
+                  np.full(min(65536, U - s), NFAV), NFAV) for s in range(0, U, 65536)])
+        fav_w = rng.dirichlet(np.full(NFAV, 0.7), U)
         taste = (np.einsum("uf,ufk->uk", fav_w, self.topic_vec[favs])
                  + rng.normal(0, 0.35 / np.sqrt(_K), (U, _K)))
         bias, buyer = rng.normal(0, 0.25, U), rng.normal(0, 0.5, U)
@@ -301,13 +301,13 @@ class Catalogue:
                 m = u.stop - s
                 x = 2.0 * (self._u_taste[u] + rng.normal(0, noise_sd, (m, _K))) @ taste_proj
                 x += 0.3 * topic_proj[rng.integers(0, self.num_topics, m)] + rng.normal(0, 0.5, x.shape)
-                for j in range(_NFAV):
+                for j in range(NFAV):
                     x += self._fav_w[u, j, None] * rng.lognormal(0, 0.5, (m, 1)) * topic_proj[self._favs[u, j]]
                 out[u] = x / np.sqrt(f.dim)
         return out
 
     def _build_context_tables(self, rng: np.random.Generator) -> None:
-        T, P = self.num_topics, _PRODUCTS_PER_TOPIC
+        T, P = self.num_topics, PRODUCTS_PER_TOPIC
         price_level = rng.normal(3.5, 1.0, T)
         self._prod_price = rng.lognormal(price_level[:, None], 0.5, (T, P))
         self._prod_reviews = rng.poisson(rng.lognormal(3.0, 1.5, (T, P)))
@@ -315,10 +315,10 @@ class Catalogue:
         self._topic_filters = np.stack([rng.choice(64, 6, replace=False) for _ in range(T)])
         # Query pools per (topic, purchase intent): 1-3 topic words, maybe a category word, a
         # modifier, a buy word; one word in ten from another topic, so text is informative, not exact.
-        n = T * 2 * _QUERIES_PER_POOL
-        topic = np.repeat(np.arange(T), 2 * _QUERIES_PER_POOL)
-        buy = np.tile(np.repeat([0, 1], _QUERIES_PER_POOL), T)
-        words = _masked(self._topic_words(rng, topic, 3), rng.integers(1, 4, n))
+        n = T * 2 * QUERIES_PER_POOL
+        topic = np.repeat(np.arange(T), 2 * QUERIES_PER_POOL)
+        buy = np.tile(np.repeat([0, 1], QUERIES_PER_POOL), T)
+        words = masked(self._topic_words(rng, topic, 3), rng.integers(1, 4, n))
         stray = self._topic_words(rng, rng.integers(0, T, n), 1)[:, 0]
         words[:, 0] = np.where(rng.random(n) < 0.1, stray, words[:, 0])
         extra = np.stack([np.where(rng.random(n) < 0.3, self._cat_words(rng, self.topic_cat[topic], 1)[:, 0], -1),
@@ -327,7 +327,7 @@ class Catalogue:
                                    self._w_buy + rng.integers(0, len(_BUY), n), -1)], 1)
         words = np.concatenate([words, extra], 1)
         words = np.take_along_axis(words, np.argsort(rng.random(words.shape), 1), 1)
-        self._queries = _join(self.vocab, words).reshape(T, 2, _QUERIES_PER_POOL)
+        self._queries = _join(self.vocab, words).reshape(T, 2, QUERIES_PER_POOL)
 
     def ads_table(self) -> dict[str, np.ndarray]:
         """The catalogue: ``ad_id`` and every ``ad.<feature>`` raw column, one row per ad."""
@@ -339,7 +339,7 @@ class Catalogue:
         ``target.placements``. Most ads are untargeted. Drawn from their own RNG stream, so the
         rest of the world and its impressions do not change."""
         rng, A = self._rng(8), self.num_ads
-        countries = _zipf(rng, 200, 1.1, (A, 3))  # popular countries are targeted more often
+        countries = zipf(rng, 200, 1.1, (A, 3))  # popular countries are targeted more often
         n_countries = np.where(rng.random(A) < 0.15, rng.integers(1, 4, A), 0)
         devices = ([], [0, 1, 3], [2], [0, 1])  # anywhere, handheld, desktop, phones
         device = np.where(rng.random(A) < 0.1, rng.integers(1, len(devices), A), 0)
