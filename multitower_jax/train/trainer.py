@@ -25,6 +25,7 @@ from etils import epath
 
 from multitower_jax import config as config_lib
 from multitower_jax import features as F
+from multitower_jax import workdir as workdir_lib
 from multitower_jax.calibration import evaluation as calibration_evaluation
 from multitower_jax.data import pipeline
 from multitower_jax.models import model as model_lib
@@ -233,7 +234,7 @@ class Trainer:
         t = self.config.train
         directory = self.workdir / "checkpoints"
         return ocp.CheckpointManager(
-            directory if _is_remote(directory) else directory.absolute(),
+            directory if workdir_lib.is_remote(directory) else directory.absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=int(t.keep_checkpoints), create=True),
         )
 
@@ -241,7 +242,7 @@ class Trainer:
         """The parameters of the best validation evaluations so far (the last two kept): what the test
         split is evaluated with at the end, also after a resume."""
         directory = self.workdir / "best"
-        return ocp.CheckpointManager(directory if _is_remote(directory) else directory.absolute(),
+        return ocp.CheckpointManager(directory if workdir_lib.is_remote(directory) else directory.absolute(),
                                      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
     def restore_best(self, best: ocp.CheckpointManager, quarantine: bool = False) -> Any:
@@ -321,10 +322,6 @@ def _placement_path(path: str | None, placement: str) -> str | None:
         return None
     stem, suffix = os.path.splitext(str(path))
     return f"{stem}.{placement}{suffix}"
-
-
-def _is_remote(path: epath.Path) -> bool:
-    return "://" in str(path)
 
 
 def early_stopping_metric(config: ml_collections.ConfigDict) -> str:
