@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +58,7 @@ def test_micro_batcher_groups_concurrent_callers_and_returns_each_its_own():
 
     def fn(items):
         seen.append(len(items))
+        time.sleep(0.01)  # releases the GIL, as the compiled call does: callers meanwhile queue up
         if -1 in items:
             raise RuntimeError("bad item")
         return [x * x for x in items]
@@ -297,6 +299,39 @@ def test_micro_batcher_per_item_errors_lone_request_wait_and_close():
     assert [f.result(timeout=1) for f in futures[:2]] == [0, 1] and futures[2].cancelled()
     with pytest.raises(RuntimeError, match="closed"):
         batcher(5)
+
+
+def test_micro_batcher_lone_caller_answers_on_its_own_thread_and_busy_callers_queue():
+    threads, release, started = [], threading.Event(), threading.Event()
+
+    def fn(items):
+        threads.append(threading.current_thread())
+        if items == [0]:  # the first call holds the batcher busy until released
+            started.set()
+            release.wait(30)
+        return [ValueError("bad") if x < 0 else x + 100 for x in items]
+
+    with MicroBatcher(fn, max_batch_size=4, max_wait_s=0.0) as batcher:
+        assert batcher(1) == 101 and threads == [threading.current_thread()]  # no hand-off
+        with pytest.raises(ValueError, match="bad"):
+            batcher(-1)
+        busy = threading.Thread(target=batcher, args=(0,))
+        busy.start()
+        assert started.wait(30)
+        # Someone's batch is running: these callers queue and are answered together, by the worker.
+        results, submitted, submit = {}, [], batcher.submit
+        batcher.submit = lambda item: (submitted.append(item), submit(item))[1]
+        callers = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher(i))) for i in (5, 6)]
+        for t in callers:
+            t.start()
+        while len(submitted) < 2:
+            time.sleep(0.01)
+        release.set()
+        busy.join(30)
+        for t in callers:
+            t.join(30)
+        assert results == {5: 105, 6: 106}
+        assert batcher.batch_sizes == [1, 1, 1, 2] and threads[-1] is batcher._worker
 
 
 def test_micro_batcher_waits_to_fill_only_when_others_are_queued():

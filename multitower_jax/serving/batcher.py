@@ -3,9 +3,11 @@
     batcher = MicroBatcher(lambda items: [answer(i) for i in ...], max_batch_size=16, max_wait_s=0.002)
     result = batcher(item)            # blocks; or batcher.submit(item) -> Future
 
-One worker thread takes the first waiting item together with every item already queued behind
-it. A lone item (nothing else queued) is dispatched at once: an idle server never waits for
-company. When other items were queued, the worker keeps collecting until the batch has
+A lone caller of `batcher(item)` (nothing queued, no batch running) runs the batch call of its one
+item on its own thread: an idle server neither waits for company nor hands the request to another
+thread and back (two thread wake-ups, ~0.4 ms on a 2-core machine). Otherwise the item is queued:
+one worker thread takes the first waiting item together with every item already queued behind
+it, and a lone one is dispatched at once. When other items were queued, the worker keeps collecting until the batch has
 `max_batch_size` items or `max_wait_s` has passed since it took the first, then calls `fn(items)`
 once and hands result i to caller i. Under load batches fill up (throughput: requests arriving
 while `fn` runs queue up and form the next batch); a lone request pays no wait (latency).
@@ -56,6 +58,7 @@ class MicroBatcher(Generic[T, R]):
         self.wait_seconds: list[float] = []  # per batch call: its first item's submit -> fn
         self._running = threading.Event()  # cleared while paused()
         self._running.set()
+        self._dispatching = threading.Lock()  # held by whoever runs `fn`: the worker or a lone caller
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
@@ -68,7 +71,23 @@ class MicroBatcher(Generic[T, R]):
         return future
 
     def __call__(self, item: T) -> R:
+        if self._running.is_set() and self._queue.empty() and self._dispatching.acquire(blocking=False):
+            try:
+                if self._queue.empty() and not self._closed:  # still alone: answer on this thread
+                    return self._call_alone(item)
+            finally:
+                self._dispatching.release()
         return self.submit(item).result()
+
+    def _call_alone(self, item: T) -> R:
+        self.batch_sizes.append(1)
+        self.wait_seconds.append(0.0)
+        results = self.fn([item])
+        if len(results) != 1:
+            raise RuntimeError(f"batch function returned {len(results)} results for 1 item")
+        if isinstance(results[0], BaseException):
+            raise results[0]
+        return results[0]
 
     def close(self) -> None:
         """Serve the queued items, then stop the worker (later `submit`s raise)."""
@@ -105,13 +124,14 @@ class MicroBatcher(Generic[T, R]):
                 if first is _STOP:
                     return
                 self._running.wait()
-                batch = [first]
-                # Everything already queued joins at once; waiting for more only pays when others
-                # are queued (load): a lone request is dispatched without delay.
-                stop = self._collect(batch, block=False)
-                if not stop and 1 < len(batch) < self.max_batch_size and self.max_wait_s > 0:
-                    stop = self._collect(batch, block=True)
-                self._dispatch(batch)
+                with self._dispatching:  # (a lone caller may be answering itself meanwhile)
+                    batch = [first]
+                    # Everything already queued joins at once; waiting for more only pays when
+                    # others are queued (load): a lone request is dispatched without delay.
+                    stop = self._collect(batch, block=False)
+                    if not stop and 1 < len(batch) < self.max_batch_size and self.max_wait_s > 0:
+                        stop = self._collect(batch, block=True)
+                    self._dispatch(batch)
         finally:  # however the worker ends, nobody is left waiting on a future it will never set
             with self._lock:
                 self._closed = True

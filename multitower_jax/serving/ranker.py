@@ -134,14 +134,16 @@ class Ranker:
         self.cache = TTLCache(self.settings.cache_ttl_s, self.settings.cache_size)
         self.times = StageTimes()
         # Parameters are arguments, not closed-over constants: XLA would otherwise fold the tables in.
-        model = trained.model
+        # They are put on the device once: host (numpy) parameters would be copied in on every
+        # call, ~1.2 ms of the context tower's 1.4 ms for a lone request.
+        model, params = trained.model, jax.device_put(trained.params)
         user_tower = jax.jit(lambda params, feats: model.apply({"params": params}, feats, method=model.embed_user))
-        self._user_tower = lambda feats: user_tower(trained.params, feats)
+        self._user_tower = lambda feats: user_tower(params, feats)
         # (E_context, the context's logit offsets or None: `MultiTowerModel.embed_context_wide`)
         context_towers = {p: jax.jit(lambda params, feats, p=p: model.apply({"params": params}, feats, p,
                                                                              method=model.embed_context_wide))
                           for p in self.placements}
-        self._context_towers = {p: (lambda feats, f=f: f(trained.params, feats)) for p, f in context_towers.items()}
+        self._context_towers = {p: (lambda feats, f=f: f(params, feats)) for p, f in context_towers.items()}
         self._transforms = {p: trained.preprocessor(p).transforms for p in self.placements}
         self._export_dir = Path(export_dir) if export_dir else None
         self._ad_parts: dict[str, np.ndarray] = {}
