@@ -9,7 +9,7 @@ import pytest
 from multitower_jax import features as F
 from multitower_jax.calibration import Calibration
 from multitower_jax.models import model as model_lib
-from multitower_jax.serving.scorer import AdCatalogue, Scorer
+from multitower_jax.serving.scorer import AdCatalogue, Scorer, device_catalogue
 from multitower_jax.serving.settings import ServingConfigError, ServingSettings, bucket_for
 from tests.conftest import TINY_MODEL, synthetic_config
 
@@ -70,9 +70,10 @@ def test_factorized_equals_score_embeddings_and_ranks_by_ecpm(fusion, head):
 @pytest.mark.parametrize("fusion", ["dot", "concat", "product"])
 @pytest.mark.parametrize("head", ["ctr", "ctr_cvr", "esmm"])
 def test_batched_serving_path_equals_each_request_alone_and_the_model(fusion, head):
-    """`score_rows` (catalogue rows gathered into the preallocated buffers, one vectorised call for
-    the batch, only the top-N rows fetched) against the same requests scored one at a time and
-    against the unfactorized model with numpy's ranking."""
+    """`score_rows` (catalogue rows gathered inside the compiled call from the catalogue on the
+    device, one vectorised call for the batch, only the top-N rows fetched) against the same
+    requests scored one at a time, from the host catalogue, and against the unfactorized model
+    with numpy's ranking."""
     config, model, params = fusion_model(fusion, head)
     scorer = Scorer(params, model_lib.ModelConfig.from_config(config), "search",
                     settings=ServingSettings(buckets=(8, 16), num_candidates=16, top_n=5, max_batch_size=4))
@@ -84,7 +85,10 @@ def test_batched_serving_path_equals_each_request_alone_and_the_model(fusion, he
     rows = np.stack([rng.choice(n_ads, k, replace=False) for _ in range(3)])
     rows[1, 7:] = -1  # fewer candidates than K: the retriever's padding
     e_user, e_ctx = (rng.normal(size=(3, D)).astype(np.float32) for _ in range(2))
-    batched = scorer.score_rows(e_user, e_ctx, rows, catalogue)
+    on_device = device_catalogue(catalogue)
+    assert [x.shape[0] for x in on_device] == [64] * 4  # rows padded to a power of two
+    np.testing.assert_array_equal(np.asarray(on_device.ad_part)[:n_ads], catalogue.ad_part)
+    batched = scorer.score_rows(e_user, e_ctx, rows, on_device)
     alone = [scorer.score_rows(e_user[i:i + 1], e_ctx[i:i + 1], rows[i:i + 1], catalogue) for i in range(3)]
     out_keys = ["top_index", "top_ecpm", "top_pctr"] + (["top_pcvr", "top_pctcvr"] if head != "ctr" else [])
     assert sorted(batched) == sorted(out_keys) and batched["top_index"].shape == (3, 5)
@@ -194,6 +198,6 @@ def test_request_logit_offsets_reach_every_candidate_as_in_the_model(head):
         order = np.argsort(-ecpm[i], kind="stable")[:5]
         np.testing.assert_array_equal(top["top_index"][i], order)
         np.testing.assert_allclose(top["top_pctr"][i], ref["pctr"][i, order], rtol=1e-5)
-    # Without offsets the buffers hold zeros, not the previous call's offsets.
+    # Without offsets: zeros, not the previous call's offsets.
     again = scorer.score_rows(e_user, e_ctx, rows, catalogue)
     np.testing.assert_allclose(again["top_pctr"], np.take_along_axis(plain["pctr"], again["top_index"], 1), rtol=1e-5)

@@ -9,10 +9,10 @@ timings include the calibration as served: an isotonic map with hundreds of thre
 
 Each request is what the Ranker hands the scorer: a user and a context embedding and its
 candidates as rows of an ad catalogue (random embeddings, fusion ad parts, bids, qualities).
-The full path (`Scorer.score_rows`, the Ranker's) gathers the rows into preallocated
-bucket-sized buffers, runs the compiled call and fetches the top-N rows; `device_*` times the
-same compiled call on inputs already on the device, outputs left there, alternating request by
-request with the full path. Single requests and 32 micro-batched clients are timed in
+The full path (`Scorer.score_rows`, the Ranker's) pads the request's rows to its bucket, runs the
+compiled call (which gathers the candidates from the catalogue held on the device) and fetches
+the top-N rows; `device_*` times the same compiled call on inputs already on the device, outputs
+left there, alternating request by request with the full path. Single requests and 32 micro-batched clients are timed in
 interleaved rounds; the ratios
 (`p50_over_device_p50`, `microbatch_speedup`) are medians of per-round ratios, so a load change
 on a shared machine hits both sides of a ratio. FLOPs per request come from XLA's cost analysis
@@ -37,7 +37,7 @@ from multitower_jax import features as F
 from multitower_jax.bench.random_params import random_like
 from multitower_jax.models import model as model_lib
 from multitower_jax.serving.batcher import MicroBatcher
-from multitower_jax.serving.scorer import AdCatalogue, Scorer
+from multitower_jax.serving.scorer import AdCatalogue, Scorer, device_catalogue
 from multitower_jax.serving.settings import ServingSettings, bucket_for
 
 NUM_CANDIDATES = 500
@@ -140,7 +140,7 @@ def run(config: ml_collections.ConfigDict, num_requests: int = 2_000, json_path:
     bucket = bucket_for(num_candidates, settings.buckets)
     rng = np.random.default_rng(0)
     num_ads = max(num_ads, num_candidates)
-    catalogue = _catalogue(rng, num_ads, d, h)
+    catalogue = device_catalogue(_catalogue(rng, num_ads, d, h))
     pool = _requests(rng, 64, d, num_ads, num_candidates)
 
     def score(reqs):
@@ -151,10 +151,9 @@ def run(config: ml_collections.ConfigDict, num_requests: int = 2_000, json_path:
     for b in settings.batch_buckets:  # compile every batch bucket before timing
         score(pool[:b])
     # The same compiled call (batch bucket 1) with its inputs on the device and its outputs left there.
-    buffers = scorer.buffers(1, num_candidates)
-    buffers.fill(*(x[None] for x in pool[0]), catalogue)
-    on_device = jax.device_put([x.copy() for x in buffers.arrays()])  # (the buffers are refilled)
-    jax.block_until_ready(scorer.score_padded(*on_device, top_only=True))
+    inputs = scorer.pad_rows(*(x[None] for x in pool[0]))
+    on_device = jax.device_put(inputs)
+    jax.block_until_ready(scorer.score_padded_rows(catalogue, *on_device))
 
     batcher = MicroBatcher(lambda reqs: _split(score(reqs), len(reqs)), settings.max_batch_size,
                            settings.max_wait_ms / 1000.0)
@@ -171,7 +170,7 @@ def run(config: ml_collections.ConfigDict, num_requests: int = 2_000, json_path:
             score([pool[(r * per_round + i) % len(pool)]])
             lat[i] = time.perf_counter() - start
             start = time.perf_counter()
-            jax.block_until_ready(scorer.score_padded(*on_device, top_only=True))
+            jax.block_until_ready(scorer.score_padded_rows(catalogue, *on_device))
             dev[i] = time.perf_counter() - start
         # Concurrent clients through the micro-batcher.
         first_batch = len(batcher.batch_sizes)
@@ -187,11 +186,12 @@ def run(config: ml_collections.ConfigDict, num_requests: int = 2_000, json_path:
     batcher.close()
     lat, dev, mb = np.concatenate(single), np.concatenate(device), np.asarray(concurrent)
 
-    flops = _flops(scorer._score_top, scorer.params, None, *buffers.arrays())
+    flops = _flops(scorer._score_rows, scorer.params, None, catalogue, *inputs)
+    user, context, rows = inputs[0], inputs[1], inputs[2][0]
     rep = lambda v: jnp.repeat(jnp.asarray(v)[:, None], bucket, 1).reshape(bucket, d)  # noqa: E731
     unfactorized = jax.jit(lambda p, u, c, a: model.apply(p, u, c, a, scorer.placement,
                                                           method=model.score_embeddings))
-    flops_ref = _flops(unfactorized, params, rep(buffers.user), rep(buffers.context), jnp.asarray(buffers.ad[0]))
+    flops_ref = _flops(unfactorized, params, rep(user), rep(context), catalogue.embeddings[np.maximum(rows, 0)])
     figures = {
         "device": f"{jax.devices()[0].device_kind} ({jax.device_count()} device)",
         "fusion": scorer.spec.fusion, "head": scorer.spec.head,

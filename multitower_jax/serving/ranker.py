@@ -22,7 +22,9 @@ that attribute qualify), never as "do not filter".
 
 The ad side of the factorized first fusion layer (a W_a per ad) comes from the export
 (`fusion_ad_part_<placement>.npy`) when the index still holds the exported ads, and is computed
-once at load time otherwise.
+once at load time otherwise. With the store's embeddings, bids and qualities it is put on the
+device once per placement (`scorer.device_catalogue`; again after the index changes), so a
+request hands the scorer only its candidates' rows.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from multitower_jax.serving import requests as requests_lib
 from multitower_jax.serving import settings as settings_lib
 from multitower_jax.serving.batcher import MicroBatcher
 from multitower_jax.serving.cache import TTLCache
-from multitower_jax.serving.scorer import AD_PART_FILE, AdCatalogue, Scorer, compute_ad_parts, pad_to
+from multitower_jax.serving.scorer import (AD_PART_FILE, AdCatalogue, Scorer, compute_ad_parts, device_catalogue,
+                                            pad_to)
 from multitower_jax.serving.settings import ServingSettings, bucket_for
 
 log = logging.getLogger(__name__)
@@ -147,6 +150,7 @@ class Ranker:
         self._transforms = {p: trained.preprocessor(p).transforms for p in self.placements}
         self._export_dir = Path(export_dir) if export_dir else None
         self._ad_parts: dict[str, np.ndarray] = {}
+        self._catalogues: dict[str, AdCatalogue] = {}  # per placement, on the device
         self._ad_parts_store = None
         self._targeted = True  # does any ad carry a targeting rule? (refreshed with the ad parts)
         self.batcher = MicroBatcher(lambda items: self.rank_batch(items, return_exceptions=True),
@@ -178,11 +182,20 @@ class Ranker:
         """a W_a for every row of the index store: the export's array when it matches the store."""
         store = self.retriever.index.store
         if self._ad_parts_store is not store:  # first call, or the index was upserted / deleted
-            self._ad_parts, self._ad_parts_store = {}, store
+            self._ad_parts, self._catalogues, self._ad_parts_store = {}, {}, store
             self._targeted = bool((store.targeting != np.uint64(0xFFFFFFFFFFFFFFFF)).any())
         if placement not in self._ad_parts:
             self._ad_parts[placement] = self._load_or_compute_ad_parts(placement, store)
         return self._ad_parts[placement]
+
+    def catalogue(self, placement: str) -> AdCatalogue:
+        """The index store's ads as the scorer gathers them, on the device (refreshed with the store)."""
+        ad_parts = self.ad_parts(placement)
+        if placement not in self._catalogues:
+            store = self.retriever.index.store
+            self._catalogues[placement] = device_catalogue(AdCatalogue(store.embeddings, ad_parts, store.bid,
+                                                                       store.quality))
+        return self._catalogues[placement]
 
     def _load_or_compute_ad_parts(self, placement: str, store) -> np.ndarray:
         if self._export_dir is not None:
@@ -305,7 +318,7 @@ class Ranker:
         offsets = None if offsets is None else np.asarray(offsets)[:n]
         t2 = time.perf_counter()
         q = self.retriever.query_embeddings(e_user, e_ctx)
-        ad_parts = self.ad_parts(placement)
+        catalogue = self.catalogue(placement)  # (refreshes the targeting flag with the store)
         eligibility = None  # an untargeted catalogue skips the per-request pass over every ad's bitset
         if self._targeted:
             eligibility = Eligibility(country=np.array([p.country for p in preps]),
@@ -313,10 +326,9 @@ class Ranker:
         rows, scores = self.retriever.search_rows(q, s.num_candidates, eligibility)
         t3 = time.perf_counter()
         store = self.retriever.index.store
-        # Candidates are gathered from the store straight into the scorer's preallocated buffers;
-        # only the top-N rows of each request come back from the compiled call.
-        out = self.scorers[placement].score_rows(e_user, e_ctx, rows, AdCatalogue(
-            store.embeddings, ad_parts, store.bid, store.quality), offsets)
+        # The compiled call gathers the candidates from the device catalogue; only the top-N rows
+        # of each request come back.
+        out = self.scorers[placement].score_rows(e_user, e_ctx, rows, catalogue, offsets)
         t4 = time.perf_counter()
         for stage, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             self.times.seconds[stage] += dt
@@ -342,14 +354,14 @@ class Ranker:
     def warmup(self) -> None:
         """Compile every (batch bucket x candidate bucket) the path can hit, before serving."""
         s = self.settings
-        k_bucket = bucket_for(s.num_candidates, s.buckets)
+        d = self.trained.embed_dim
         for placement in self.placements:
-            scorer = self.scorers[placement]
+            scorer, catalogue = self.scorers[placement], self.catalogue(placement)
             for b in s.batch_buckets:
                 self._user_tower(dummy_features(self.trained.spec.user, b))
                 self._context_towers[placement](dummy_features(self.trained.spec.context(placement), b))
-                scorer.score_padded(*scorer.buffers(b, k_bucket).arrays(), top_only=True)
-            self.ad_parts(placement)
+                scorer.score_rows(np.zeros((b, d), np.float32), np.zeros((b, d), np.float32),
+                                  np.full((b, s.num_candidates), -1), catalogue)
 
     def close(self) -> None:
         self.batcher.close()
