@@ -273,7 +273,6 @@ class Scorer:
         self.calibration = calibration
         self.trace_count = 0  # compilations of the scoring functions (tests check it stays put)
         self._score = jax.jit(self._traced)  # every output [B, N]
-        self._score_top = jax.jit(self._traced_top)  # top-N rows only
         self._score_rows = jax.jit(self._traced_rows)  # the serving path: gather, score, top-N rows
         self._ad_part = jax.jit(lambda fusion_params, e_ad_NxD: ad_part(fusion_params, self.spec, e_ad_NxD))
 
@@ -288,10 +287,6 @@ class Scorer:
     def _traced(self, params, calibration, *arrays):
         self.trace_count += 1
         return score_batch(params, calibration, self.spec, *arrays)
-
-    def _traced_top(self, params, calibration, *arrays):
-        self.trace_count += 1
-        return score_batch(params, calibration, self.spec, *arrays, top_only=True)
 
     def _traced_rows(self, params, calibration, catalogue, e_user_BxD, e_context_BxD, rows_BxN, offsets_BxL):
         self.trace_count += 1
@@ -333,12 +328,11 @@ class Scorer:
         return np.asarray(self._ad_part(self.params["fusion"], np.asarray(e_ad_NxD, np.float32)))
 
     def score_padded(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH, bid_BxN, quality_BxN,
-                     valid_BxN, offsets_BxL, top_only: bool = False) -> dict[str, Array]:
+                     valid_BxN, offsets_BxL) -> dict[str, Array]:
         """The compiled call on inputs already padded to a (batch, candidate) bucket (`offsets_BxL`
-        float32[B, `ScorerSpec.num_logits`]); `top_only`: only the top-N rows (`top_rows`)."""
-        fn = self._score_top if top_only else self._score
-        return fn(self.params, self.calibration, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH,
-                  bid_BxN, quality_BxN, valid_BxN, offsets_BxL)
+        float32[B, `ScorerSpec.num_logits`]); every output [B, N]."""
+        return self._score(self.params, self.calibration, e_user_BxD, e_context_BxD, e_ad_BxNxD, ad_part_BxNxH,
+                           bid_BxN, quality_BxN, valid_BxN, offsets_BxL)
 
     def score(self, e_user_BxD, e_context_BxD, e_ad_BxNxD, bid_BxN, quality_BxN, ad_part_BxNxH=None,
               num_valid_B=None, offsets_BxL=None) -> dict[str, np.ndarray]:
