@@ -256,7 +256,6 @@ def test_export_ad_parts_are_used_when_they_match_the_index(served, tmp_path):
         np.testing.assert_allclose(got, np.asarray(store.embeddings) @ np.asarray(
             ranker.trained.params["fusions_search"]["mlp"]["block_0"]["dense"]["kernel"])[32:48], rtol=1e-5, atol=1e-5)
         np.save(tmp_path / "ad_ids.npy", store.ad_ids[::-1])  # the index no longer matches: recomputed
-        other._ad_parts_store = None
         np.testing.assert_array_equal(other.ad_parts("search"), compute_ad_parts(other.scorers["search"],
                                                                                  store.embeddings))
     finally:

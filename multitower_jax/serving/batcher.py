@@ -80,14 +80,9 @@ class MicroBatcher(Generic[T, R]):
         return self.submit(item).result()
 
     def _call_alone(self, item: T) -> R:
-        self.batch_sizes.append(1)
-        self.wait_seconds.append(0.0)
-        results = self.fn([item])
-        if len(results) != 1:
-            raise RuntimeError(f"batch function returned {len(results)} results for 1 item")
-        if isinstance(results[0], BaseException):
-            raise results[0]
-        return results[0]
+        future: Future[R] = Future()
+        self._dispatch([(item, future, time.perf_counter())])  # a batch of one, on this thread
+        return future.result()
 
     def close(self) -> None:
         """Serve the queued items, then stop the worker (later `submit`s raise)."""

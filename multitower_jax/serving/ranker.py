@@ -149,10 +149,9 @@ class Ranker:
         self._context_towers = {p: (lambda feats, f=f: f(params, feats)) for p, f in context_towers.items()}
         self._transforms = {p: trained.preprocessor(p).transforms for p in self.placements}
         self._export_dir = Path(export_dir) if export_dir else None
-        self._ad_parts: dict[str, np.ndarray] = {}
         self._catalogues: dict[str, AdCatalogue] = {}  # per placement, on the device
-        self._ad_parts_store = None
-        self._targeted = True  # does any ad carry a targeting rule? (refreshed with the ad parts)
+        self._store = None  # the index store the catalogues were built from (`_sync_store`)
+        self._targeted = True  # does any ad carry a targeting rule? (refreshed with the store)
         self.batcher = MicroBatcher(lambda items: self.rank_batch(items, return_exceptions=True),
                                     self.settings.max_batch_size, self.settings.max_wait_ms / 1000.0,
                                     name="ranker")
@@ -178,26 +177,19 @@ class Ranker:
                    export_dir)
 
     # -- the ad side of the factorized fusion layer --------------------------------------------
-    def ad_parts(self, placement: str) -> np.ndarray:
-        """a W_a for every row of the index store: the export's array when it matches the store."""
+    def _sync_store(self) -> Any:
+        """The index store; on its first use, or after live upserts / deletes replaced it, the
+        device catalogues are dropped and the targeting flag is recomputed."""
         store = self.retriever.index.store
-        if self._ad_parts_store is not store:  # first call, or the index was upserted / deleted
-            self._ad_parts, self._catalogues, self._ad_parts_store = {}, {}, store
+        if self._store is not store:
+            self._catalogues, self._store = {}, store
             self._targeted = bool((store.targeting != np.uint64(0xFFFFFFFFFFFFFFFF)).any())
-        if placement not in self._ad_parts:
-            self._ad_parts[placement] = self._load_or_compute_ad_parts(placement, store)
-        return self._ad_parts[placement]
+        return store
 
-    def catalogue(self, placement: str) -> AdCatalogue:
-        """The index store's ads as the scorer gathers them, on the device (refreshed with the store)."""
-        ad_parts = self.ad_parts(placement)
-        if placement not in self._catalogues:
-            store = self.retriever.index.store
-            self._catalogues[placement] = device_catalogue(AdCatalogue(store.embeddings, ad_parts, store.bid,
-                                                                       store.quality))
-        return self._catalogues[placement]
-
-    def _load_or_compute_ad_parts(self, placement: str, store) -> np.ndarray:
+    def ad_parts(self, placement: str) -> np.ndarray:
+        """a W_a for every row of the index store: the export's array (memory-mapped) when it
+        matches the store, else computed (on each call: serving keeps only `catalogue`'s copy)."""
+        store = self.retriever.index.store
         if self._export_dir is not None:
             path = self._export_dir / AD_PART_FILE.format(placement=placement)
             ids_path = self._export_dir / "ad_ids.npy"
@@ -206,6 +198,14 @@ class Ranker:
                 return np.load(path, mmap_mode="r")
             log.info("%s does not match the index store; computing the fusion ad part", path)
         return compute_ad_parts(self.scorers[placement], store.embeddings)
+
+    def catalogue(self, placement: str) -> AdCatalogue:
+        """The index store's ads as the scorer gathers them, on the device (refreshed with the store)."""
+        store = self._sync_store()
+        if placement not in self._catalogues:
+            self._catalogues[placement] = device_catalogue(AdCatalogue(store.embeddings, self.ad_parts(placement),
+                                                                       store.bid, store.quality))
+        return self._catalogues[placement]
 
     # -- the request path ----------------------------------------------------------------------
     def parse(self, request: Mapping[str, Any] | requests_lib.Request, where: str = "request") -> requests_lib.Request:
