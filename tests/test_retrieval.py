@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -197,6 +198,31 @@ def test_scann_recall_against_brute_force_and_round_trip(tmp_path):
     np.testing.assert_array_equal(again.search(q, 10)[0], rows)
     exact_rows, _ = index.exact(q, 10)
     np.testing.assert_array_equal(exact_rows, top)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_quantized_reordering_keeps_recall_round_trips_and_takes_upserts(dtype, tmp_path):
+    """`retrieval.reorder_dtype`: ScaNN re-scores a bf16 / int8 copy of the vectors (its config says
+    so); recall and the re-scored scores stay close to exact search, the setting survives save /
+    load, and a live upsert is found first with its own vector."""
+    e, q = _structured(6000, 32, 200)
+    index = _index(e, settings=RetrievalSettings(exact_below=0, leaves_fraction=0.15, reorder_dtype=dtype))
+    config = scann_builder(e, index.settings, 77).create_config()
+    stanza = {"bfloat16": "bfloat16", "int8": "fixed_point"}[dtype]
+    assert re.search(rf"exact_reordering \{{.*?{stanza} \{{\s*enabled: True", config, re.S), config
+    rows, scores = index.search(q, 10)
+    top, s = _brute_top(q, e, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, top)]) >= 0.9
+    exact = np.take_along_axis(s, rows, 1)
+    assert np.abs(scores - exact).max() < 0.02 and np.abs(scores - exact).max() > 0  # re-scored, not exact
+    index.save(tmp_path / "I")
+    again = AdIndex.load(tmp_path / "I")
+    assert again.settings.reorder_dtype == dtype
+    np.testing.assert_array_equal(again.search(q, 10)[0], rows)
+    vec = (e[[123]] + 0.01).astype(np.float32)
+    Retriever(again).upsert(AdStore(np.array([99_999]), vec, np.ones(1, np.float32), np.ones(1, np.float32),
+                                    T.untargeted(1)))
+    assert again.store.ad_ids[again.search(vec, 3)[0][0, 0]] == 99_999
 
 
 def test_targeting_returns_k_eligible_ads_whenever_k_exist():
@@ -418,8 +444,6 @@ def test_auto_rebuild_after_enough_mutations():
 
 
 def test_anisotropic_threshold_off_is_nan_for_scann():
-    import re
-
     e, _ = _structured(500, 16, 1)
 
     def ah_threshold(value):  # the asymmetric-hashing stanza's (reordering has a threshold of its own)

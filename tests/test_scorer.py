@@ -68,6 +68,26 @@ def test_factorized_equals_score_embeddings_and_ranks_by_ecpm(fusion, head):
 
 
 @pytest.mark.parametrize("fusion", ["dot", "concat", "product"])
+def test_bfloat16_scorer_stays_close_to_the_float32_model(fusion):
+    """`serving.compute_dtype="bfloat16"`: the matmuls take bf16 inputs (the outputs move off the
+    float32 ones, so the dtype is really used) yet stay within bf16 rounding of the float32 model,
+    and the top of the ranking agrees."""
+    config, model, params = fusion_model(fusion, "esmm")
+    settings = dict(buckets=(64,), num_candidates=64, top_n=10, max_batch_size=4)
+    scorers = {dt: Scorer(params, model_lib.ModelConfig.from_config(config), "search",
+                          settings=ServingSettings(**settings, compute_dtype=dt)) for dt in ("float32", "bfloat16")}
+    e_user, e_ctx, e_ad, bid, quality = inputs(4, 64, seed=3)
+    out = {dt: s.score(e_user, e_ctx, e_ad, bid, quality) for dt, s in scorers.items()}
+    ref = reference(model, params, e_user, e_ctx, e_ad)
+    for key in ("pctr", "pcvr", "pctcvr"):
+        assert np.abs(out["bfloat16"][key] - out["float32"][key]).max() > 1e-6, key
+        rel = np.abs(np.log(out["bfloat16"][key]) - np.log(ref[key]))  # relative error of the probability
+        assert np.median(rel) < 0.005 and rel.max() < 0.05, (key, np.median(rel), rel.max())
+    for i in range(4):
+        assert len(set(out["bfloat16"]["top_index"][i]) & set(out["float32"]["top_index"][i])) >= 9
+
+
+@pytest.mark.parametrize("fusion", ["dot", "concat", "product"])
 @pytest.mark.parametrize("head", ["ctr", "ctr_cvr", "esmm"])
 def test_batched_serving_path_equals_each_request_alone_and_the_model(fusion, head):
     """`score_rows` (catalogue rows gathered inside the compiled call from the catalogue on the

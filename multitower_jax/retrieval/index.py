@@ -259,6 +259,9 @@ def scann_builder(db_NxD: np.ndarray, s: RetrievalSettings, leaves: int):
     `anisotropic_threshold <= 0` is ScaNN's "off", NaN (its default);
     0 itself would be passed through as a threshold."""
     import scann  # heavy; only when a tree is needed
+    from scann.scann_ops.py.scann_builder import ReorderType
+
+    quantize = {"float32": ReorderType.FLOAT32, "int8": ReorderType.INT8, "bfloat16": ReorderType.BFLOAT16}
 
     threshold = float(s.anisotropic_threshold) if s.anisotropic_threshold > 0 else float("nan")
     n = len(db_NxD)
@@ -267,7 +270,7 @@ def scann_builder(db_NxD: np.ndarray, s: RetrievalSettings, leaves: int):
                   training_sample_size=min(n, s.training_sample_size),
                   soar_lambda=float(s.soar_lambda) if s.soar_lambda > 0 else None)
             .score_ah(s.dims_per_block, anisotropic_quantization_threshold=threshold)
-            .reorder(s.reorder(10)))
+            .reorder(s.reorder(10), quantize=quantize[s.reorder_dtype]))
 
 
 class AdIndex:

@@ -11,7 +11,9 @@ import math
 
 import ml_collections
 
-from multitower_jax.config_checks import require, require_bool, require_known
+from multitower_jax.config_checks import require, require_bool, require_choice, require_known
+
+REORDER_DTYPES = ("float32", "int8", "bfloat16")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -31,6 +33,9 @@ def default_config() -> ml_collections.ConfigDict:
     r.soar_lambda = 0.0
     r.reorder_multiplier = 5  # re-score reorder_multiplier * k candidates exactly before returning k
     r.min_reorder = 100
+    # What the exact re-scoring reads: "float32" (the vectors themselves), "int8" (ScaNN's
+    # per-dimension fixed point: a quarter of the bytes) or "bfloat16" (half).
+    r.reorder_dtype = "float32"
     # Targeting: ask ScaNN for k / eligible_fraction * overfetch candidates, then filter; a query
     # whose eligible set is small (or that comes back short) is searched exactly over that set.
     r.overfetch = 1.5
@@ -57,6 +62,7 @@ class RetrievalSettings:
     soar_lambda: float = 0.0
     reorder_multiplier: int = 5
     min_reorder: int = 100
+    reorder_dtype: str = "float32"
     overfetch: float = 1.5
     exact_eligible_below: int = 5_000
     rebuild_fraction: float = 0.25
@@ -89,6 +95,7 @@ class RetrievalSettings:
         need(self.overfetch >= 1, "overfetch", "a number >= 1")
         need(self.soar_lambda >= 0, "soar_lambda", "a number >= 0 (0: off)")
         need(0 < self.rebuild_fraction, "rebuild_fraction", "a positive fraction")
+        require_choice(self.reorder_dtype, "retrieval.reorder_dtype", REORDER_DTYPES)
 
     def leaves(self, num_ads: int) -> int:
         """Number of k-means leaves for a catalogue of `num_ads` (about sqrt(n) by default)."""

@@ -73,13 +73,18 @@ class ScorerSpec:
     ctr_weight: float = 1.0
     cvr_weight: float = 0.0
     top_n: int = 20
+    compute_dtype: str = "float32"  # the matmuls' inputs (accumulation is float32)
 
     @classmethod
     def from_model(cls, model_config: ModelConfig, settings: ServingSettings) -> ScorerSpec:
         return cls(fusion=model_config.fusion, fusion_hidden=tuple(model_config.fusion_hidden),
                    head=model_config.head, embed_dim=model_config.embed_dim, objective=settings.objective,
                    ctr_weight=float(settings.ctr_weight), cvr_weight=float(settings.cvr_weight),
-                   top_n=settings.top_n)
+                   top_n=settings.top_n, compute_dtype=settings.compute_dtype)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
 
     @property
     def has_cvr(self) -> bool:
@@ -118,29 +123,34 @@ def _first_layer(mlp_params: Params, spec: ScorerSpec, u_BxD: Array, c_BxD: Arra
                  ad_part_BxNxH: Array) -> Array:
     """The first fusion Dense's output [B, N, H], from the per-request, per-ad and cross parts."""
     parts = split_first_layer(mlp_params, spec.fusion, spec.embed_dim)
-    u, c, a = u_BxD, c_BxD, a_BxNxD
+    u, c, a = u_BxD, c_BxD, a_BxNxD.astype(spec.dtype)
+
+    def per_candidate(equation: str, x: Array, y: Array) -> Array:  # compute dtype in, float32 out
+        return jnp.einsum(equation, x, y.astype(spec.dtype), preferred_element_type=jnp.float32)
+
     # Per request: the user and context rows of the first layer, once.
     r_BxH = u @ parts["w_user"] + c @ parts["w_context"] + parts["bias"]
     x_BxNxH = ad_part_BxNxH + r_BxH[:, None, :]
     if spec.fusion == "dot":
         r_BxH_dot = jnp.sum(u * c, axis=-1, keepdims=True) * parts["w_uc"]
-        ua_BxN = jnp.einsum("bnd,bd->bn", a, u)
-        ca_BxN = jnp.einsum("bnd,bd->bn", a, c)
+        ua_BxN = per_candidate("bnd,bd->bn", a, u)
+        ca_BxN = per_candidate("bnd,bd->bn", a, c)
         x_BxNxH = (x_BxNxH + r_BxH_dot[:, None, :] + ua_BxN[..., None] * parts["w_ua"]
                    + ca_BxN[..., None] * parts["w_ca"])
     elif spec.fusion == "product":
         r_BxH_uc = (u * c) @ parts["w_uc"]
         m_BxDxH = u[:, :, None] * parts["w_ua"] + c[:, :, None] * parts["w_ca"]
-        x_BxNxH = x_BxNxH + r_BxH_uc[:, None, :] + jnp.einsum("bnd,bdh->bnh", a, m_BxDxH)
+        x_BxNxH = x_BxNxH + r_BxH_uc[:, None, :] + per_candidate("bnd,bdh->bnh", a, m_BxDxH)
     return x_BxNxH
 
 
 def _mlp_tail(mlp_params: Params, spec: ScorerSpec, x_MxH: Array) -> Array:
-    """First block's LayerNorm + ReLU, then the remaining blocks, exactly as `layers.MLP`."""
-    h = layers.layer_norm(dtype=jnp.float32).apply({"params": mlp_params["block_0"]["layer_norm"]}, x_MxH)
+    """First block's LayerNorm + ReLU, then the remaining blocks, exactly as `layers.MLP` with
+    the scorer's compute dtype."""
+    h = layers.layer_norm(dtype=spec.dtype).apply({"params": mlp_params["block_0"]["layer_norm"]}, x_MxH)
     h = nn.relu(h)
     for i, width in enumerate(spec.fusion_hidden[1:], start=1):
-        h = layers.Block(width, 0.0, jnp.float32).apply({"params": mlp_params[f"block_{i}"]}, h)
+        h = layers.Block(width, 0.0, spec.dtype).apply({"params": mlp_params[f"block_{i}"]}, h)
     return h
 
 
@@ -174,7 +184,7 @@ def score_candidates(params: Params, calibration: Calibrator | None, spec: Score
     if offsets_BxL is not None:  # one row per request, the same for each of its candidates
         k = offsets_BxL.shape[-1]
         offsets_BxL = jnp.broadcast_to(offsets_BxL.astype(jnp.float32)[:, None, :], (b, n, k)).reshape(b * n, k)
-    out = Heads(spec.head, jnp.float32).apply({"params": head_params}, fused, offsets_BxL)
+    out = Heads(spec.head, spec.dtype).apply({"params": head_params}, fused, offsets_BxL)  # float32 out
 
     keys = ("pctr", "pcvr", "pctcvr") if spec.has_cvr else ("pctr",)
     result = {k: out[k].reshape(b, n) for k in keys}

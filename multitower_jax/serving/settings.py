@@ -14,6 +14,7 @@ import ml_collections
 from multitower_jax.config_checks import ConfigError, is_number, is_positive_int, require, require_known
 
 OBJECTIVES = ("ecpm", "weighted")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -31,6 +32,10 @@ def defaults() -> ml_collections.ConfigDict:
     s.cache_size = 100_000  # at most this many cached users (least recently used leave first)
     s.max_batch_size = 16  # the micro-batcher groups at most this many concurrent requests ...
     s.max_wait_ms = 2.0  # ... and waits at most this long to fill it, only when others are queued
+    # The scorer's matmuls: "float32", or "bfloat16" inputs with float32 accumulation (layer norms,
+    # logits, calibration and eCPM stay float32): fewer bytes, and on CPUs with bf16 units (AMX,
+    # AVX512-BF16), TPUs and GPUs a faster matmul; pCTRs move by ~0.3 % relative.
+    s.compute_dtype = "float32"
     return s
 
 
@@ -50,6 +55,7 @@ class ServingSettings:
     cache_size: int = 100_000
     max_batch_size: int = 16
     max_wait_ms: float = 2.0
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, expected: str, value: Any) -> None:
@@ -66,6 +72,8 @@ class ServingSettings:
         for key in ("ctr_weight", "cvr_weight", "cache_ttl_s", "max_wait_ms"):
             v = getattr(self, key)
             need(is_number(v) and v >= 0, key, "a non-negative number", v)
+        need(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", " or ".join(map(repr, COMPUTE_DTYPES)),
+             self.compute_dtype)
         need(not (self.objective == "weighted" and self.ctr_weight == 0 and self.cvr_weight == 0), "ctr_weight",
              "a positive ctr_weight or cvr_weight for objective 'weighted'", 0)
 
