@@ -454,6 +454,20 @@ def test_anisotropic_threshold_off_is_nan_for_scann():
     assert ah_threshold(0.0) == ah_threshold(-1.0) == "nan"  # ScaNN's "off"
 
 
+def test_the_tree_is_spherical_only_for_unit_vectors():
+    """`retrieval.spherical`: a cosine index (the query rule L2-normalizes) trains spherical
+    k-means; a raw dot-product index, or spherical=False, keeps plain k-means."""
+    e, _ = _structured(500, 16, 1)
+
+    def partitioning(settings, unit_norm):
+        config = scann_builder(e, settings, 10, unit_norm).create_config()
+        return re.search(r"partitioning_type: (\S+)", config).group(1)
+
+    assert partitioning(RetrievalSettings(), True) == "SPHERICAL"
+    assert partitioning(RetrievalSettings(), False) == "GENERIC"
+    assert partitioning(RetrievalSettings(spherical=False), True) == "GENERIC"
+
+
 def test_recall_and_overlap_match_a_reference():
     rng = np.random.default_rng(3)
 

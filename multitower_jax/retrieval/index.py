@@ -253,9 +253,10 @@ def _top_k(scores_BxN: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(part, order, 1), np.take_along_axis(s, order, 1)
 
 
-def scann_builder(db_NxD: np.ndarray, s: RetrievalSettings, leaves: int):
-    """The ScaNN builder for `db_NxD` (dot product): a k-means tree of `leaves` leaves (with SOAR
-    spilling when `soar_lambda` > 0), asymmetric hashing, exact reordering.
+def scann_builder(db_NxD: np.ndarray, s: RetrievalSettings, leaves: int, unit_norm: bool = False):
+    """The ScaNN builder for `db_NxD` (dot product): a k-means tree of `leaves` leaves (spherical
+    when `s.spherical` and the rows are `unit_norm`; with SOAR spilling when `soar_lambda` > 0),
+    asymmetric hashing, exact reordering (over `reorder_dtype` copies of the vectors).
     `anisotropic_threshold <= 0` is ScaNN's "off", NaN (its default);
     0 itself would be passed through as a threshold."""
     import scann  # heavy; only when a tree is needed
@@ -268,7 +269,8 @@ def scann_builder(db_NxD: np.ndarray, s: RetrievalSettings, leaves: int):
     return (scann.scann_ops_pybind.builder(db_NxD, 10, "dot_product")
             .tree(num_leaves=leaves, num_leaves_to_search=s.search_leaves(leaves),
                   training_sample_size=min(n, s.training_sample_size),
-                  soar_lambda=float(s.soar_lambda) if s.soar_lambda > 0 else None)
+                  soar_lambda=float(s.soar_lambda) if s.soar_lambda > 0 else None,
+                  spherical=bool(s.spherical and unit_norm))
             .score_ah(s.dims_per_block, anisotropic_quantization_threshold=threshold)
             .reorder(s.reorder(10), quantize=quantize[s.reorder_dtype]))
 
@@ -297,7 +299,7 @@ class AdIndex:
         self.searcher, leaves = None, 0
         if n >= max(s.exact_below, 2):
             leaves = s.leaves(n)
-            self.searcher = scann_builder(self._search_vectors(np.arange(n)), s, leaves).build()
+            self.searcher = scann_builder(self._search_vectors(np.arange(n)), s, leaves, self.l2_normalize).build()
         self.manifest.update(mode="scann" if self.searcher else "exact", num_leaves=leaves, built_size=n,
                              mutations_since_build=0, build_seconds=round(time.perf_counter() - start, 3),
                              settings=dataclasses.asdict(s))

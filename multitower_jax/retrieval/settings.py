@@ -31,6 +31,9 @@ def default_config() -> ml_collections.ConfigDict:
     # lambda (ScaNN suggests 1.5), so fewer leaves reach a recall on data whose neighbours straddle
     # leaves; 0 turns it off. The index holds ~2x the assignments (memory, build time).
     r.soar_lambda = 0.0
+    # Spherical k-means for the tree (centroids kept on the unit sphere) when the index holds unit
+    # vectors (the query rule L2-normalizes); a raw dot-product index keeps plain k-means.
+    r.spherical = True
     r.reorder_multiplier = 5  # re-score reorder_multiplier * k candidates exactly before returning k
     r.min_reorder = 100
     # What the exact re-scoring reads: "float32" (the vectors themselves), "int8" (ScaNN's
@@ -60,6 +63,7 @@ class RetrievalSettings:
     dims_per_block: int = 2
     anisotropic_threshold: float = 0.2
     soar_lambda: float = 0.0
+    spherical: bool = True
     reorder_multiplier: int = 5
     min_reorder: int = 100
     reorder_dtype: str = "float32"
