@@ -20,6 +20,7 @@ from multitower_jax.inference import load_trained
 from multitower_jax.retrieval import export as export_lib
 from multitower_jax.retrieval import targeting as T
 from multitower_jax.retrieval import evaluate as evaluate_lib
+from multitower_jax.retrieval.commands import _workdir_config
 from multitower_jax.retrieval.index import (AdIndex, AdStore, IndexMismatchError, OutputExistsError, StaleIndexWarning,
                                             build_from_export, query_rule, scann_builder)
 from multitower_jax.retrieval.retriever import Eligibility, Retriever
@@ -452,6 +453,19 @@ def test_anisotropic_threshold_off_is_nan_for_scann():
 
     assert ah_threshold(0.2) == "0.2"
     assert ah_threshold(0.0) == ah_threshold(-1.0) == "nan"  # ScaNN's "off"
+
+
+def test_an_older_workdir_takes_overrides_of_newer_retrieval_keys(trained, tmp_path):
+    """A workdir whose config predates a retrieval key gets it at its default, so
+    `--config.retrieval.<key>=...` works on it (it was refused as an unknown key)."""
+    old = json.loads((trained.workdir / "config.json").read_text())
+    for key in ("spherical", "reorder_dtype"):
+        old["retrieval"].pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config = _workdir_config(tmp_path, ["--config.retrieval.spherical=False"])
+    settings = RetrievalSettings.from_config(config)
+    assert settings.spherical is False and settings.reorder_dtype == "float32"
+    assert settings.soar_lambda == old["retrieval"]["soar_lambda"]  # the workdir's own values stay
 
 
 def test_the_tree_is_spherical_only_for_unit_vectors():

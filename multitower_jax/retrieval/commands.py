@@ -121,11 +121,13 @@ def add_allow_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _workdir_config(workdir: str | Path, overrides) -> ml_collections.ConfigDict:
-    """The workdir's resolved config with `retrieval` defaults (older workdirs lack it), plus overrides."""
+    """The workdir's resolved config, its `retrieval` section completed with the defaults (older
+    workdirs lack the section or its newer keys, which then take overrides too), plus overrides."""
     config = config_lib.from_json(epath.Path(workdir) / "config.json")
-    if "retrieval" not in config:
-        with config.unlocked():
-            config.retrieval = settings_lib.default_config()
+    retrieval = settings_lib.default_config()
+    retrieval.update(config.get("retrieval") or {})
+    with config.unlocked():
+        config.retrieval = retrieval
     config = config_lib.apply_overrides(config, overrides)
     config_lib.validate(config)
     return config
