@@ -32,8 +32,8 @@ def defaults() -> ml_collections.ConfigDict:
     s.cache_size = 100_000  # at most this many cached users (least recently used leave first)
     s.max_batch_size = 16  # the micro-batcher groups at most this many concurrent requests ...
     s.max_wait_ms = 2.0  # ... and waits at most this long to fill it, only when others are queued
-    # The scorer's matmuls: "float32", or "bfloat16" inputs with float32 accumulation (layer norms,
-    # logits, calibration and eCPM stay float32): fewer bytes, and on CPUs with bf16 units (AMX,
+    # The scorer's matmuls: "float32", or "bfloat16" inputs with float32 accumulation (layer-norm
+    # statistics, logits, calibration and eCPM stay float32): fewer bytes, and on CPUs with bf16 units (AMX,
     # AVX512-BF16), TPUs and GPUs a faster matmul; pCTRs move by ~0.5 % relative (README).
     s.compute_dtype = "float32"
     return s
