@@ -86,9 +86,13 @@ def _wait(procs: list, timeout: float = 480) -> None:
                     p.kill()
                     p.wait()
     for p, log in procs:
-        lines = [line for line in log.read_text().splitlines() if not line.startswith(("W0000", "I0000"))]
-        tail = "\n".join(lines[-40:])
-        assert p.returncode == 0, f"process exited with {p.returncode}:\n{tail}"
+        assert p.returncode == 0, f"process exited with {p.returncode}:\n{_tail(log)}"
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    """The last lines of a process's log, without absl's start-up chatter."""
+    kept = [line for line in log.read_text().splitlines() if not line.startswith(("W0000", "I0000"))]
+    return "\n".join(kept[-lines:])
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +197,9 @@ def test_changed_num_shards_is_a_clear_error(experiment, runs, tmp_path):
 def _wait_until(procs: list, done, what: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not done():
-        assert time.monotonic() < deadline and all(p.poll() is None for p, _ in procs), \
-            f"the run ended or stalled before {what}"
+        if time.monotonic() > deadline or any(p.poll() is not None for p, _ in procs):
+            logs = "\n".join(f"--- process {i} (exit code {p.poll()}):\n{_tail(log)}" for i, (p, log) in enumerate(procs))
+            raise AssertionError(f"the run ended or stalled before {what}:\n{logs}")
         time.sleep(0.02)
 
 
