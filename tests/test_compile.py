@@ -203,6 +203,20 @@ def test_bytes_breakdown_counts_tile_padded_operands_and_results_by_phase_and_pa
     assert b["total"] == 3 * padded + 8 * plain + 2 * 16 * 48 * 2
 
 
+def test_bytes_breakdown_names_the_innermost_component_of_nested_model_methods():
+    """An op_name with one model method called inside another (the context tower inside the
+    wide part's method) is charged to the inner call's component, not to "MultiTowerModel"."""
+    nested = ("jit(_train_step)/jvp(MultiTowerModel)/MultiTowerModel.embed_context_wide/MultiTowerModel.embed_context/"
+              "context_towers_search/text_encoder/layer_0/mul")
+    hlo = "\n".join([
+        "ENTRY %main (param.1: f32[4,8]) -> f32[4,8] {",
+        "  %param.1 = f32[4,8]{1,0} parameter(0)",
+        f'  ROOT %negate.1 = f32[4,8]{{1,0}} negate(%param.1), metadata={{op_name="{nested}"}}',
+        "}",
+    ])
+    assert roofline.bytes_breakdown(hlo)["by_component"] == {"context_towers_search/text_encoder": 2 * 4 * 8 * 4}
+
+
 def test_rowwise_adagrad_on_8_devices_moves_only_the_batch_rows(tmp_path):
     """The trainer with `optim.large_table_optimizer = "rowwise_adagrad"` on 8 fake CPU devices:
     the large tables' accumulators ([rows]) are row-sharded with them, AdamW keeps no moments for

@@ -142,7 +142,10 @@ _HLO_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%(?P<name>\S+)\s+=\s+(?P<shape>.
                               r"(?P<rest>.*)$")
 _CALLED = re.compile(r"\b(?:calls|to_apply)=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_MODULE = re.compile(r"MultiTowerModel\.\w+/(\w+)(?:/(\w+))?")
+# A component: the two scopes after a model method's name. Nested method calls give several
+# ("MultiTowerModel.embed_context_wide/MultiTowerModel.embed_context/context_towers_search/..."):
+# the innermost names the component. A lookahead, so overlapping matches are all found.
+_MODULE = re.compile(r"(?=MultiTowerModel\.\w+/(\w+)(?:/(\w+))?)")
 # Instructions that move no data of their own (their operands' bytes are counted where produced
 # and consumed); the async "-done" halves are counted at their "-start".
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id",
@@ -187,7 +190,7 @@ def _part(op: str, op_name: str) -> tuple[str, str]:
         phase = "update"  # after the gradient: the optimizer, the metrics
     else:
         phase = "unattributed"
-    m = _MODULE.search(op_name)
+    m = next((m for m in reversed(list(_MODULE.finditer(op_name))) if m[1] != "MultiTowerModel"), None)
     if m:
         component = m[1] + (f"/{m[2]}" if m[2] else "")
     elif "jvp()" in op_name or "jvp(jit(" in op_name:
