@@ -120,14 +120,20 @@ def pod_config(*, chips: int, processes: int, model: int, rows_per_replica: int,
     config.features.ad.brand_id.size = buckets["brand_id"]
     config.features.context.search.city.size = buckets["city"]
     config.model.dtype = "bfloat16"  # bf16 compute; parameters and Adam moments stay float32
-    # Two attention heads of 64 instead of the seeds' eight of 16: on a TPU a head's minor
+    # One attention head of 128 instead of the seeds' eight of 16: on a TPU a head's minor
     # dimension is padded to the 128-lane tile and the [rows x heads x L x L] scores go through
-    # HBM, and the text encoders are ~80 % of the step's bytes. `multitower compile --config
-    # experiments/pod_v5p.py` (2026-12-03): estimated step 4.42 ms, MFU 11.5 %, peak HBM 0.90 GiB
-    # per chip, against 6.92 ms, 7.4 %, 1.27 GiB with eight heads (the README's compile of
-    # 2026-12-02). Quality, measured on the quickstart only (seed 0; its 64-wide encoder, so 2
-    # heads of 32 against 8 of 8): expected CTR / CTCVR AUC 0.7740 / 0.8355 against 0.7739 / 0.8366.
-    config.model.text.num_heads = 2
+    # HBM, and the text encoders are ~80 % of the step's bytes.
+    # * Eight heads -> two of 64 (2026-12-03, `multitower compile --config experiments/pod_v5p.py`):
+    #   estimated step 6.92 -> 4.42 ms, MFU 7.4 -> 11.5 %, peak HBM 1.27 -> 0.90 GiB per chip.
+    #   Quality (quickstart, seed 0, its 64-wide encoder: 2 heads of 32 against 8 of 8): expected
+    #   CTR / CTCVR AUC 0.7740 / 0.8355 against 0.7739 / 0.8366.
+    # * Two heads of 64 -> one of 128 (2026-12-04): the head fills the 128 lanes and there is one
+    #   score array, not two. On a 4-chip v5p proxy of pod_v5p (`--topology v5:2x2x1`, 1,024 rows
+    #   per chip, the large tables at 1/16 of their rows) the train step's bytes fall from 10.73 to
+    #   8.20 GB per chip, its estimated step from 3.88 to 2.97 ms (MFU 10.3 -> 13.4 %). Quality
+    #   (quickstart: 1 head of 64 against 2 of 32), 3 seeds: test CTR / CTCVR AUC 0.7750 / 0.8485
+    #   against 0.7751 / 0.8443, expected 0.7754 / 0.8375 against 0.7751 / 0.8368: within noise.
+    config.model.text.num_heads = 1
     # Table rows padded to a multiple of every model size and chip count used (1 ... 128).
     config.model.vocab_multiple = 128
     # Tables of 64 MiB and more (the advertiser and brand ids: 205 and 410 MB) are row-sharded
