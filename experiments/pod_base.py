@@ -122,7 +122,7 @@ def pod_config(*, chips: int, processes: int, model: int, rows_per_replica: int,
     config.model.dtype = "bfloat16"  # bf16 compute; parameters and Adam moments stay float32
     # One attention head of 128 instead of the seeds' eight of 16: on a TPU a head's minor
     # dimension is padded to the 128-lane tile and the [rows x heads x L x L] scores go through
-    # HBM, and the text encoders are ~80 % of the step's bytes.
+    # HBM; the text encoders were ~80 % of the step's bytes with eight heads (two thirds with one).
     # * Eight heads -> two of 64 (2026-12-03, `multitower compile --config experiments/pod_v5p.py`):
     #   estimated step 6.92 -> 4.42 ms, MFU 7.4 -> 11.5 %, peak HBM 1.27 -> 0.90 GiB per chip.
     #   Quality (quickstart, seed 0, its 64-wide encoder: 2 heads of 32 against 8 of 8): expected
