@@ -98,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.text.mlp_dim = 512
     config.model.text.positional = "sinusoidal"  # or "learned"
     config.model.text.pooling = "mean"  # or "cls" (a [CLS] token is prepended)
+    # "pallas": each layer is one fused Pallas kernel on TPUs (models/fused_encoder.py; needs
+    # norm "pre" and dropout 0); "xla" everywhere else.
+    config.model.text.kernel = "xla"
     config.model.text.norm = "pre"  # LayerNorm before ("pre") or after ("post") each sublayer
     config.model.text.dropout = 0.1
     # "lsa": the token table starts from LSA of the train split's texts (train/text_init.py), or "random"

@@ -44,6 +44,10 @@ WIDE_INITS = ("zeros", "logistic")
 # per logit, CTR then CVR, ("mean", "sum") (a CTR-only head reads the first).
 WIDE_POOLINGS = ("mean", "sum")
 TEXT_INITS = ("random", "lsa")  # the token table: random, or the LSA warm start (`train.text_init`)
+# How an encoder layer runs (`models.text_encoder`): XLA's ops, or one Pallas kernel per layer on
+# TPUs (`models.fused_encoder`; XLA's ops on other devices), or that kernel in Pallas' interpreter
+# on any device (slow: for tests).
+TEXT_KERNELS = ("xla", "pallas", "pallas_interpret")
 RETRIEVAL_POSITIVES = ("clicks", "impressions")  # the retrieval softmax's rows (`train.losses`)
 # Embedding tables of at least `optim.large_table_bytes` may take row-wise Adagrad (`train.optim`).
 LARGE_TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad")
@@ -108,6 +112,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require_choice(t.get("norm"), "model.text.norm", ("pre", "post"))
     require_fraction(t.get("dropout"), "model.text.dropout")
     require_choice(t.get("init", "random"), "model.text.init", TEXT_INITS)
+    require_choice(t.get("kernel", "xla"), "model.text.kernel", TEXT_KERNELS)
+    if t.get("kernel", "xla") != "xla":
+        require(t.norm == "pre", "model.text.norm", f"'pre' with model.text.kernel={t.kernel!r}", t.norm)
+        require(t.dropout == 0.0, "model.text.dropout", f"0.0 with model.text.kernel={t.kernel!r} "
+                "(the fused layer has no dropout)", t.dropout)
 
     loss = config.loss
     for key in ("alpha", "beta", "ctr_weight", "cvr_weight"):

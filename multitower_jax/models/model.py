@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from multitower_jax import features as F
 from multitower_jax.model_settings import num_logits, str_or_tuple, validate_config
@@ -50,6 +51,7 @@ class TextSettings:
     pooling: str = "mean"
     norm: str = "pre"
     dropout: float = 0.1
+    kernel: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,7 @@ class ModelConfig:
             fusion_dropout=float(m.fusion_dropout),
             head=str(m.head),
             share_text_encoder=bool(m.share_text_encoder),
-            text=TextSettings(**{k: m.text[k] for k in dataclasses.asdict(TextSettings())}),
+            text=TextSettings(**{k: m.text.get(k, v) for k, v in dataclasses.asdict(TextSettings()).items()}),
             dtype=str(m.dtype),
             vocab_multiple=int(m.get("vocab_multiple", 1)),
             embed_init=str(m.get("embed_init", "normal")),
@@ -103,7 +105,7 @@ class ModelConfig:
 
 
 def _text_config(settings: TextSettings, specs: list[F.TowerSpec], dtype: Any,
-                 vocab_multiple: int = 1, embed_init: str = "normal") -> TextEncoderConfig:
+                 vocab_multiple: int = 1, embed_init: str = "normal", mesh: Mesh | None = None) -> TextEncoderConfig:
     """One encoder for the given towers: vocabulary and positions cover all of them."""
     return TextEncoderConfig(
         vocab_size=layers.padded_rows(max(towers_lib.text_vocab_size(s) for s in specs), vocab_multiple),
@@ -118,6 +120,8 @@ def _text_config(settings: TextSettings, specs: list[F.TowerSpec], dtype: Any,
         dropout_rate=settings.dropout,
         dtype=dtype,
         embed_init=embed_init,
+        kernel=settings.kernel,
+        mesh=mesh,
     )
 
 
@@ -128,6 +132,8 @@ class MultiTowerModel(nn.Module):
     user_spec: F.TowerSpec
     ad_spec: F.TowerSpec
     context_specs: tuple[tuple[str, F.TowerSpec], ...]  # (placement, spec), hashable
+    # The devices the batch is sharded over: the fused text-encoder kernel runs per shard.
+    mesh: Mesh | None = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -143,12 +149,12 @@ class MultiTowerModel(nn.Module):
         if cfg.share_text_encoder and with_text:
             # One encoder (and one token table) for query and ad text: queries and titles
             # land in one space, which is what the context.ad dot product compares.
-            shared = TextEncoder(_text_config(cfg.text, with_text, dtype, cfg.vocab_multiple, cfg.embed_init))
+            shared = TextEncoder(_text_config(cfg.text, with_text, dtype, cfg.vocab_multiple, cfg.embed_init, self.mesh))
         self.text_encoder = shared
 
         def tower(spec: F.TowerSpec, hidden: tuple[int, ...], dropout: float) -> towers_lib.Tower:
             own = (None if shared is not None or not spec.of_type("text")
-                   else _text_config(cfg.text, [spec], dtype, cfg.vocab_multiple, cfg.embed_init))
+                   else _text_config(cfg.text, [spec], dtype, cfg.vocab_multiple, cfg.embed_init, self.mesh))
             return towers_lib.Tower(spec, hidden + (cfg.embed_dim,), dropout, shared, own, dtype, cfg.vocab_multiple,
                                     cfg.embed_init, cfg.tower_output == "relu")
 
@@ -245,8 +251,9 @@ def init_params(model: MultiTowerModel, rng: Array, batch_size: int = 1) -> dict
     return model.init({"params": rng}, batches, method=MultiTowerModel.init_all)
 
 
-def build_model(config: ml_collections.ConfigDict, spec: F.FeatureSpec) -> MultiTowerModel:
-    """The model for ``config.model`` and ``config.data.placements`` over `spec`."""
+def build_model(config: ml_collections.ConfigDict, spec: F.FeatureSpec, mesh: Mesh | None = None) -> MultiTowerModel:
+    """The model for ``config.model`` and ``config.data.placements`` over `spec`; `mesh`, the
+    devices its batches are sharded over (the fused text-encoder kernel runs per shard)."""
     validate_config(config)
     model_cfg = ModelConfig.from_config(config)
     return MultiTowerModel(
@@ -254,6 +261,7 @@ def build_model(config: ml_collections.ConfigDict, spec: F.FeatureSpec) -> Multi
         user_spec=spec.user,
         ad_spec=spec.ad,
         context_specs=tuple((p, spec.context(p)) for p in model_cfg.placements),
+        mesh=mesh,
     )
 
 

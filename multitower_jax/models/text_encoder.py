@@ -6,6 +6,9 @@ token embeddings + positional embeddings (sinusoidal or learned) -> N encoder la
 Token id 0 is padding and id 1 is [CLS] (the tokenizer reserves both). Padding is masked
 everywhere: as attention keys and in the pooling, so neither the number of pad positions nor
 what sits under the mask changes the output.
+
+With ``kernel="pallas"`` each layer runs as one Pallas kernel (`fused_encoder`) on TPUs, with
+the same parameters and the same math; elsewhere, and with ``"xla"``, as XLA's ops.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multitower_jax.models import layers
+from jax.sharding import Mesh
+
+from multitower_jax.models import fused_encoder, layers
+from multitower_jax.train.sharding import BATCH_AXES
 
 Array = jax.Array
 Dtype = Any
@@ -41,6 +47,18 @@ class TextEncoderConfig:
     dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32
     embed_init: str = "normal"  # the token table's (`model_settings.EMBED_INITS`)
+    kernel: str = "xla"  # `model_settings.TEXT_KERNELS`
+    mesh: Mesh | None = None  # the devices the batch is sharded over (the fused kernel runs per shard)
+
+    def fused(self) -> bool:
+        """Whether the layers run as the fused Pallas kernel: "pallas" on TPU devices (the mesh's,
+        else the default backend's), "pallas_interpret" anywhere."""
+        if self.kernel == "pallas_interpret":
+            return True
+        if self.kernel != "pallas":
+            return False
+        platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
+        return platform == "tpu"
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
@@ -74,6 +92,8 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: Array, key_mask_BxL: Array, train: bool) -> Array:
         cfg = self.config
+        if cfg.fused() and not self.is_initializing():
+            return self._fused(x_BxLxD, key_mask_BxL, train)
         # Only keys are masked: a pad query row produces garbage nobody reads (pads are never
         # attended to and never pooled), and masking it too would make its softmax all-masked.
         mask_Bx1x1xL = key_mask_BxL[:, None, None, :]
@@ -110,6 +130,17 @@ class EncoderLayer(nn.Module):
             x_BxLxD = ln_attn(x_BxLxD + dropout(attention(x_BxLxD, x_BxLxD, mask=mask_Bx1x1xL)))
             x_BxLxD = ln_mlp(x_BxLxD + dropout(mlp(x_BxLxD)))
         return x_BxLxD
+
+    def _fused(self, x_BxLxD: Array, key_mask_BxL: Array, train: bool) -> Array:
+        """The layer as `fused_encoder`'s kernel, on the parameters the XLA path created."""
+        cfg = self.config
+        if cfg.norm != "pre" or (train and cfg.dropout_rate > 0):
+            raise ValueError(f"the fused encoder layer needs norm 'pre' and no dropout, got norm {cfg.norm!r} "
+                             f"and dropout {cfg.dropout_rate}")
+        params = fused_encoder.flatten_params(nn.meta.unbox(self.variables["params"]), cfg.dim)
+        interpret = cfg.kernel == "pallas_interpret"
+        return fused_encoder.encoder_layer(x_BxLxD, key_mask_BxL, params, cfg.num_heads, cfg.dtype, cfg.mesh,
+                                           BATCH_AXES if cfg.mesh is not None else (), interpret)
 
 
 class TextEncoder(nn.Module):

@@ -49,11 +49,11 @@ class Trainer:
         # export and the flat keys of the evaluation reports are about it.
         self.placements = tuple(config.data.placements)
         self.placement = self.placements[0]
-        self.model = model_lib.build_model(config, self.spec)
         self.tx = optim.make_optimizer(config)
         self.ema_decay = float(config.optim.get("ema_decay", 0.0))
         self.loss_config = losses.LossConfig.from_config(config)
         self.mesh = sharding.make_mesh(config, devices)
+        self.model = model_lib.build_model(config, self.spec, self.mesh)
         self.rules = sharding.logical_rules(config)
         self.stats = None if workdir is None else pipeline.load_or_compute_stats(config, self.spec, self.workdir)
 
