@@ -5,10 +5,15 @@ their rows per chip, an over-large config fails with a clear out-of-memory error
 import importlib.util
 import json
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from multitower_jax import cli
+from multitower_jax.models import fused_encoder
+from multitower_jax.models.text_encoder import EncoderLayer, TextEncoderConfig
 from multitower_jax.train import aot, roofline
 from tests.conftest import QUICKSTART, TINY_MODEL, tiny_config
 
@@ -268,3 +273,37 @@ def test_compile_table_rows_from_json_reports(tmp_path):
     assert lines[0].startswith("| config | topology (chips) |") and len(lines) == 3
     assert lines[2] == ("| pod_v5e | `v5e:4x4` (16) | 16 x 1 | 1.50 GiB of 16 (9 %) | 234.5 GFLOP | 96.5 MB | "
                         "23.45 ms | 43,667 | 5.1 % | hbm |")
+
+
+def test_the_fused_encoder_layer_compiles_for_a_tpu_and_moves_a_fraction_of_xla_bytes(v5e_2x2):
+    """One encoder layer's gradient on one v5e chip: Mosaic compiles the kernels, the cost is the
+    kernels' (model FLOPs; HBM bytes = their inputs and outputs), a fraction of XLA's layer's."""
+    rows, length, dim, mlp = 256, 48, 128, 512
+    cfg = TextEncoderConfig(vocab_size=8, max_len=length, dim=dim, num_heads=1, mlp_dim=mlp, dropout_rate=0.0,
+                            dtype=jnp.bfloat16)
+    one = jax.sharding.SingleDeviceSharding(v5e_2x2[0])
+    x = jax.ShapeDtypeStruct((rows, length, dim), jnp.bfloat16, sharding=one)
+    mask = jax.ShapeDtypeStruct((rows, length), jnp.bool_, sharding=one)
+    layer = EncoderLayer(cfg)
+    params = jax.eval_shape(lambda: nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype),
+                                                              jnp.ones(mask.shape, bool), False)["params"]))
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=one), params)
+
+    def xla_loss(x, m, p):
+        return jnp.sum(layer.apply({"params": p}, x, m, False).astype(jnp.float32))
+
+    def fused_loss(x, m, p):
+        y = fused_encoder.encoder_layer(x, m, fused_encoder.flatten_params(p, dim), 1, jnp.bfloat16, interpret=False)
+        return jnp.sum(y.astype(jnp.float32))
+
+    costs = {}
+    for name, loss in (("xla", xla_loss), ("fused", fused_loss)):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(x, mask, params).compile()
+        costs[name] = aot.cost(compiled)
+        if name == "fused":
+            assert "tpu_custom_call" in compiled.as_text()
+    flops, _ = fused_encoder.layer_cost(rows, length, dim, mlp)
+    # A sum's gradient needs no forward output: only the backward kernel runs, twice the forward's
+    # model FLOPs (the forward it recomputes in VMEM is not counted).
+    assert costs["fused"]["flops"] == pytest.approx(2 * flops, rel=0.02)
+    assert costs["fused"]["bytes_accessed"] < costs["xla"]["bytes_accessed"] / 5
