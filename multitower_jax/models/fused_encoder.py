@@ -47,6 +47,10 @@ PARAM_PATHS = {
 }
 LN_EPSILON = 1e-6  # flax.linen.LayerNorm's default
 ROWS_PER_BLOCK = 8  # texts per grid step: 8 x L tokens (384 for L = 48) through the layer in VMEM
+# Mosaic's default scoped-VMEM limit (16 MiB) holds the backward of a 128-wide layer at L = 48
+# with one or two heads, not with eight heads of 16 (18.8 MiB). Raised: eight heads compile for
+# v5e, v5p and v6e (a v4 core's 16 MiB of VMEM still holds one head, not eight).
+VMEM_LIMIT_BYTES = 48 << 20
 
 
 def flatten_params(layer_params: Mapping[str, Any], dim: int) -> dict[str, Array]:
@@ -196,7 +200,7 @@ def _backward_call(x_BxLxD: Array, mask_BxL: Array, params: dict[str, Array], dy
 
 
 def _compiler_params(semantics: tuple[str, ...]) -> Any:
-    return pltpu.CompilerParams(dimension_semantics=semantics)
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
