@@ -92,7 +92,10 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: Array, key_mask_BxL: Array, train: bool) -> Array:
         cfg = self.config
-        if cfg.fused() and not self.is_initializing():
+        # The kernel runs per shard of the mesh's batch axes: a batch that does not split evenly
+        # over them (e.g. a catalogue's last chunk) takes XLA's ops, the same math.
+        splits = cfg.mesh is None or x_BxLxD.shape[0] % cfg.mesh.size == 0
+        if cfg.fused() and splits and not self.is_initializing():
             return self._fused(x_BxLxD, key_mask_BxL, train)
         # Only keys are masked: a pad query row produces garbage nobody reads (pads are never
         # attended to and never pooled), and masking it too would make its softmax all-masked.
