@@ -119,6 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.cvr_weight = 0.3
     config.loss.retrieval_positives = "clicks"  # or "impressions": every shown ad is its row's positive
     config.loss.wide_cvr_weight = 0.0  # model.wide: BCE(the wide CVR logit, conversion | click)
+    # "pallas": the in-batch softmax by Pallas kernels on TPUs, its logits never written to HBM
+    # (train/fused_softmax.py); "xla" everywhere else.
+    config.loss.retrieval_kernel = "xla"
 
     # AdamW, linear warm-up init_lr -> peak_lr, then cosine decay to end_lr over decay_steps.
     config.optim = ml_collections.ConfigDict()

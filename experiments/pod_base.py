@@ -143,6 +143,9 @@ def pod_config(*, chips: int, processes: int, model: int, rows_per_replica: int,
     # MFU 13.6 -> 31.1 % (the kernel's FLOPs and bytes are its declared cost estimate).
     config.model.text.kernel = "pallas"
     config.model.text.dropout = 0.0
+    # The in-batch softmax by Pallas kernels (train/fused_softmax.py): a block of rows against a
+    # block of ads in VMEM, the 1,024 x global-batch logits per chip never written to HBM.
+    config.loss.retrieval_kernel = "pallas"
     # Table rows padded to a multiple of every model size and chip count used (1 ... 128).
     config.model.vocab_multiple = 128
     # Tables of 64 MiB and more (the advertiser and brand ids: 205 and 410 MB) are row-sharded

@@ -44,10 +44,10 @@ WIDE_INITS = ("zeros", "logistic")
 # per logit, CTR then CVR, ("mean", "sum") (a CTR-only head reads the first).
 WIDE_POOLINGS = ("mean", "sum")
 TEXT_INITS = ("random", "lsa")  # the token table: random, or the LSA warm start (`train.text_init`)
-# How an encoder layer runs (`models.text_encoder`): XLA's ops, or one Pallas kernel per layer on
-# TPUs (`models.fused_encoder`; XLA's ops on other devices), or that kernel in Pallas' interpreter
-# on any device (slow: for tests).
-TEXT_KERNELS = ("xla", "pallas", "pallas_interpret")
+# How a text-encoder layer (`model.text.kernel`, `models.fused_encoder`) and the in-batch softmax
+# (`loss.retrieval_kernel`, `train.fused_softmax`) run: XLA's ops, or Pallas kernels on TPUs
+# (XLA's ops on other devices), or those kernels in Pallas' interpreter anywhere (slow: for tests).
+KERNELS = ("xla", "pallas", "pallas_interpret")
 RETRIEVAL_POSITIVES = ("clicks", "impressions")  # the retrieval softmax's rows (`train.losses`)
 # Embedding tables of at least `optim.large_table_bytes` may take row-wise Adagrad (`train.optim`).
 LARGE_TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad")
@@ -112,7 +112,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require_choice(t.get("norm"), "model.text.norm", ("pre", "post"))
     require_fraction(t.get("dropout"), "model.text.dropout")
     require_choice(t.get("init", "random"), "model.text.init", TEXT_INITS)
-    require_choice(t.get("kernel", "xla"), "model.text.kernel", TEXT_KERNELS)
+    require_choice(t.get("kernel", "xla"), "model.text.kernel", KERNELS)
     if t.get("kernel", "xla") != "xla":
         require(t.norm == "pre", "model.text.norm", f"'pre' with model.text.kernel={t.kernel!r}", t.norm)
         require(t.dropout == 0.0, "model.text.dropout", f"0.0 with model.text.kernel={t.kernel!r} "
@@ -127,6 +127,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "0 unless model.wide=True (it fits the wide part's CVR logit)", loss.wide_cvr_weight)
     require_number(loss.get("temperature"), "loss.temperature")
     require_choice(loss.get("retrieval_positives", "clicks"), "loss.retrieval_positives", RETRIEVAL_POSITIVES)
+    require_choice(loss.get("retrieval_kernel", "xla"), "loss.retrieval_kernel", KERNELS)
     for key in ("logq_correction", "l2_normalize"):
         require_bool(loss.get(key), f"loss.{key}")
 

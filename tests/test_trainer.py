@@ -39,19 +39,22 @@ def test_sharded_step_equals_single_device_step(synthetic_dir, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
-def test_sharded_step_with_the_fused_encoder_kernel_equals_the_single_device_xla_step(synthetic_dir, tmp_path):
-    """The text encoder as the Pallas kernel (in the interpreter here), per shard of 8 devices,
-    inside the real train step and evaluation: the XLA encoder's loss, updated parameters and
-    predictions on one device."""
+def test_sharded_step_with_the_pallas_kernels_equals_the_single_device_xla_step(synthetic_dir, tmp_path):
+    """The text encoder and the in-batch softmax as Pallas kernels (in the interpreter here), per
+    shard of 8 devices, inside the real train step and evaluation: the XLA model's loss, updated
+    parameters and predictions on one device."""
     common = ["--config.model.text.dropout=0.0"]
     config = synthetic_config(synthetic_dir, *common)
-    fused_config = synthetic_config(synthetic_dir, *common, "--config.model.text.kernel=pallas_interpret")
+    fused_config = synthetic_config(synthetic_dir, *common, "--config.model.text.kernel=pallas_interpret",
+                                    "--config.loss.retrieval_kernel=pallas_interpret")
     single = trainer_lib.Trainer(config, tmp_path, devices=jax.devices()[:1])
     fused = trainer_lib.Trainer(fused_config, tmp_path, devices=jax.devices())
     batch = next(iter(single.dataset("train", train=True)))
     s1, m1 = single.train_step(single.init_state(), sharding.shard_batch(batch, single.mesh))
     s8, m8 = fused.train_step(fused.init_state(), sharding.shard_batch(batch, fused.mesh))
-    np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"]), rtol=1e-5)
+    assert float(m1["retrieval_loss"]) > 0
+    for key in ("loss", "retrieval_loss"):
+        np.testing.assert_allclose(float(m1[key]), float(m8[key]), rtol=1e-5, err_msg=key)
     for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     p1 = single.predict(single.model_params(s1), sharding.shard_batch(batch, single.mesh))

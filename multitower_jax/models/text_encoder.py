@@ -23,6 +23,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
+from multitower_jax import kernels
 from multitower_jax.models import fused_encoder, layers
 from multitower_jax.train.sharding import BATCH_AXES
 
@@ -51,14 +52,8 @@ class TextEncoderConfig:
     mesh: Mesh | None = None  # the devices the batch is sharded over (the fused kernel runs per shard)
 
     def fused(self) -> bool:
-        """Whether the layers run as the fused Pallas kernel: "pallas" on TPU devices (the mesh's,
-        else the default backend's), "pallas_interpret" anywhere."""
-        if self.kernel == "pallas_interpret":
-            return True
-        if self.kernel != "pallas":
-            return False
-        platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
-        return platform == "tpu"
+        """Whether the layers run as the fused Pallas kernel (`kernels.runs_fused`)."""
+        return kernels.runs_fused(self.kernel, self.mesh)
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:

@@ -11,6 +11,7 @@ All losses take logits, never probabilities, so they stay finite at any logit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,9 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from multitower_jax import kernels
 from multitower_jax.model_settings import RETRIEVAL_POSITIVES
+from multitower_jax.train import fused_softmax
 
 Array = jax.Array
 
@@ -41,6 +44,8 @@ class LossConfig:
     cvr_weight: float = 0.3
     retrieval_positives: str = "clicks"  # "clicks" | "impressions": the rows whose ad is a positive
     wide_cvr_weight: float = 0.0  # BCE(the wide part's CVR logit, conversion) on clicked rows (CVR heads)
+    retrieval_kernel: str = "xla"  # `model_settings.KERNELS`: "pallas" never writes the logits (TPUs)
+    compute_dtype: str = "float32"  # `model.dtype`: the fused softmax's matmuls and ads all-gather
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossConfig:
@@ -57,6 +62,8 @@ class LossConfig:
             cvr_weight=float(loss.cvr_weight),
             retrieval_positives=str(loss.get("retrieval_positives", "clicks")),
             wide_cvr_weight=float(loss.get("wide_cvr_weight", 0.0)),
+            retrieval_kernel=str(loss.get("retrieval_kernel", "xla")),
+            compute_dtype=str(config.model.get("dtype", "float32")),
         )
 
 
@@ -187,20 +194,61 @@ def retrieval_logits(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, a
     return jnp.where(duplicate_BxG, _MASKED_LOGIT, logits_BxG)
 
 
+def _fused_nll(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, ad_id_B: Array, ad_log_q_B: Array | None,
+               temperature: float, logq_correction: bool, l2_normalize: bool, mesh: Mesh | None,
+               data_axis: str | tuple[str, ...], interpret: bool, matmul_dtype: Any) -> Array:
+    """`retrieval_loss`'s per-row nll by `fused_softmax` (the logits never written); with a mesh,
+    per shard of the rows, the ads all-gathered inside (their gradient reduce-scattered back)."""
+    q_BxD = (e_user_BxD + e_context_BxD).astype(jnp.float32)
+    ads_BxD = e_ad_BxD.astype(jnp.float32)
+    if l2_normalize:
+        q_BxD, ads_BxD = _l2_normalize(q_BxD), _l2_normalize(ads_BxD)
+    # The matmuls (and the ads' all-gather, and their gradient's reduce-scatter) take the model's
+    # compute dtype: bf16 on the TPU pods, as XLA's own f32 matmuls there; float32 accumulation.
+    q_BxD, ads_BxD = q_BxD.astype(matmul_dtype), ads_BxD.astype(matmul_dtype)
+    if logq_correction and ad_log_q_B is None:
+        raise ValueError("logq_correction needs batch['ad_log_q']")
+    log_q_B = jnp.asarray(ad_log_q_B, jnp.float32) if logq_correction else jnp.zeros(q_BxD.shape[:1], jnp.float32)
+    ad_id_B = jnp.asarray(ad_id_B).astype(jnp.int32)
+
+    def local(q_bxD, ads_bxD, log_q_b, ad_id_b):
+        first_row = 0
+        if mesh is not None:
+            gather = functools.partial(jax.lax.all_gather, axis_name=data_axis, tiled=True)
+            ads_bxD, log_q_b, all_ad_id = gather(ads_bxD), gather(log_q_b), gather(ad_id_b)
+            first_row = jax.lax.axis_index(data_axis) * q_bxD.shape[0]
+        else:
+            all_ad_id = ad_id_b
+        rows = first_row + jnp.arange(q_bxD.shape[0], dtype=jnp.int32)
+        return fused_softmax.in_batch_nll(q_bxD, ads_bxD, log_q_b, rows, ad_id_b, all_ad_id, temperature, interpret)
+
+    if mesh is None:
+        return local(q_BxD, ads_BxD, log_q_B, ad_id_B)
+    rows = P(data_axis)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows,
+                         check_vma=False)(q_BxD, ads_BxD, log_q_B, ad_id_B)
+
+
 def retrieval_loss(e_user_BxD: Array, e_context_BxD: Array, e_ad_BxD: Array, batch: Mapping[str, Any],
                    temperature: float, logq_correction: bool = True, l2_normalize: bool = True,
                    mesh: Mesh | None = None, data_axis: str | tuple[str, ...] = "data",
-                   positives: str = "clicks") -> Array:
+                   positives: str = "clicks", kernel: str = "xla", matmul_dtype: Any = jnp.float32) -> Array:
     """In-batch sampled softmax (seeds, eq. 5.2), importance-weighted, over the clicked impressions
     (`positives="clicks"`) or over every impression (the ad server's choice as the positive: it
-    teaches query-ad relevance from every row, not only from the few clicked ones)."""
-    logits_BxG = retrieval_logits(e_user_BxD, e_context_BxD, e_ad_BxD, batch["ad_id"], batch.get("ad_log_q"),
-                                  temperature, logq_correction, l2_normalize, mesh, data_axis)
-    size = logits_BxG.shape[0]
-    row_B = _constrain(jnp.arange(size), mesh, P(data_axis))
-    col_G = _constrain(jnp.arange(size), mesh, P())
-    positive_B = jnp.sum(jnp.where(row_B[:, None] == col_G[None, :], logits_BxG, 0.0), axis=1)
-    nll_B = jax.nn.logsumexp(logits_BxG, axis=1) - positive_B
+    teaches query-ad relevance from every row, not only from the few clicked ones). `kernel`
+    ("pallas", `kernels.runs_fused`): the per-row losses by `fused_softmax`, same math, its
+    matmuls in `matmul_dtype`."""
+    if kernels.runs_fused(kernel, mesh):
+        nll_B = _fused_nll(e_user_BxD, e_context_BxD, e_ad_BxD, batch["ad_id"], batch.get("ad_log_q"), temperature,
+                           logq_correction, l2_normalize, mesh, data_axis, kernel == "pallas_interpret", matmul_dtype)
+    else:
+        logits_BxG = retrieval_logits(e_user_BxD, e_context_BxD, e_ad_BxD, batch["ad_id"], batch.get("ad_log_q"),
+                                      temperature, logq_correction, l2_normalize, mesh, data_axis)
+        size = logits_BxG.shape[0]
+        row_B = _constrain(jnp.arange(size), mesh, P(data_axis))
+        col_G = _constrain(jnp.arange(size), mesh, P())
+        positive_B = jnp.sum(jnp.where(row_B[:, None] == col_G[None, :], logits_BxG, 0.0), axis=1)
+        nll_B = jax.nn.logsumexp(logits_BxG, axis=1) - positive_B
     weights_B = jnp.asarray(batch["weight"], jnp.float32)
     if positives == "clicks":
         weights_B = jnp.asarray(batch["click"], jnp.float32) * weights_B
@@ -219,7 +267,7 @@ def total_loss(outputs: Mapping[str, Array], batch: Mapping[str, Any], config: L
     if config.beta > 0:
         retrieval = retrieval_loss(outputs["e_user"], outputs["e_context"], outputs["e_ad"], batch,
                                    config.temperature, config.logq_correction, config.l2_normalize, mesh, data_axis,
-                                   config.retrieval_positives)
+                                   config.retrieval_positives, config.retrieval_kernel, jnp.dtype(config.compute_dtype))
         total = total + config.beta * retrieval
         metrics["retrieval_loss"] = retrieval
     metrics["loss"] = total
