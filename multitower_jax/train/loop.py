@@ -32,7 +32,7 @@ from multitower_jax import fileio, run_identity
 from multitower_jax import workdir as workdir_lib
 from multitower_jax.data import builders
 from multitower_jax.data.generate import generate
-from multitower_jax.train import sharding
+from multitower_jax.train import multiprocess, sharding
 from multitower_jax.train.checkpoint_fallback import CheckpointError, CorruptCheckpointWarning
 from multitower_jax.train.metrics_log import JsonLines
 from multitower_jax.train.trainer import Trainer, early_stopping_metric
@@ -56,23 +56,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-# How long a process waits at the barrier for the others to finish compiling the train step.
-COMPILE_BARRIER_SECONDS = 3600
-
-
-def _compiled_together(jitted, *args):
-    """``jitted`` compiled for ``args``, returned once every process has compiled it.
-
-    A program's first collective sets up its communicator, and on CPU gloo gives up when the
-    processes arrive more than 30 s apart (``Gloo context initialization failed: DEADLINE_EXCEEDED:
-    GetKeyValue() timed out``): on a loaded machine one process's compile can take that much
-    longer than another's. So every process compiles first and meets the others at a barrier of
-    the coordination service (which waits up to COMPILE_BARRIER_SECONDS), then runs."""
-    compiled = jitted.lower(*args).compile()
-    ocp.multihost.get_barrier_sync_fn()(key="multitower_train_step_compiled", timeout_ms=COMPILE_BARRIER_SECONDS * 1000)
-    return compiled
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -170,7 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     with _StopFlag() as stop:
         while step < int(t.num_steps) and not stopping:
             batches = {p: sharding.shard_batch(next(it), trainer.mesh) for p, it in iterators.items()}
-            train_step = train_step or _compiled_together(trainer.train_step, state, batches)
+            train_step = train_step or multiprocess.compiled_together(trainer.train_step, state, batches)
             state, metrics = train_step(state, batches)
             step += 1
             if pending is not None and (pending[0] % int(t.log_every) == 0):
