@@ -21,7 +21,7 @@ v5e capacity):
     tpu_scripts/delete.sh --fetch-logs runs/pod_v5e_logs --type v5litepod-16
 
 Expected runtime (an estimate, not measured: no TPU was at hand): the compiled step is estimated
-at ~4 ms (`multitower compile`, a roofline lower bound, 2026-12-04), ~10 s for 2,442 steps; the input feeds
+at ~3.8 ms (`multitower compile`, a roofline lower bound, 2026-12-04), ~10 s for 2,442 steps; the input feeds
 ~360k examples/s if each of the 4 processes reaches the ~90k examples/s that `multitower bench
 input` measured with the quickstart's settings on a 2-core CPU VM, about 2 minutes for the 40M
 examples, plus the feature statistics pass and eight validation passes. Before that, data.sh

@@ -21,7 +21,7 @@ v5p capacity):
     tpu_scripts/delete.sh --fetch-logs runs/pod_v5p_logs --type v5p-128
 
 Expected runtime (an estimate, not measured: no TPU was at hand): the compiled step is estimated
-at ~1.5 ms (`multitower compile`, a roofline lower bound, 2026-12-04), so 611 steps are about a
+at ~1.1 ms (`multitower compile`, a roofline lower bound, 2026-12-04), so 611 steps are about a
 second of TPU time; the
 input feeds ~1.4M examples/s if each of the 16 processes reaches the ~90k examples/s that
 `multitower bench input` measured with the quickstart's settings on a 2-core CPU VM (the pod hosts

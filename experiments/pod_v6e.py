@@ -21,7 +21,7 @@ v6e capacity):
     tpu_scripts/delete.sh --fetch-logs runs/pod_v6e_logs --type v6e-32
 
 Expected runtime (an estimate, not measured: no TPU was at hand): the compiled step is estimated
-at ~2 ms (`multitower compile`, a roofline lower bound, 2026-12-04), ~2.4 s for 1,221 steps; the input feeds
+at ~1.5 ms (`multitower compile`, a roofline lower bound, 2026-12-04), ~2 s for 1,221 steps; the input feeds
 ~720k examples/s if each of the 8 processes reaches the ~90k examples/s that `multitower bench
 input` measured with the quickstart's settings on a 2-core CPU VM, about a minute for the 40M
 examples, plus the feature statistics pass and eight validation passes. Before that, data.sh
