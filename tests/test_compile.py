@@ -280,7 +280,7 @@ def test_compile_table_rows_from_json_reports(tmp_path):
 def test_the_fused_encoder_layer_compiles_for_a_tpu_and_moves_a_fraction_of_xla_bytes(v5e_2x2):
     """One encoder layer's gradient on one v5e chip: Mosaic compiles the kernels, the cost is the
     kernels' (model FLOPs; HBM bytes = their inputs and outputs), a fraction of XLA's layer's."""
-    rows, length, dim, mlp = 256, 48, 128, 512
+    rows, length, dim, mlp = 64, 48, 128, 512
     cfg = TextEncoderConfig(vocab_size=8, max_len=length, dim=dim, num_heads=1, mlp_dim=mlp, dropout_rate=0.0,
                             dtype=jnp.bfloat16)
     one = jax.sharding.SingleDeviceSharding(v5e_2x2[0])
