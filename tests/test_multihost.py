@@ -288,29 +288,26 @@ def test_stopped_and_killed_runs_resume_on_any_number_of_processes(experiment, r
     assert report["ctr_auc"] == pytest.approx(straight_report["ctr_auc"], abs=LAYOUT_AUC_TOL)
 
 
-def test_resume_a_four_device_checkpoint_on_two_devices(synthetic_dir, tmp_path):
-    config = synthetic_config(synthetic_dir, "--config.data.batch_size=64")
+def test_resume_a_four_device_checkpoint_on_two_devices(experiment, runs, tmp_path):
+    """The uninterrupted 1 process x 4 devices run's checkpoint at step 6, resumed in this
+    process on 2 devices: 6 more steps give that run's parameters at step 12. (The run's own
+    checkpoints stand in for a 4-device run here: no second 4-device train step to compile.)"""
+    _, config = experiment
+    _, four = runs
 
     def run(trainer, state, iterator, steps):
         for _ in range(steps):
             state, _ = trainer.train_step(state, sharding.shard_batch(next(iterator), trainer.mesh))
         return state
 
-    four = trainer_lib.Trainer(config, tmp_path / "four", devices=jax.devices()[:4])
-    iterator = iter(four.dataset("train", train=True))
-    state = run(four, four.init_state(), iterator, 6)
-    manager = four.checkpoint_manager()
-    four.save(manager, state, iterator, force=True)
-    manager.wait_until_finished()
-    straight = run(four, state, iterator, 6)
-
-    two = trainer_lib.Trainer(config, tmp_path / "four", devices=jax.devices()[:2])
+    workdir = _truncated_copy(four, tmp_path / "four", 6)
+    two = trainer_lib.Trainer(config, workdir, devices=jax.devices()[:2])
     iterator = iter(two.dataset("train", train=True))
     restored = two.restore(two.checkpoint_manager(), iterator)
     kernel = restored["params"]["ad_tower"]["mlp"]["block_0"]["dense"]["kernel"]
     assert kernel.sharding.mesh.devices.size == 2 and int(restored["step"]) == 6
     resumed = run(two, restored, iterator, 6)
-    _assert_same_params(_named(resumed["params"]), _named(straight["params"]), tol=1e-5)
+    _assert_same_params(_named(resumed["params"]), _params(config, four, 12), tol=1e-5)
 
 
 class _FakeDevice:
