@@ -17,7 +17,7 @@ from tqdm import tqdm
 from multitower_jax import fileio
 from multitower_jax.config import HIT_RATE_KS
 from multitower_jax.data import pipeline
-from multitower_jax.train import metrics, multiprocess, sharding
+from multitower_jax.train import metrics, sharding
 
 PREDICTION_KEYS = ("pctr", "pcvr", "pctcvr")
 EMBEDDING_KEYS = ("e_query", "e_ad")  # Q = E_user + E_context and E_ad, as the retrieval loss sees them
@@ -44,13 +44,10 @@ def collect(predict_fn, params, batches, mesh, desc: str | None = None) -> dict[
     The ids are the batch's int64 `pipeline.HOST_IDS` when it has them (evaluation batches do),
     else its int32 device copies."""
     parts: dict[str, list[np.ndarray]] = {}
-    for i, batch in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None)):
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
         batch = dict(batch)
         ids = batch.pop(pipeline.HOST_IDS, {})
-        sharded = sharding.shard_batch(batch, mesh)
-        if i == 0 and jax.process_count() > 1:
-            multiprocess.compiled_together(predict_fn, params, sharded)  # (the calls below reuse it)
-        out = predict_fn(params, sharded)
+        out = predict_fn(params, sharding.shard_batch(batch, mesh))
         if jax.process_count() > 1:
             out = multihost_utils.process_allgather(out, tiled=True)
             batch = multihost_utils.process_allgather(
