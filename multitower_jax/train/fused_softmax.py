@@ -114,33 +114,28 @@ def _backward(inputs, lse, g, num_ads, inv_temperature, interpret):
     padded_ads = ads.shape[0]
     row_block, ad_block = min(ROW_BLOCK, rows), min(AD_BLOCK, padded_ads)
 
-    def dlogits(refs, col_block):
-        s, positive = _logits(*refs[:6], col_block, num_ads, inv_temperature)
-        lse_ref, g_ref = refs[6:8]
-        return (g_ref[...] * (jnp.exp(s - lse_ref[...]) - positive.astype(jnp.float32))) * inv_temperature
+    def accumulating(rows_first, product):
+        """A kernel that adds product(dlogits, q, ads) of each block into its output block over
+        the grid's second axis (the ads for dq, the rows for dads)."""
 
-    def dq_kernel(*refs):
-        dq_ref = refs[8]
-        j = pl.program_id(1)
+        def kernel(*refs):
+            out_ref = refs[8]
 
-        @pl.when(j == 0)
-        def _():
-            dq_ref[...] = jnp.zeros(dq_ref.shape, jnp.float32)
+            @pl.when(pl.program_id(1) == 0)
+            def _():
+                out_ref[...] = jnp.zeros(out_ref.shape, jnp.float32)
 
-        ds = dlogits(refs, j)
-        dq_ref[...] += jnp.dot(ds.astype(refs[1].dtype), refs[1][...], preferred_element_type=jnp.float32)
+            s, positive = _logits(*refs[:6], pl.program_id(1 if rows_first else 0), num_ads, inv_temperature)
+            lse_ref, g_ref = refs[6:8]
+            ds = g_ref[...] * (jnp.exp(s - lse_ref[...]) - positive.astype(jnp.float32)) * inv_temperature
+            out_ref[...] += product(ds, refs[0][...], refs[1][...])
 
-    def dads_kernel(*refs):
-        dads_ref = refs[8]
-        i = pl.program_id(1)
+        return kernel
 
-        @pl.when(i == 0)
-        def _():
-            dads_ref[...] = jnp.zeros(dads_ref.shape, jnp.float32)
-
-        ds = dlogits(refs, pl.program_id(0))
-        dads_ref[...] += jax.lax.dot_general(ds.astype(refs[0].dtype), refs[0][...], (((0,), (0,)), ((), ())),
-                                             preferred_element_type=jnp.float32)
+    dq_kernel = accumulating(True, lambda ds, q, ads: jnp.dot(ds.astype(ads.dtype), ads,
+                                                                preferred_element_type=jnp.float32))
+    dads_kernel = accumulating(False, lambda ds, q, ads: jax.lax.dot_general(
+        ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
 
     flops = 2 * rows * padded_ads * dim
     row_stats = lambda rows_first: [pl.BlockSpec((row_block, 1), (lambda i, j: (i, 0)) if rows_first  # noqa: E731
