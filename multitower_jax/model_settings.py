@@ -147,3 +147,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         require(m.get("wide", False), "optim.freeze_wide_cvr", "false unless model.wide=True", o.freeze_wide_cvr)
     require_positive_int(o.get("accumulation_steps"), "optim.accumulation_steps")
     require_choice(o.get("large_table_optimizer", "adamw"), "optim.large_table_optimizer", LARGE_TABLE_OPTIMIZERS)
+    require_bool(o.get("sparse_row_updates", True), "optim.sparse_row_updates")
+    if (o.get("large_table_optimizer", "adamw") == "rowwise_adagrad" and o.get("sparse_row_updates", True)
+            and int(o.get("large_table_bytes", 0) or 0) > 0):
+        require(int(o.accumulation_steps) == 1, "optim.accumulation_steps",
+                "1 with optim.sparse_row_updates (each micro-batch has its own rows; set "
+                "optim.sparse_row_updates=False to accumulate)", o.accumulation_steps)

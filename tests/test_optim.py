@@ -281,7 +281,7 @@ def test_rowwise_accumulators_are_sharded_with_their_table():
     from multitower_jax.train import sharding
 
     flat = {"big": np.ones((16, 4)), "small": np.ones((3, 4)), "kernel": np.ones((4, 2)), "bias": np.ones(2)}
-    tx = optim.make_optimizer(config_with(**ROWWISE))
+    tx = optim.make_optimizer(config_with(**ROWWISE), _tables_tree(flat))
     boxed = jax.eval_shape(lambda: {"params": _tables_tree(flat, boxed=True),
                                     "opt_state": tx.init(_tables_tree(flat, boxed=True))})
     mesh = sharding.make_mesh(config_with(), jax.devices()[:8])

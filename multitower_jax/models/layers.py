@@ -130,11 +130,35 @@ def padded_rows(num_embeddings: int, multiple: int) -> int:
     return -(-num_embeddings // multiple) * multiple
 
 
+# A variable collection that can stand in for embedding tables: the rows of a table that one
+# batch looks up, ``[slots, dim]``, its ids relabelled to positions in them (`train.batch_rows`).
+BATCH_ROWS = "batch_rows"
+
+
+class Embed(nn.Module):
+    """`nn.Embed`'s lookup and parameter ("embedding", [num_embeddings, features], float32, cast
+    to `dtype` before the lookup), except that a table given in the `BATCH_ROWS` collection
+    replaces the parameter (which is then neither read nor checked)."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    embedding_init: nn.initializers.Initializer = nn.initializers.normal(stddev=1.0)
+
+    @nn.compact
+    def __call__(self, ids: Array) -> Array:
+        if self.has_variable(BATCH_ROWS, "embedding"):
+            table = self.get_variable(BATCH_ROWS, "embedding")
+        else:
+            table = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features), jnp.float32)
+        return jnp.take(jnp.asarray(table, self.dtype), ids, axis=0)
+
+
 def embed(num_embeddings: int, features: int, name: str | None = None, dtype: Dtype = jnp.float32,
-          vocab_multiple: int = 1, init: str = "normal") -> nn.Embed:
-    """nn.Embed whose table is named ("vocab", "embed"), rows padded to `vocab_multiple`,
+          vocab_multiple: int = 1, init: str = "normal") -> Embed:
+    """An `Embed` whose table is named ("vocab", "embed"), rows padded to `vocab_multiple`,
     initialized by `embedding_init(features, init)`."""
-    return nn.Embed(
+    return Embed(
         padded_rows(num_embeddings, vocab_multiple),
         features,
         dtype=dtype,

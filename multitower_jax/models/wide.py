@@ -48,9 +48,9 @@ class Wide(nn.Module):
     vocab_multiple: int = 1
     pooling: str | tuple[str, ...] = "mean"  # `logit_poolings`
 
-    def _table(self, rows: int, name: str) -> nn.Embed:
-        return nn.Embed(layers.padded_rows(rows, self.vocab_multiple), self.num_logits, dtype=jnp.float32,
-                        embedding_init=layers.partitioned(_ZEROS, ("vocab", None)), name=name)
+    def _table(self, rows: int, name: str) -> layers.Embed:
+        return layers.Embed(layers.padded_rows(rows, self.vocab_multiple), self.num_logits, dtype=jnp.float32,
+                            embedding_init=layers.partitioned(_ZEROS, ("vocab", None)), name=name)
 
     @nn.compact
     def __call__(self, features: Mapping[str, Array]) -> Array:

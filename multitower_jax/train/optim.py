@@ -112,10 +112,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> opt
     `optax.MultiSteps` when ``config.optim.accumulation_steps > 1``.
 
     With ``optim.large_table_optimizer = "rowwise_adagrad"`` and ``optim.large_table_bytes > 0``,
-    embedding tables of at least that many bytes take `rowwise_adagrad` (learning rate
-    ``optim.rowwise_learning_rate`` on the same warm-up / cosine shape, no weight decay), the
-    rest AdamW, both after the one global clipping. `params` (arrays or shapes) is only used to
-    refuse a threshold that selects no table."""
+    embedding tables of at least that many bytes in `params` (arrays or shapes, raw or boxed;
+    needed then) take `rowwise_adagrad` (learning rate ``optim.rowwise_learning_rate`` on the
+    same warm-up / cosine shape, no weight decay), the rest AdamW, both after the one global
+    clipping. Which tables those are is decided here, once, by their paths: the update may then
+    get a large table's gradient for the batch's rows only (`train.batch_rows`) and pass
+    ``rows=`` on to `rowwise_adagrad`."""
     o = config.optim
     parts = []
     if float(o.clip_norm) > 0:
@@ -126,13 +128,18 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> opt
     if choice == "adamw" or threshold <= 0:
         parts += _dense_parts(config)
     else:
-        if params is not None and not any(jax.tree.leaves(large_table_mask(params, threshold))):
+        if params is None:
+            raise ValueError(f"make_optimizer: optim.large_table_optimizer={choice!r} needs the parameters "
+                             "(arrays or shapes) to choose the large tables")
+        large = large_table_paths(params, threshold)
+        if not large:
             fail("optim.large_table_bytes", f"a size that selects an embedding table for {choice} (lower it, "
                  "or set optim.large_table_optimizer='adamw'): it selects no embedding table", threshold)
         rowwise = rowwise_adagrad(rowwise_schedule(config), float(o.get("rowwise_initial_accumulator", 0.1)))
         parts.append(_without_boxed_masks(optax.multi_transform(
             {"dense": optax.chain(*_dense_parts(config)), "rowwise": rowwise},
-            lambda p: jax.tree.map(lambda big: "rowwise" if big else "dense", large_table_mask(p, threshold)))))
+            lambda tree: jax.tree_util.tree_map_with_path(
+                lambda path, _: "rowwise" if param_names(path) in large else "dense", tree))))
     wide_lr = float(o.get("wide_lr_multiplier", 1.0))
     if wide_lr != 1.0:  # Wide & Deep trains its wide part at its own (higher) rate
         parts.append(_without_boxed_masks(optax.masked(optax.scale(wide_lr), wide_mask)))
@@ -158,7 +165,18 @@ def large_table_mask(params: Any, min_bytes: int) -> Any:
         lambda path, x: _last_name(path) in EMBEDDING_NAMES and _nbytes(x) >= min_bytes, params)
 
 
-def _without_boxed_masks(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def param_names(path: tuple) -> tuple[str, ...]:
+    """The dict keys of a pytree path: the same for a raw and a boxed (`nn.Partitioned`) leaf."""
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def large_table_paths(params: Any, min_bytes: int) -> frozenset[tuple[str, ...]]:
+    """The `param_names` of the embedding tables of at least `min_bytes` bytes."""
+    return frozenset(param_names(path) for path, big in jax.tree_util.tree_flatten_with_path(
+        large_table_mask(params, min_bytes))[0] if big)
+
+
+def _without_boxed_masks(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """`tx` whose state, initialized on boxed parameters, holds a bare `MaskedNode` (no leaves)
     where `optax.masked` left ``nn.Partitioned(MaskedNode())``: the state's logical partition
     specs (`nn.get_partition_spec`) then match its arrays leaf for leaf."""
@@ -170,7 +188,7 @@ def _without_boxed_masks(tx: optax.GradientTransformation) -> optax.GradientTran
     def init_fn(params):
         return jax.tree.map(unbox_masked, tx.init(params), is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
-    return optax.GradientTransformation(init_fn, tx.update)
+    return optax.GradientTransformationExtraArgs(init_fn, optax.with_extra_args_support(tx).update)
 
 
 def rowwise_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -186,7 +204,7 @@ class RowwiseAdagradState(NamedTuple):
 
 
 def rowwise_adagrad(learning_rate: float | optax.Schedule, initial_accumulator: float = 0.1,
-                    eps: float = 1e-8) -> optax.GradientTransformation:
+                    eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
     """Row-wise Adagrad for [rows, dim] tables (the optimizer of TPU embedding and DLRM tables):
 
         sum_sq[r] += mean_d g[r, d]^2
@@ -195,7 +213,12 @@ def rowwise_adagrad(learning_rate: float | optax.Schedule, initial_accumulator: 
     A row whose gradient is zero (its id is not in the batch) keeps its parameters and its
     accumulator bit for bit. The state is one float per row. On boxed (`nn.Partitioned`)
     parameters the accumulator carries the table's first logical axis ("vocab"), so it is
-    sharded like the table's rows and every chip updates its own rows with no communication."""
+    sharded like the table's rows and every chip updates its own rows with no communication.
+
+    ``update(..., rows={path: int32[slots]})`` (`param_names` paths; `train.batch_rows`): the
+    gradient of each table named there is ``[slots, dim]``, that of its rows ``rows`` (an index
+    past the table's end is an unused slot); only those rows' accumulators change, and the
+    update returned is ``[slots, dim]`` too, for `batch_rows.BatchRows.apply_updates`."""
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
     def init_row_sums(x):
@@ -212,12 +235,23 @@ def rowwise_adagrad(learning_rate: float | optax.Schedule, initial_accumulator: 
         sums = jax.tree.map(init_row_sums, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
         return RowwiseAdagradState(count=jnp.zeros((), jnp.int32), sum_sq=sums)
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, rows=None, **extra_args):
+        del params, extra_args
         lr = schedule(state.count)
-        sums = jax.tree.map(lambda g, s: s + jnp.mean(jnp.square(g.astype(jnp.float32)), axis=1),
-                            updates, state.sum_sq)
-        new = jax.tree.map(lambda g, s: (-lr * g / (jnp.sqrt(s)[:, None] + eps)).astype(g.dtype), updates, sums)
-        return new, RowwiseAdagradState(count=optax.safe_int32_increment(state.count), sum_sq=sums)
+        rows = rows or {}
 
-    return optax.GradientTransformation(init_fn, update_fn)
+        def batch_sums(path, g, s):  # the accumulators of the rows `g` is the gradient of
+            found = rows.get(param_names(path))
+            before = s if found is None else jnp.take(s, found, mode="fill", fill_value=0)
+            return before + jnp.mean(jnp.square(g.astype(jnp.float32)), axis=1)
+
+        def store(path, s, sums):
+            found = rows.get(param_names(path))
+            return sums if found is None else s.at[found].set(sums, mode="drop")
+
+        used_sums = jax.tree_util.tree_map_with_path(batch_sums, updates, state.sum_sq)
+        new_sums = jax.tree_util.tree_map_with_path(store, state.sum_sq, used_sums)
+        new = jax.tree.map(lambda g, s: (-lr * g / (jnp.sqrt(s)[:, None] + eps)).astype(g.dtype), updates, used_sums)
+        return new, RowwiseAdagradState(count=optax.safe_int32_increment(state.count), sum_sq=new_sums)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -29,7 +29,7 @@ from multitower_jax import workdir as workdir_lib
 from multitower_jax.calibration import evaluation as calibration_evaluation
 from multitower_jax.data import pipeline
 from multitower_jax.models import model as model_lib
-from multitower_jax.train import evaluate, losses, optim, sharding, text_init, wide_init
+from multitower_jax.train import batch_rows, evaluate, losses, optim, sharding, text_init, wide_init
 from multitower_jax.train.checkpoint_fallback import CheckpointError, CorruptCheckpointWarning, newest_intact
 from multitower_jax.train.data_checkpoint import DataRestore, DataSave
 
@@ -49,11 +49,14 @@ class Trainer:
         # export and the flat keys of the evaluation reports are about it.
         self.placements = tuple(config.data.placements)
         self.placement = self.placements[0]
-        self.tx = optim.make_optimizer(config)
         self.ema_decay = float(config.optim.get("ema_decay", 0.0))
         self.loss_config = losses.LossConfig.from_config(config)
         self.mesh = sharding.make_mesh(config, devices)
         self.model = model_lib.build_model(config, self.spec, self.mesh)
+        param_shapes = jax.eval_shape(lambda: model_lib.init_params(self.model, self._key(0))["params"])
+        self.tx = optim.make_optimizer(config, param_shapes)
+        # With row-wise Adagrad on the large tables, the step sees them through the batch's rows.
+        self.batch_rows = batch_rows.from_config(config, param_shapes, self.spec)
         self.rules = sharding.logical_rules(config)
         self.stats = None if workdir is None else pipeline.load_or_compute_stats(config, self.spec, self.workdir)
 
@@ -159,13 +162,17 @@ class Trainer:
     def _train_step(self, state: dict[str, Any], batch: dict[str, Any]):
         """One update on ``{placement: batch}`` (or, with one placement, on its plain batch):
         the loss is the mean of the placements' losses."""
+        params = state["params"]
         batches = self.placement_batches(batch)
+        view, rows = params, None
+        if self.batch_rows is not None:  # the large tables' batch rows, the ids' positions in them
+            view, batches, rows = self.batch_rows.view(params, batches)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=self.config.train.rng_impl), state["step"])
 
         def placement_loss(params, placement: str, i: int):
             dropout_rng = rng if i == 0 else jax.random.fold_in(rng, i)  # one placement: as before
-            out = self.model.apply({"params": params}, batches[placement], placement, train=True,
-                                   rngs={"dropout": dropout_rng})
+            variables = {"params": params} if rows is None else self.batch_rows.variables(params)
+            out = self.model.apply(variables, batches[placement], placement, train=True, rngs={"dropout": dropout_rng})
             return losses.total_loss(out, batches[placement], self.loss_config, self.mesh, sharding.BATCH_AXES)
 
         def loss_fn(params):
@@ -176,9 +183,15 @@ class Trainer:
             metrics = {f"{p}/{k}": v for p, (_, m) in zip(self.placements, parts) for k, v in m.items()}
             return loss, dict(metrics, loss=loss)
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(view)
+        if self.batch_rows is None:
+            updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+            params = optax.apply_updates(params, updates)
+        else:  # the large tables' gradients and updates are their batch rows'
+            grads = self.batch_rows.dense_gradients(grads, params, rows)
+            large_rows = self.batch_rows.large_rows(rows)
+            updates, opt_state = self.tx.update(grads, state["opt_state"], params, rows=large_rows)
+            params = self.batch_rows.apply_updates(params, updates, large_rows)
         metrics["grad_norm"] = optax.global_norm(grads)
         new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
         if self.ema_decay:
