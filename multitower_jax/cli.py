@@ -22,6 +22,8 @@ COMMANDS = {
     "calibrate": "fit calibrators per head on validation, report ECE / log loss / AUC before and after on "
                  "test: writes <workdir>/calibration.json, calibration_report.json, reliability_<head>.png",
     "bench": "benchmarks: `bench input` (input pipeline examples/s), `bench train` (step examples/s, fraction of peak), "
+             "`bench rows` (train step ms with the row-wise Adagrad tables updated through the batch's rows against "
+             "the plain step, interleaved; needs a config that gives tables row-wise Adagrad), "
              "`bench score` (scorer p50/p99 for 500 candidates, micro-batched requests/s), `bench serve` (whole "
              "request p50/p99 over a --num-ads index, K=500, top-20), `bench ceiling` (oracle AUC without each latent term "
              "no feature reveals, and with the user bias and ad quality inferred from the train split: what the "
@@ -30,7 +32,7 @@ COMMANDS = {
     "compile": "compile the train step, eval step and scorer for the config's TPU topology on this machine "
                "(needs the tpu extra): per-chip HBM, FLOPs, collectives and a roofline step-time estimate",
 }
-BENCHES = ("input", "train", "retrieve", "score", "serve", "ceiling", "report")
+BENCHES = ("input", "train", "rows", "retrieve", "score", "serve", "ceiling", "report")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -266,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
 
             _log_devices()
             bench_train.run(config, args.json)
+        elif args.command == "bench" and args.what == "rows":
+            from multitower_jax.bench import row_updates as bench_rows
+
+            _log_devices()
+            bench_rows.run(config, args.json)
         elif args.command == "compile":
             from multitower_jax.train import aot
 

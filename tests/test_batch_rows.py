@@ -131,3 +131,11 @@ def test_the_step_through_the_batch_rows_equals_the_plain_step(tmp_path, devices
 def test_sparse_row_updates_refuse_gradient_accumulation(tmp_path):
     with pytest.raises(ValueError, match="optim.accumulation_steps: expected 1 with optim.sparse_row_updates"):
         Trainer(_config(tmp_path, "--config.optim.accumulation_steps=2"), None, devices=jax.devices()[:1])
+
+
+def test_bench_rows_refuses_a_config_without_row_wise_tables(tmp_path):
+    """`multitower bench rows` needs tables that take row-wise Adagrad, and says which settings."""
+    from multitower_jax.bench import row_updates
+
+    with pytest.raises(ValueError, match="optim.large_table_optimizer=rowwise_adagrad"):
+        row_updates.run(tiny_config(tmp_path, *TINY_MODEL), steps=1)
