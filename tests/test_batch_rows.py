@@ -95,37 +95,37 @@ def _assert_same(a, b, rtol, atol):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("devices", [1, 8])
-def test_the_step_through_the_batch_rows_equals_the_plain_step(tmp_path, devices):
+def test_the_step_through_the_batch_rows_equals_the_plain_step(tmp_path):
     """Two train steps (dropout and OOV dropout on) with ``optim.sparse_row_updates`` on 1 and on
     8 fake devices (the large tables row-sharded) give the plain single-device step's parameters,
     accumulators, Adam moments, loss and gradient norm; the large tables really took the batch-row
     path (their rows outside the batches are bit for bit unchanged, as in the plain step)."""
     config = _config(tmp_path)
     config.sharding.large_table_bytes = 30_000  # row-sharded over the devices
-    plain = _config(tmp_path, "--config.optim.sparse_row_updates=False")
-    sparse_trainer = Trainer(config, None, devices=jax.devices()[:devices])
-    plain_trainer = Trainer(plain, None, devices=jax.devices()[:1])
+    plain_trainer = Trainer(_config(tmp_path, "--config.optim.sparse_row_updates=False"), None,
+                            devices=jax.devices()[:1])
     assert plain_trainer.batch_rows is None
-    rows = sparse_trainer.batch_rows
-    assert {ADVERTISER, USER_ID, CATEGORIES} <= rows.large and TOKENS not in rows.readers
-    assert {WIDE_CATEGORIES, WIDE_CITY} <= set(rows.readers) - rows.large  # small readers of large features
-
-    state, metrics = _two_steps(sparse_trainer)
     want_state, want_metrics = _two_steps(plain_trainer)
-    for got, want in zip(metrics, want_metrics):
-        for key in ("loss", "grad_norm"):
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
-    _assert_same(state["params"], want_state["params"], rtol=1e-5, atol=1e-5)  # as 8 devices against 1 elsewhere
-    _assert_same(state["opt_state"], want_state["opt_state"], rtol=1e-5, atol=1e-5)
-
     start = jax.device_get(plain_trainer.init_state())["params"]
     ids = [fake.random_batch(plain_trainer.spec, "search", 256, seed=s)["ad"]["advertiser_id"] for s in (3, 4)]
     untouched = np.setdiff1d(np.arange(_get(start, ADVERTISER).shape[0]), np.concatenate(ids))
     assert len(untouched) > 100
-    np.testing.assert_array_equal(_get(state["params"], ADVERTISER)[untouched], _get(start, ADVERTISER)[untouched])
-    moved = np.abs(_get(state["params"], USER_ID) - _get(start, USER_ID)).max(axis=1)
-    assert moved[0] > 0  # the OOV row, where OOV dropout sends a quarter of the rows
+
+    for devices in (1, 8):
+        trainer = Trainer(config, None, devices=jax.devices()[:devices])
+        rows = trainer.batch_rows
+        assert {ADVERTISER, USER_ID, CATEGORIES} <= rows.large and TOKENS not in rows.readers
+        assert {WIDE_CATEGORIES, WIDE_CITY} <= set(rows.readers) - rows.large  # small readers of large features
+        state, metrics = _two_steps(trainer)
+        for got, want in zip(metrics, want_metrics):
+            for key in ("loss", "grad_norm"):
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"{key} on {devices}")
+        # atol as for 8 devices against 1 elsewhere: Adam turns rounding in near-zero gradients into ~1e-6
+        _assert_same(state["params"], want_state["params"], rtol=1e-5, atol=1e-5)
+        _assert_same(state["opt_state"], want_state["opt_state"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(_get(state["params"], ADVERTISER)[untouched], _get(start, ADVERTISER)[untouched])
+        moved = np.abs(_get(state["params"], USER_ID) - _get(start, USER_ID)).max(axis=1)
+        assert moved[0] > 0  # the OOV row, where OOV dropout sends a quarter of the rows
 
 
 def test_sparse_row_updates_refuse_gradient_accumulation(tmp_path):

@@ -198,7 +198,7 @@ def run(config: ml_collections.ConfigDict | None, num_ads: int = 1_000_000, dim:
     if flat is not None:
         methods["faiss_flat"] = lambda: len(flat.search(eval_q, k)[1])
     methods.update({name(p): scann_batched(p) for p in points})
-    print(f"batched QPS on the measuring queries, per round (scann leaves_to_search/reorder):")
+    print("batched QPS on the measuring queries, per round (scann leaves_to_search/reorder):")
     qps = tuning.time_rounds(methods, rounds, log=print)
     best_exact = np.max([qps[m] for m in ("exact", "faiss_flat") if m in qps], axis=0)  # per round
     ratio = {name(p): tuning.median_ratio(qps[name(p)], best_exact) for p in points}
