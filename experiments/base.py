@@ -174,6 +174,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = (("vocab", None), ("embed", None), ("embed_in", None), ("mlp", None),
                              ("heads", None), ("kv", None), ("pos", None))
+    # Embedding tables of at least large_table_bytes (0: none) are row-sharded over every device
+    # whatever the rules say (train/sharding.py), and lie in device memory as
+    # large_table_layout says: "default" (the backend's choice), "row_major" or "column_major".
+    config.sharding.large_table_bytes = 0
+    config.sharding.large_table_layout = "default"
 
     # Serving (multitower rank / export-scorer / bench score|serve): candidate buckets, K, top-N,
     # objective, user-embedding cache and micro-batching; see multitower_jax/serving/settings.py.

@@ -160,13 +160,16 @@ def pod_config(*, chips: int, processes: int, model: int, rows_per_replica: int,
     config.sharding.large_table_bytes = 64 << 20
     config.optim.large_table_optimizer = "rowwise_adagrad"
     config.optim.large_table_bytes = 64 << 20
-    # The plain row-wise step, not the one through the batch's rows (train/batch_rows.py): with
-    # tables sized to this world a chip's shard holds only ~3-6 batches' worth of ids (v5e: 100k
-    # brand rows per chip, 16,385 ids per step), so XLA streams whole shards either way.
-    # 2026-12-04, `multitower compile --config experiments/pod_v5e.py --config.optim.sparse_row_updates=B`:
-    # through the rows 3.74 GB per chip, est. 4.57 ms; plain 3.13 GB, 3.83 ms. With 16x the rows
-    # (`--config.features.ad.advertiser_id.size=12800000 --config.features.ad.brand_id.size=25600000`)
-    # the rows win: 6.95 against 13.07 GB, 8.49 against 15.95 ms. Set it True for tables that big.
+    # The plain row-wise step, not the one through the batch's rows (train/batch_rows.py), and the
+    # tables in the backend's layout: with tables sized to this world a chip's shard holds only
+    # 3-6 times the ids of a batch (v5e: 100k brand rows per chip, 16,385 ids per step) and XLA
+    # streams whole shards either way. 2026-12-04, `multitower compile --config
+    # experiments/pod_v5e.py --config.optim.sparse_row_updates=S --config.sharding.large_table_layout=L`,
+    # GB per chip / est. ms: plain 3.13 / 3.83; through the rows 3.74 / 4.57; row-major plain
+    # 3.19 / 3.89; row-major through the rows 3.74 / 4.57. With 16x the rows
+    # (--config.features.ad.advertiser_id.size=12800000 --config.features.ad.brand_id.size=25600000):
+    # 13.07 / 15.95, 6.95 / 8.49, 9.14 / 11.16, and 3.18 / 3.89: for tables that big set
+    # sparse_row_updates=True and sharding.large_table_layout="row_major".
     config.optim.sparse_row_updates = False
     if model > 1:
         config.sharding.rules = tuple(("vocab", "model") if name == "vocab" else (name, axis)

@@ -25,7 +25,7 @@ from etils import epath
 from multitower_jax import calibration_settings, model_settings
 from multitower_jax import features as features_lib
 from multitower_jax import fileio
-from multitower_jax.config_checks import ConfigError, require, require_present
+from multitower_jax.config_checks import ConfigError, require, require_choice, require_present
 from multitower_jax.data import log_splits
 from multitower_jax.retrieval.settings import RetrievalSettings
 from multitower_jax.serving.settings import ServingSettings
@@ -299,6 +299,8 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
 
 
 MESH_AXES = ("data", "model")
+# `sharding.large_table_layout`: the large tables' memory layout (`train.sharding.pin_large_tables`).
+LARGE_TABLE_LAYOUTS = ("default", "row_major", "column_major")
 
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:
@@ -311,6 +313,9 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
         ok = (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)
               and (rule[1] is None or rule[1] in MESH_AXES))
         require(ok, "sharding.rules", f"(logical_axis, mesh_axis) pairs with mesh_axis in {MESH_AXES} or None", rule)
+    if "sharding" in config:
+        require_choice(config.sharding.get("large_table_layout", "default"), "sharding.large_table_layout",
+                       LARGE_TABLE_LAYOUTS)
     multiple = config.model.get("vocab_multiple", 1) if "model" in config else 1
     if mesh.model > 1 and ("vocab", "model") in [tuple(r) for r in rules]:
         require(multiple % mesh.model == 0, "model.vocab_multiple",

@@ -152,10 +152,12 @@ class BatchRows:
         """The rows of the large tables: what row-wise Adagrad's update takes."""
         return {path: r for path, r in rows.items() if path in self.large}
 
-    def apply_updates(self, params: Any, updates: Any, rows: Mapping[Path, jax.Array]) -> Any:
-        """`optax.apply_updates`, with each large table's ``[slots, dim]`` update added to its rows."""
+    @staticmethod
+    def apply_updates(params: Any, updates: Any, rows: Mapping[Path, jax.Array]) -> Any:
+        """`optax.apply_updates`, with the ``[slots, dim]`` update of each table in `rows` (the
+        large tables', `large_rows`) added to its rows."""
         def apply(path, p, u):
-            found = rows.get(param_names(path)) if param_names(path) in self.large else None
+            found = rows.get(param_names(path))
             if found is None:
                 return optax.apply_updates(p, u)
             return p.at[found].add(u.astype(p.dtype), mode="drop")

@@ -22,11 +22,18 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "model")
 BATCH_AXES = ("data", "model")  # the batch's rows are split over every device
+# How the row-sharded large tables lie in device memory (``sharding.large_table_layout``, one of
+# `config.LARGE_TABLE_LAYOUTS`): as the backend chooses ("default"), or pinned row-major (a row
+# contiguous, as lookups and row updates read and write it) or column-major. A TPU keeps an
+# [N, 64] float32 array column-major (no padding of 64 to its 128 lanes), and a step then copies
+# each large table to row-major and back.
+MAJOR_TO_MINOR = {"row_major": (0, 1), "column_major": (1, 0)}
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
@@ -117,6 +124,23 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules, large_table_bytes: i
         return sharding
 
     return jax.tree.map(choose, leaves, specs, shardings, is_leaf=is_spec)
+
+
+def pin_large_tables(shardings: Any, abstract_state: Any, layout: str) -> Any:
+    """`shardings` (of `state_shardings`) with every 2-D array row-sharded over every device (the
+    large tables, their moving average and same-shaped optimizer moments) pinned to `layout`
+    (`MAJOR_TO_MINOR`; "default" pins nothing): a `Format` of that layout and its sharding, which
+    `jax.jit` and `jax.device_put` take where they take a sharding."""
+    if layout not in MAJOR_TO_MINOR:
+        return shardings
+    row_sharded = P(BATCH_AXES, None)
+
+    def pin(leaf, sharding):
+        if len(leaf.shape) == 2 and isinstance(sharding, NamedSharding) and sharding.spec == row_sharded:
+            return Format(Layout(major_to_minor=MAJOR_TO_MINOR[layout]), sharding)
+        return sharding
+
+    return jax.tree.map(pin, nn.unbox(abstract_state), shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

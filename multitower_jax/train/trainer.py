@@ -61,8 +61,14 @@ class Trainer:
         self.stats = None if workdir is None else pipeline.load_or_compute_stats(config, self.spec, self.workdir)
 
         boxed = jax.eval_shape(self._init_boxed_state, self._key(0))
-        self.state_shardings = sharding.state_shardings(boxed, self.mesh, self.rules,
-                                                        int(config.sharding.get("large_table_bytes", 0) or 0))
+        # Shardings, and for the large tables a pinned memory layout (`sharding.pin_large_tables`).
+        self.state_shardings = sharding.pin_large_tables(
+            sharding.state_shardings(boxed, self.mesh, self.rules, int(config.sharding.get("large_table_bytes", 0) or 0)),
+            boxed, str(config.sharding.get("large_table_layout", "default")))
+        # With pinned layouts, a state made or restored outside the train step (a checkpoint comes
+        # back in the backend's default layout) goes through this identity into the step's formats.
+        self._lay_out = (None if config.sharding.get("large_table_layout", "default") == "default"
+                         else jax.jit(lambda state: state, out_shardings=self.state_shardings))
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), self.state_shardings)
         batch_sharding = sharding.batch_sharding(self.mesh)
@@ -107,7 +113,11 @@ class Trainer:
             state["params"] = self._fitted_wide_cvr(state["params"])
         if self.ema_decay:  # the average starts where the parameters start (its own buffers)
             state["ema_params"] = jax.tree.map(jnp.copy, state["params"])
-        return state
+        return self.laid_out(state)
+
+    def laid_out(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` in the train step's formats (`sharding.large_table_layout`; as it is without one)."""
+        return state if self._lay_out is None else self._lay_out(state)
 
     @staticmethod
     def model_params(state: dict[str, Any]) -> Any:
@@ -315,10 +325,10 @@ class Trainer:
         args = {"state": ocp.args.StandardRestore(self.abstract_state)}
         args.update({name: DataRestore(it) for name, it in self._data_items(iterators).items()})
         if step is not None:
-            return manager.restore(step, args=ocp.args.Composite(**args))["state"]
+            return self.laid_out(manager.restore(step, args=ocp.args.Composite(**args))["state"])
         state, _ = newest_intact(manager, lambda s: manager.restore(s, args=ocp.args.Composite(**args))["state"],
                                   quarantine)
-        return state
+        return self.laid_out(state)
 
     def save(self, manager: ocp.CheckpointManager, state, iterators, force: bool = False,
              progress: dict[str, Any] | None = None) -> None:
