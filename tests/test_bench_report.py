@@ -29,6 +29,9 @@ def test_commands_sized_only_when_asked():
     assert reporting.bench_command("score", "c.py", [], None, 200_000, 300)[-2:] == ["--queries", "300"]
     assert "--num-ads" not in reporting.bench_command("train", "c.py", [], "w", 5, 5)
     assert reporting.bench_command("input", "c.py", [], "w", None, None)[-2:] == ["--workdir", "w"]
+    rows = reporting.bench_command("rows", "c.py", ["--config.x=1"], "w", 5, 5)
+    assert rows[:5] == ["bench", "rows", "--config", "c.py", "--config.x=1"]
+    assert "--config.optim.large_table_optimizer=rowwise_adagrad" in rows and "--num-ads" not in rows
     assert reporting.parse_benches(None) == reporting.BENCHES
     assert reporting.parse_benches("score, serve") == ("score", "serve")
     with pytest.raises(reporting.ReportError, match="unknown \\['nope'\\]"):
