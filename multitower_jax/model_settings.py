@@ -53,6 +53,13 @@ RETRIEVAL_POSITIVES = ("clicks", "impressions")  # the retrieval softmax's rows 
 LARGE_TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad")
 
 
+def updates_batch_rows(optim: ml_collections.ConfigDict) -> bool:
+    """Whether the train step updates the large tables through the batch's rows (`train.batch_rows`):
+    row-wise Adagrad on tables of ``optim.large_table_bytes`` > 0, with ``optim.sparse_row_updates``."""
+    return (optim.get("large_table_optimizer", "adamw") == "rowwise_adagrad" and bool(optim.get("sparse_row_updates", True))
+            and int(optim.get("large_table_bytes", 0) or 0) > 0)
+
+
 def num_logits(head: str) -> int:
     """How many logits a head has (CTR, then CVR)."""
     return 1 if head == "ctr" else 2
@@ -148,8 +155,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require_positive_int(o.get("accumulation_steps"), "optim.accumulation_steps")
     require_choice(o.get("large_table_optimizer", "adamw"), "optim.large_table_optimizer", LARGE_TABLE_OPTIMIZERS)
     require_bool(o.get("sparse_row_updates", True), "optim.sparse_row_updates")
-    if (o.get("large_table_optimizer", "adamw") == "rowwise_adagrad" and o.get("sparse_row_updates", True)
-            and int(o.get("large_table_bytes", 0) or 0) > 0):
+    if updates_batch_rows(o):
         require(int(o.accumulation_steps) == 1, "optim.accumulation_steps",
                 "1 with optim.sparse_row_updates (each micro-batch has its own rows; set "
                 "optim.sparse_row_updates=False to accumulate)", o.accumulation_steps)

@@ -64,6 +64,13 @@ def random_chunks(spec: F.FeatureSpec, placement: str, n: int, seed: int, click_
         yield out
 
 
+def get_path(tree, path):
+    """`tree[path[0]][path[1]]...`: a parameter by its path of names."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def tiny_config(data_dir, *overrides):
     return config_lib.load(QUICKSTART, [f"--config.data.dir={data_dir}", "--config.data.block_size=64",
                                         "--config.data.batch_size=256", "--config.data.eval_batch_size=256",

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_MODEL, tiny_config
+from conftest import TINY_MODEL, get_path, tiny_config
 
 from multitower_jax import features as F
 from multitower_jax.data import fake
@@ -73,12 +73,6 @@ def test_the_view_relabels_ids_by_their_rank_among_the_batch_ids_with_0_first():
     assert dense["context_towers_search"]["features"]["embed_cats"]["embedding"].shape == (7, 2)
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def _two_steps(trainer):
     state = trainer.init_state()
     metrics = []
@@ -108,7 +102,7 @@ def test_the_step_through_the_batch_rows_equals_the_plain_step(tmp_path):
     want_state, want_metrics = _two_steps(plain_trainer)
     start = jax.device_get(plain_trainer.init_state())["params"]
     ids = [fake.random_batch(plain_trainer.spec, "search", 256, seed=s)["ad"]["advertiser_id"] for s in (3, 4)]
-    untouched = np.setdiff1d(np.arange(_get(start, ADVERTISER).shape[0]), np.concatenate(ids))
+    untouched = np.setdiff1d(np.arange(get_path(start, ADVERTISER).shape[0]), np.concatenate(ids))
     assert len(untouched) > 100
 
     for devices in (1, 8):
@@ -123,8 +117,8 @@ def test_the_step_through_the_batch_rows_equals_the_plain_step(tmp_path):
         # atol as for 8 devices against 1 elsewhere: Adam turns rounding in near-zero gradients into ~1e-6
         _assert_same(state["params"], want_state["params"], rtol=1e-5, atol=1e-5)
         _assert_same(state["opt_state"], want_state["opt_state"], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(_get(state["params"], ADVERTISER)[untouched], _get(start, ADVERTISER)[untouched])
-        moved = np.abs(_get(state["params"], USER_ID) - _get(start, USER_ID)).max(axis=1)
+        np.testing.assert_array_equal(get_path(state["params"], ADVERTISER)[untouched], get_path(start, ADVERTISER)[untouched])
+        moved = np.abs(get_path(state["params"], USER_ID) - get_path(start, USER_ID)).max(axis=1)
         assert moved[0] > 0  # the OOV row, where OOV dropout sends a quarter of the rows
 
 

@@ -17,7 +17,7 @@ from multitower_jax.models import fused_encoder
 from multitower_jax.models.text_encoder import EncoderLayer, TextEncoderConfig
 from multitower_jax.train import aot, losses, roofline
 from multitower_jax.train.sharding import BATCH_AXES
-from tests.conftest import QUICKSTART, TINY_MODEL, tiny_config
+from tests.conftest import QUICKSTART, TINY_MODEL, get_path, tiny_config
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[tpu]')")
@@ -143,15 +143,11 @@ def test_large_tables_are_row_sharded_over_every_device_and_the_step_is_unchange
     table = ("ad_tower", "features", "embed_advertiser_id", "embedding")
     small = ("context_towers_search", "features", "embed_city", "embedding")
 
-    def get(tree, path):
-        for key in path:
-            tree = tree[key]
-        return tree
-
     state1, state8 = one.init_state(), eight.init_state()
-    big = get(state8["params"], table)
+    big = get_path(state8["params"], table)
     assert big.shape == (520, 64) and {s.data.shape for s in big.addressable_shards} == {(65, 64)}
-    assert {s.data.shape for s in get(state8["params"], small).addressable_shards} == {get(state8["params"], small).shape}
+    small_table = get_path(state8["params"], small)
+    assert {s.data.shape for s in small_table.addressable_shards} == {small_table.shape}
     moments = [x for x in jax.tree.leaves(state8["opt_state"]) if getattr(x, "shape", None) == (520, 64)]
     assert len(moments) >= 4 and all({s.data.shape for s in m.addressable_shards} == {(65, 64)} for m in moments)
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import TINY_MODEL, tiny_config
+from conftest import TINY_MODEL, get_path, tiny_config
 
 from multitower_jax.config_checks import ConfigError
 from multitower_jax.data import fake
@@ -18,12 +18,6 @@ from multitower_jax.train.trainer import Trainer
 
 ADVERTISER = ("ad_tower", "features", "embed_advertiser_id", "embedding")
 CITY = ("context_towers_search", "features", "embed_city", "embedding")
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _config(tmp_path, layout):
@@ -49,20 +43,20 @@ def test_pinned_tables_keep_their_layout_through_a_checkpoint_and_train_as_the_d
     state = pinned.init_state()
     tables = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (520, 64)]
     assert len(tables) == 8 and {_major_to_minor(x) for x in tables} == {(1, 0)}  # 2 tables, 2 EMA, 4 moments
-    assert _major_to_minor(_get(state["params"], CITY)) == (0, 1)
+    assert _major_to_minor(get_path(state["params"], CITY)) == (0, 1)
 
     state, _ = pinned.train_step(state, batches[0])
-    assert _major_to_minor(_get(state["params"], ADVERTISER)) == (1, 0)
+    assert _major_to_minor(get_path(state["params"], ADVERTISER)) == (1, 0)
     manager = ocp.CheckpointManager(tmp_path / "checkpoints", options=ocp.CheckpointManagerOptions(create=True))
     pinned.save(manager, state, None, force=True)
     manager.wait_until_finished()
 
     raw = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(pinned.abstract_state)))["state"]
-    assert _major_to_minor(_get(raw["params"], ADVERTISER)) == (0, 1)  # orbax gives the default layout
+    assert _major_to_minor(get_path(raw["params"], ADVERTISER)) == (0, 1)  # orbax gives the default layout
     with pytest.raises(ValueError, match="Layout passed to jit does not match"):
         pinned.train_step(raw, batches[1])
     restored = pinned.restore(manager)
-    assert _major_to_minor(_get(restored["params"], ADVERTISER)) == (1, 0)
+    assert _major_to_minor(get_path(restored["params"], ADVERTISER)) == (1, 0)
     got, got_metrics = pinned.train_step(restored, batches[1])
 
     want = plain.init_state()

@@ -37,6 +37,7 @@ import ml_collections
 import optax
 
 from multitower_jax import features as F
+from multitower_jax.model_settings import updates_batch_rows
 from multitower_jax.models.layers import BATCH_ROWS
 from multitower_jax.train import optim
 from multitower_jax.train.optim import param_names
@@ -173,11 +174,8 @@ def _copy_dicts(tree: Any) -> Any:
 def from_config(config: ml_collections.ConfigDict, params: Any, spec: F.FeatureSpec) -> BatchRows | None:
     """The `BatchRows` of a run whose large tables take row-wise Adagrad with
     ``optim.sparse_row_updates`` (the default), or None (the plain step)."""
-    o = config.optim
-    threshold = int(o.get("large_table_bytes", 0) or 0)
-    if o.get("large_table_optimizer", "adamw") != "rowwise_adagrad" or threshold <= 0:
+    if not updates_batch_rows(config.optim):
         return None
-    if not o.get("sparse_row_updates", True):
-        return None
-    rows = BatchRows(params, spec, tuple(config.data.placements), optim.large_table_paths(params, threshold))
+    large = optim.large_table_paths(params, int(config.optim.large_table_bytes))
+    rows = BatchRows(params, spec, tuple(config.data.placements), large)
     return rows or None
