@@ -143,8 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.accumulation_steps = 1  # > 1: one update every k micro-batches (optax.MultiSteps)
     # Embedding tables of at least large_table_bytes (0: none) may take row-wise Adagrad instead of
     # AdamW (train/optim.py): one accumulator per row, only the batch's rows move, no weight decay;
-    # its peak rate is rowwise_learning_rate, on the same warm-up and cosine decay.
-    config.optim.large_table_optimizer = "adamw"  # or "rowwise_adagrad"
+    # its peak rate is rowwise_learning_rate, on the same warm-up and cosine decay. "adagrad" is
+    # the same with one accumulator per element (SparseCore's optimizer; sharding.large_table_placement).
+    config.optim.large_table_optimizer = "adamw"  # or "rowwise_adagrad" or "adagrad"
     config.optim.large_table_bytes = 0
     config.optim.rowwise_learning_rate = 0.05
     config.optim.rowwise_initial_accumulator = 0.1
@@ -179,6 +180,14 @@ def get_config() -> ml_collections.ConfigDict:
     # large_table_layout says: "default" (the backend's choice), "row_major" or "column_major".
     config.sharding.large_table_bytes = 0
     config.sharding.large_table_layout = "default"
+    # Where optim.large_table_bytes' tables live (train/sparsecore.py): "tensorcore" (HBM, XLA's
+    # lookups) or "sparsecore": on the SparseCores of a v5p / v6e, in their MOD-sharded row
+    # order, looked up and updated (optim.large_table_optimizer="adagrad") by jax-tpu-embedding
+    # (sparsecore_kernel "tpu"), or by the same arithmetic in XLA on any backend ("reference",
+    # which emulates sparsecores_per_chip SparseCores per chip).
+    config.sharding.large_table_placement = "tensorcore"
+    config.sharding.sparsecore_kernel = "tpu"
+    config.sharding.sparsecores_per_chip = 4
 
     # Serving (multitower rank / export-scorer / bench score|serve): candidate buckets, K, top-N,
     # objective, user-embedding cache and micro-batching; see multitower_jax/serving/settings.py.

@@ -25,7 +25,7 @@ from etils import epath
 from multitower_jax import calibration_settings, model_settings
 from multitower_jax import features as features_lib
 from multitower_jax import fileio
-from multitower_jax.config_checks import ConfigError, require, require_choice, require_present
+from multitower_jax.config_checks import ConfigError, require, require_choice, require_positive_int, require_present
 from multitower_jax.data import log_splits
 from multitower_jax.retrieval.settings import RetrievalSettings
 from multitower_jax.serving.settings import ServingSettings
@@ -301,6 +301,8 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
 MESH_AXES = ("data", "model")
 # `sharding.large_table_layout`: the large tables' memory layout (`train.sharding.pin_large_tables`).
 LARGE_TABLE_LAYOUTS = ("default", "row_major", "column_major")
+LARGE_TABLE_PLACEMENTS = model_settings.LARGE_TABLE_PLACEMENTS
+SPARSECORE_KERNELS = model_settings.SPARSECORE_KERNELS
 
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:
@@ -316,6 +318,11 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
     if "sharding" in config:
         require_choice(config.sharding.get("large_table_layout", "default"), "sharding.large_table_layout",
                        LARGE_TABLE_LAYOUTS)
+        require_choice(config.sharding.get("large_table_placement", "tensorcore"), "sharding.large_table_placement",
+                       LARGE_TABLE_PLACEMENTS)
+        require_choice(config.sharding.get("sparsecore_kernel", "tpu"), "sharding.sparsecore_kernel",
+                       SPARSECORE_KERNELS)
+        require_positive_int(config.sharding.get("sparsecores_per_chip", 1), "sharding.sparsecores_per_chip")
     multiple = config.model.get("vocab_multiple", 1) if "model" in config else 1
     if mesh.model > 1 and ("vocab", "model") in [tuple(r) for r in rules]:
         require(multiple % mesh.model == 0, "model.vocab_multiple",

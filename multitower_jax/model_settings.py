@@ -49,14 +49,26 @@ TEXT_INITS = ("random", "lsa")  # the token table: random, or the LSA warm start
 # (XLA's ops on other devices), or those kernels in Pallas' interpreter anywhere (slow: for tests).
 KERNELS = ("xla", "pallas", "pallas_interpret")
 RETRIEVAL_POSITIVES = ("clicks", "impressions")  # the retrieval softmax's rows (`train.losses`)
-# Embedding tables of at least `optim.large_table_bytes` may take row-wise Adagrad (`train.optim`).
-LARGE_TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad")
+# Embedding tables of at least `optim.large_table_bytes` may take row-wise Adagrad (one accumulator
+# per row) or Adagrad (one per element, as SparseCore's) instead of AdamW (`train.optim`).
+LARGE_TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad", "adagrad")
+ADAGRADS = ("rowwise_adagrad", "adagrad")
+# `sharding.large_table_placement`: where the large tables live and are looked up and updated
+# (`train.sparsecore`); `sharding.sparsecore_kernel`: SparseCore's own ("tpu", jax-tpu-embedding)
+# or the same lookup and update in XLA ("reference", any backend).
+LARGE_TABLE_PLACEMENTS = ("tensorcore", "sparsecore")
+SPARSECORE_KERNELS = ("tpu", "reference")
+
+
+def on_sparsecore(config: ml_collections.ConfigDict) -> bool:
+    """Whether the large tables are placed on the SparseCores (``sharding.large_table_placement``)."""
+    return "sharding" in config and config.sharding.get("large_table_placement", "tensorcore") == "sparsecore"
 
 
 def updates_batch_rows(optim: ml_collections.ConfigDict) -> bool:
     """Whether the train step updates the large tables through the batch's rows (`train.batch_rows`):
-    row-wise Adagrad on tables of ``optim.large_table_bytes`` > 0, with ``optim.sparse_row_updates``."""
-    return (optim.get("large_table_optimizer", "adamw") == "rowwise_adagrad" and bool(optim.get("sparse_row_updates", True))
+    (row-wise) Adagrad on tables of ``optim.large_table_bytes`` > 0, with ``optim.sparse_row_updates``."""
+    return (optim.get("large_table_optimizer", "adamw") in ADAGRADS and bool(optim.get("sparse_row_updates", True))
             and int(optim.get("large_table_bytes", 0) or 0) > 0)
 
 
@@ -155,7 +167,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require_positive_int(o.get("accumulation_steps"), "optim.accumulation_steps")
     require_choice(o.get("large_table_optimizer", "adamw"), "optim.large_table_optimizer", LARGE_TABLE_OPTIMIZERS)
     require_bool(o.get("sparse_row_updates", True), "optim.sparse_row_updates")
-    if updates_batch_rows(o):
+    if on_sparsecore(config):
+        require(o.get("large_table_optimizer", "adamw") == "adagrad", "optim.large_table_optimizer",
+                "'adagrad' with sharding.large_table_placement='sparsecore' (SparseCore's optimizer)",
+                o.get("large_table_optimizer", "adamw"))
+        require(int(o.get("large_table_bytes", 0) or 0) > 0, "optim.large_table_bytes",
+                "> 0 with sharding.large_table_placement='sparsecore' (it chooses the tables placed there)",
+                o.get("large_table_bytes", 0))
+        require_number(o.get("rowwise_initial_accumulator", 0.1), "optim.rowwise_initial_accumulator")
+        row_sharded = int(config.sharding.get("large_table_bytes", 0) or 0)
+        require(0 < row_sharded <= int(o.get("large_table_bytes", 0) or 0), "sharding.large_table_bytes",
+                "> 0 and at most optim.large_table_bytes with sharding.large_table_placement='sparsecore' (its "
+                "tables are row-sharded over every chip's SparseCores)", row_sharded)
+        require(int(o.accumulation_steps) == 1, "optim.accumulation_steps",
+                "1 with sharding.large_table_placement='sparsecore' (the SparseCores update the tables "
+                "every step)", o.accumulation_steps)
+    elif updates_batch_rows(o):
         require(int(o.accumulation_steps) == 1, "optim.accumulation_steps",
                 "1 with optim.sparse_row_updates (each micro-batch has its own rows; set "
                 "optim.sparse_row_updates=False to accumulate)", o.accumulation_steps)

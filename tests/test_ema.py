@@ -37,7 +37,7 @@ def test_train_step_keeps_the_moving_average_of_the_parameters(synthetic_dir, tm
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
     moved = sum(float(np.abs(p - g).max()) for p, g in zip(leaves(state["params"]), got))
     assert moved > 0  # the average lags the parameters
-    assert trainer_lib.Trainer.model_params(state) is state["ema_params"]
+    assert trainer.model_params(state) is state["ema_params"]
 
 
 def test_a_run_tests_and_restores_the_average(synthetic_dir, tmp_path):

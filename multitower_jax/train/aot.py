@@ -34,6 +34,7 @@ from multitower_jax.models.model import ModelConfig
 from multitower_jax.serving import scorer as scorer_lib
 from multitower_jax.serving.settings import ServingSettings, bucket_for
 from multitower_jax.train import roofline, sharding
+from multitower_jax.train.sparsecore import SPARSECORE
 from multitower_jax.train.trainer import Trainer
 
 INSTALL_HINT = (f"`multitower compile` needs libtpu: pip install -e '.[tpu]' "
@@ -154,6 +155,8 @@ def compile_programs(config: ml_collections.ConfigDict, devices: list,
     batch_sharding = sharding.batch_sharding(trainer.mesh)
     train_batch = {p: abstract_batch(trainer.spec, p, int(config.data.batch_size), batch_sharding)
                    for p in trainer.placements}
+    if trainer.sparsecore is not None and trainer.sparsecore.kernel == "tpu":  # their preprocessed inputs
+        train_batch[SPARSECORE] = trainer.sparsecore.abstract_inputs()
     out = {"trainer": trainer}
     if "train_step" in programs:
         out["train_step"] = _compile(trainer.train_step.lower(trainer.abstract_state, train_batch),

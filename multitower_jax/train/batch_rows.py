@@ -98,7 +98,7 @@ class BatchRows:
     def __bool__(self) -> bool:
         return bool(self.readers)
 
-    def _ids(self, batches: Mapping[str, Any], key: FeatureKey) -> list[tuple[str, jax.Array]]:
+    def feature_ids(self, batches: Mapping[str, Any], key: FeatureKey) -> list[tuple[str, jax.Array]]:
         """(placement, ids) of every placement's batch that holds the feature."""
         placement, section, feature = key
         chosen = (placement,) if placement else self.placements
@@ -108,9 +108,9 @@ class BatchRows:
         """(the parameters with every reader table replaced by its batch rows, the batches with
         those features' ids replaced by their positions in the rows, {table path: rows})."""
         by_feature: dict[FeatureKey, jax.Array] = {}
-        new_batches = _copy_dicts(batches)
+        new_batches = copy_dicts(batches)
         for key in dict.fromkeys(self.readers.values()):
-            parts = self._ids(batches, key)
+            parts = self.feature_ids(batches, key)
             flat = jnp.concatenate([jnp.zeros((1,), jnp.int32)] + [ids.ravel() for _, ids in parts])
             rows, positions = jnp.unique(flat, size=flat.size, fill_value=UNUSED_ROW, return_inverse=True)
             positions = positions.ravel()[1:].astype(jnp.int32)
@@ -130,7 +130,7 @@ class BatchRows:
     def variables(self, view: Any) -> dict[str, Any]:
         """The model's variables for a `view`: its reader tables in the `BATCH_ROWS` collection,
         the rest as the parameters."""
-        params, rows = _copy_dicts(view), {}
+        params, rows = copy_dicts(view), {}
         for path in self.readers:
             node, into = params, rows
             for key in path[:-1]:
@@ -166,9 +166,9 @@ class BatchRows:
         return jax.tree_util.tree_map_with_path(apply, params, updates)
 
 
-def _copy_dicts(tree: Any) -> Any:
+def copy_dicts(tree: Any) -> Any:
     """A copy of the nested dicts of `tree` (the arrays are shared)."""
-    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+    return {k: copy_dicts(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
 
 def from_config(config: ml_collections.ConfigDict, params: Any, spec: F.FeatureSpec) -> BatchRows | None:

@@ -32,7 +32,7 @@ from multitower_jax import fileio, run_identity
 from multitower_jax import workdir as workdir_lib
 from multitower_jax.data import builders
 from multitower_jax.data.generate import generate
-from multitower_jax.train import multiprocess, sharding
+from multitower_jax.train import multiprocess
 from multitower_jax.train.checkpoint_fallback import CheckpointError, CorruptCheckpointWarning
 from multitower_jax.train.metrics_log import JsonLines
 from multitower_jax.train.trainer import Trainer, early_stopping_metric
@@ -152,7 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     train_step = trainer.train_step if jax.process_count() == 1 else None
     with _StopFlag() as stop:
         while step < int(t.num_steps) and not stopping:
-            batches = {p: sharding.shard_batch(next(it), trainer.mesh) for p, it in iterators.items()}
+            batches = trainer.shard_batches({p: next(it) for p, it in iterators.items()})
             train_step = train_step or multiprocess.compiled_together(trainer.train_step, state, batches)
             state, metrics = train_step(state, batches)
             step += 1

@@ -107,7 +107,8 @@ def _dense_parts(config: ml_collections.ConfigDict) -> list[optax.GradientTransf
             optax.scale_by_learning_rate(learning_rate_schedule(config))]
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, params: Any = None,
+                   sparsecore_paths: frozenset[tuple[str, ...]] = frozenset()) -> optax.GradientTransformation:
     """clip_by_global_norm -> AdamW(schedule, decoupled weight decay), wrapped in
     `optax.MultiSteps` when ``config.optim.accumulation_steps > 1``.
 
@@ -120,7 +121,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> opt
     ``rows=`` on to `rowwise_adagrad`."""
     o = config.optim
     parts = []
-    if float(o.clip_norm) > 0:
+    if float(o.clip_norm) > 0 and not sparsecore_paths:
         parts.append(optax.clip_by_global_norm(float(o.clip_norm)))
     choice = str(o.get("large_table_optimizer", "adamw"))
     threshold = int(o.get("large_table_bytes", 0) or 0)
@@ -135,11 +136,16 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None) -> opt
         if not large:
             fail("optim.large_table_bytes", f"a size that selects an embedding table for {choice} (lower it, "
                  "or set optim.large_table_optimizer='adamw'): it selects no embedding table", threshold)
-        rowwise = rowwise_adagrad(rowwise_schedule(config), float(o.get("rowwise_initial_accumulator", 0.1)))
+        rowwise = rowwise_adagrad(rowwise_schedule(config), float(o.get("rowwise_initial_accumulator", 0.1)),
+                                  per_element=choice == "adagrad")
+
+        def group(path, _):
+            path = param_names(path)
+            return "sparsecore" if path in sparsecore_paths else "rowwise" if path in large else "dense"
+
         parts.append(_without_boxed_masks(optax.multi_transform(
-            {"dense": optax.chain(*_dense_parts(config)), "rowwise": rowwise},
-            lambda tree: jax.tree_util.tree_map_with_path(
-                lambda path, _: "rowwise" if param_names(path) in large else "dense", tree))))
+            {"dense": optax.chain(*_dense_parts(config)), "rowwise": rowwise, "sparsecore": optax.set_to_zero()},
+            lambda tree: jax.tree_util.tree_map_with_path(group, tree))))
     wide_lr = float(o.get("wide_lr_multiplier", 1.0))
     if wide_lr != 1.0:  # Wide & Deep trains its wide part at its own (higher) rate
         parts.append(_without_boxed_masks(optax.masked(optax.scale(wide_lr), wide_mask)))
@@ -191,6 +197,14 @@ def _without_boxed_masks(tx: optax.GradientTransformation) -> optax.GradientTran
     return optax.GradientTransformationExtraArgs(init_fn, optax.with_extra_args_support(tx).update)
 
 
+def clip_scale(norm: jax.Array, max_norm: float) -> jax.Array:
+    """The factor `optax.clip_by_global_norm(max_norm)` multiplies every gradient by, given their
+    global `norm` (1 when `max_norm` is 0: no clipping)."""
+    if max_norm <= 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.where(norm < max_norm, 1.0, max_norm / norm)
+
+
 def rowwise_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """The AdamW schedule's shape (warm-up, cosine) scaled to peak at ``optim.rowwise_learning_rate``."""
     o = config.optim
@@ -204,7 +218,7 @@ class RowwiseAdagradState(NamedTuple):
 
 
 def rowwise_adagrad(learning_rate: float | optax.Schedule, initial_accumulator: float = 0.1,
-                    eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+                    eps: float = 1e-8, per_element: bool = False) -> optax.GradientTransformationExtraArgs:
     """Row-wise Adagrad for [rows, dim] tables (the optimizer of TPU embedding and DLRM tables):
 
         sum_sq[r] += mean_d g[r, d]^2
@@ -218,18 +232,25 @@ def rowwise_adagrad(learning_rate: float | optax.Schedule, initial_accumulator: 
     ``update(..., rows={path: int32[slots]})`` (`param_names` paths; `train.batch_rows`): the
     gradient of each table named there is ``[slots, dim]``, that of its rows ``rows`` (an index
     past the table's end is an unused slot); only those rows' accumulators change, and the
-    update returned is ``[slots, dim]`` too, for `batch_rows.BatchRows.apply_updates`."""
+    update returned is ``[slots, dim]`` too, for `batch_rows.BatchRows.apply_updates`.
+
+    `per_element`: Adagrad with one accumulator per element, exactly as SparseCore applies it
+    (`train.sparsecore`; no `eps`, the accumulator starts at `initial_accumulator` > 0):
+
+        sum_sq[r, d] += g[r, d]^2
+        p[r, d]      -= lr * g[r, d] / sqrt(sum_sq[r, d])"""
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+    kept = 2 if per_element else 1  # the accumulator's axes: the table's rows (and columns)
 
     def init_row_sums(x):
         if isinstance(x, nn.Partitioned):
             if not hasattr(x.value, "shape"):  # another group's parameter (optax.masked's MaskedNode)
                 return x
-            return nn.Partitioned(jnp.full(x.value.shape[:1], initial_accumulator, jnp.float32),
-                                  names=tuple(x.names[:1]), mesh=x.mesh)
+            return nn.Partitioned(jnp.full(x.value.shape[:kept], initial_accumulator, jnp.float32),
+                                  names=tuple(x.names[:kept]), mesh=x.mesh)
         if x.ndim != 2:
             raise ValueError(f"rowwise_adagrad takes [rows, dim] tables, got shape {x.shape}")
-        return jnp.full(x.shape[:1], initial_accumulator, jnp.float32)
+        return jnp.full(x.shape[:kept], initial_accumulator, jnp.float32)
 
     def init_fn(params):
         sums = jax.tree.map(init_row_sums, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -243,7 +264,8 @@ def rowwise_adagrad(learning_rate: float | optax.Schedule, initial_accumulator: 
         def batch_sums(path, g, s):  # the accumulators of the rows `g` is the gradient of
             found = rows.get(param_names(path))
             before = s if found is None else jnp.take(s, found, mode="fill", fill_value=0)
-            return before + jnp.mean(jnp.square(g.astype(jnp.float32)), axis=1)
+            squares = jnp.square(g.astype(jnp.float32))
+            return before + (squares if per_element else jnp.mean(squares, axis=1))
 
         def store(path, s, sums):
             found = rows.get(param_names(path))
@@ -251,7 +273,11 @@ def rowwise_adagrad(learning_rate: float | optax.Schedule, initial_accumulator: 
 
         used_sums = jax.tree_util.tree_map_with_path(batch_sums, updates, state.sum_sq)
         new_sums = jax.tree_util.tree_map_with_path(store, state.sum_sq, used_sums)
-        new = jax.tree.map(lambda g, s: (-lr * g / (jnp.sqrt(s)[:, None] + eps)).astype(g.dtype), updates, used_sums)
+        def step(g, s):
+            scale = jnp.sqrt(s) if per_element else jnp.sqrt(s)[:, None] + eps
+            return (-lr * g / scale).astype(g.dtype)
+
+        new = jax.tree.map(step, updates, used_sums)
         return new, RowwiseAdagradState(count=optax.safe_int32_increment(state.count), sum_sq=new_sums)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

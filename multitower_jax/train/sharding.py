@@ -34,6 +34,10 @@ BATCH_AXES = ("data", "model")  # the batch's rows are split over every device
 # [N, 64] float32 array column-major (no padding of 64 to its 128 lanes), and a step then copies
 # each large table to row-major and back.
 MAJOR_TO_MINOR = {"row_major": (0, 1), "column_major": (1, 0)}
+# The layouts pinned: those, and SparseCore's (row-major in tiles of 8 rows, what its lookup and
+# update read; with any other layout each call copies the whole table shard: `train.sparsecore`).
+LAYOUTS = {**{name: Layout(major_to_minor=order) for name, order in MAJOR_TO_MINOR.items()},
+           "sparsecore": Layout(major_to_minor=(0, 1), tiling=((8,),))}
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
@@ -129,15 +133,15 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules, large_table_bytes: i
 def pin_large_tables(shardings: Any, abstract_state: Any, layout: str) -> Any:
     """`shardings` (of `state_shardings`) with every 2-D array row-sharded over every device (the
     large tables, their moving average and same-shaped optimizer moments) pinned to `layout`
-    (`MAJOR_TO_MINOR`; "default" pins nothing): a `Format` of that layout and its sharding, which
+    (`LAYOUTS`; "default" pins nothing): a `Format` of that layout and its sharding, which
     `jax.jit` and `jax.device_put` take where they take a sharding."""
-    if layout not in MAJOR_TO_MINOR:
+    if layout not in LAYOUTS:
         return shardings
     row_sharded = P(BATCH_AXES, None)
 
     def pin(leaf, sharding):
         if len(leaf.shape) == 2 and isinstance(sharding, NamedSharding) and sharding.spec == row_sharded:
-            return Format(Layout(major_to_minor=MAJOR_TO_MINOR[layout]), sharding)
+            return Format(LAYOUTS[layout], sharding)
         return sharding
 
     return jax.tree.map(pin, nn.unbox(abstract_state), shardings)

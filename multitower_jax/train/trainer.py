@@ -29,7 +29,8 @@ from multitower_jax import workdir as workdir_lib
 from multitower_jax.calibration import evaluation as calibration_evaluation
 from multitower_jax.data import pipeline
 from multitower_jax.models import model as model_lib
-from multitower_jax.train import batch_rows, evaluate, losses, optim, sharding, text_init, wide_init
+from multitower_jax.train import batch_rows, evaluate, losses, optim, sharding, sparsecore, text_init, wide_init
+from multitower_jax.train.sparsecore import SPARSECORE
 from multitower_jax.train.checkpoint_fallback import CheckpointError, CorruptCheckpointWarning, newest_intact
 from multitower_jax.train.data_checkpoint import DataRestore, DataSave
 
@@ -54,20 +55,26 @@ class Trainer:
         self.mesh = sharding.make_mesh(config, devices)
         self.model = model_lib.build_model(config, self.spec, self.mesh)
         param_shapes = jax.eval_shape(lambda: model_lib.init_params(self.model, self._key(0))["params"])
-        self.tx = optim.make_optimizer(config, param_shapes)
-        # With row-wise Adagrad on the large tables, the step sees them through the batch's rows.
-        self.batch_rows = batch_rows.from_config(config, param_shapes, self.spec)
+        # The large id tables on the SparseCores (`sharding.large_table_placement`), or with
+        # (row-wise) Adagrad on them, the step sees them through the batch's rows.
+        self.sparsecore = sparsecore.from_config(config, param_shapes, self.spec, self.mesh)
+        self.tx = optim.make_optimizer(config, param_shapes, self.sparsecore.paths if self.sparsecore else frozenset())
+        self.batch_rows = None if self.sparsecore else batch_rows.from_config(config, param_shapes, self.spec)
         self.rules = sharding.logical_rules(config)
         self.stats = None if workdir is None else pipeline.load_or_compute_stats(config, self.spec, self.workdir)
 
         boxed = jax.eval_shape(self._init_boxed_state, self._key(0))
-        # Shardings, and for the large tables a pinned memory layout (`sharding.pin_large_tables`).
+        # Shardings, and for the large tables a pinned memory layout (`sharding.pin_large_tables`;
+        # SparseCore's own on the SparseCores).
+        layout = str(config.sharding.get("large_table_layout", "default"))
+        if self.sparsecore is not None and self.sparsecore.kernel == "tpu":
+            layout = "sparsecore"
         self.state_shardings = sharding.pin_large_tables(
             sharding.state_shardings(boxed, self.mesh, self.rules, int(config.sharding.get("large_table_bytes", 0) or 0)),
-            boxed, str(config.sharding.get("large_table_layout", "default")))
+            boxed, layout)
         # With pinned layouts, a state made or restored outside the train step (a checkpoint comes
         # back in the backend's default layout) goes through this identity into the step's formats.
-        self._lay_out = (None if config.sharding.get("large_table_layout", "default") == "default"
+        self._lay_out = (None if layout == "default"
                          else jax.jit(lambda state: state, out_shardings=self.state_shardings))
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), self.state_shardings)
@@ -93,8 +100,12 @@ class Trainer:
         """The state with parameters (and their optimizer moments) boxed with logical axis names."""
         init_rng, state_rng = jax.random.split(rng)
         params = model_lib.init_params(self.model, init_rng)["params"]
+        if self.sparsecore is not None:  # the SparseCores' tables in their row order, and their accumulators
+            params = self.sparsecore.stored(params)
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
                  "opt_state": self.tx.init(params), "rng": jax.random.key_data(state_rng)}
+        if self.sparsecore is not None:
+            state[SPARSECORE] = self.sparsecore.init_state(params)
         if self.ema_decay:
             state["ema_params"] = params  # same logical axes, so the same shardings
         return state
@@ -119,11 +130,11 @@ class Trainer:
         """`state` in the train step's formats (`sharding.large_table_layout`; as it is without one)."""
         return state if self._lay_out is None else self._lay_out(state)
 
-    @staticmethod
-    def model_params(state: dict[str, Any]) -> Any:
+    def model_params(self, state: dict[str, Any]) -> Any:
         """The parameters a train state stands for: the moving average when the run keeps one
-        (``optim.ema_decay``), else the last step's."""
-        return state.get("ema_params", state["params"])
+        (``optim.ema_decay``), else the last step's; SparseCore tables in natural row order."""
+        params = state.get("ema_params", state["params"])
+        return params if self.sparsecore is None else self.sparsecore.natural(params)
 
     def _fitted_wide_cvr(self, params: Any) -> Any:
         """`params` with each placement's wide CVR column set to a logistic regression of
@@ -161,6 +172,15 @@ class Trainer:
         # CPU where "rbg" (XLA's RngBitGenerator) costs milliseconds.
         return jax.random.key(seed, impl=self.config.train.rng_impl)
 
+    def shard_batches(self, batches: dict[str, Any]) -> dict[str, Any]:
+        """This process's ``{placement: batch}`` (numpy) -> the train step's global batch, with the
+        SparseCores' preprocessed inputs when the tables are placed there."""
+        out = {p: sharding.shard_batch(b, self.mesh) for p, b in batches.items()}
+        inputs = None if self.sparsecore is None else self.sparsecore.host_inputs(batches)
+        if inputs is not None:
+            out[SPARSECORE] = sharding.shard_batch(inputs, self.mesh)
+        return out
+
     def placement_batches(self, batch: dict[str, Any]) -> dict[str, Any]:
         """``{placement: batch}`` for every placement; a plain batch is the only placement's."""
         if set(batch) == set(self.placements) and "user" not in batch:
@@ -173,16 +193,24 @@ class Trainer:
         """One update on ``{placement: batch}`` (or, with one placement, on its plain batch):
         the loss is the mean of the placements' losses."""
         params = state["params"]
+        batch = dict(batch)
+        inputs = batch.pop(SPARSECORE, None)  # the SparseCores' preprocessed inputs (`host_inputs`)
         batches = self.placement_batches(batch)
-        view, rows = params, None
-        if self.batch_rows is not None:  # the large tables' batch rows, the ids' positions in them
-            view, batches, rows = self.batch_rows.view(params, batches)
+        # The model may see some tables through rows and their ids relabelled (`model_batches`); the
+        # loss always sees the batch's own ids (the in-batch softmax masks duplicate ads by them).
+        view, model_batches, rows = params, batches, None
+        views = self.sparsecore.view_of if self.sparsecore is not None else self.batch_rows
+        if self.sparsecore is not None:  # the placed tables' rows for the slots, the ids' slots
+            view, model_batches, rows = self.sparsecore.view(params, batches, inputs)
+        elif self.batch_rows is not None:  # the large tables' batch rows, the ids' positions in them
+            view, model_batches, rows = self.batch_rows.view(params, batches)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=self.config.train.rng_impl), state["step"])
 
         def placement_loss(params, placement: str, i: int):
             dropout_rng = rng if i == 0 else jax.random.fold_in(rng, i)  # one placement: as before
-            variables = {"params": params} if rows is None else self.batch_rows.variables(params)
-            out = self.model.apply(variables, batches[placement], placement, train=True, rngs={"dropout": dropout_rng})
+            variables = {"params": params} if rows is None else views.variables(params)
+            out = self.model.apply(variables, model_batches[placement], placement, train=True,
+                                   rngs={"dropout": dropout_rng})
             return losses.total_loss(out, batches[placement], self.loss_config, self.mesh, sharding.BATCH_AXES)
 
         def loss_fn(params):
@@ -194,7 +222,12 @@ class Trainer:
             return loss, dict(metrics, loss=loss)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(view)
-        if self.batch_rows is None:
+        new_state = dict(state, step=state["step"] + 1)
+        if self.sparsecore is not None:  # optax updates all but the placed tables; the SparseCores those
+            grads = views.dense_gradients(grads, params, rows)
+            params, new_state["opt_state"], new_state[SPARSECORE], metrics["grad_norm"] = self._sparsecore_update(
+                state, grads, inputs, rows)
+        elif self.batch_rows is None:
             updates, opt_state = self.tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)
         else:  # the large tables' gradients and updates are their batch rows'
@@ -202,11 +235,27 @@ class Trainer:
             large_rows = self.batch_rows.large_rows(rows)
             updates, opt_state = self.tx.update(grads, state["opt_state"], params, rows=large_rows)
             params = self.batch_rows.apply_updates(params, updates, large_rows)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        if self.sparsecore is None:
+            metrics["grad_norm"] = optax.global_norm(grads)
+            new_state["opt_state"] = opt_state
+        new_state["params"] = params
         if self.ema_decay:
             new_state["ema_params"] = optim.ema_update(state["ema_params"], params, self.ema_decay, state["step"])
         return new_state, metrics
+
+    def _sparsecore_update(self, state: dict[str, Any], grads: Any, inputs: Any, slots: Any):
+        """(params, opt_state, the SparseCore state, the gradients' global norm) after one update:
+        every gradient clipped by the one global norm (`SparseCoreTables.global_norm`), optax on
+        all but the placed tables, SparseCore's Adagrad on those."""
+        sc = self.sparsecore
+        norm = sc.global_norm(grads, slots)
+        scale = optim.clip_scale(norm, float(self.config.optim.clip_norm))
+        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        tables, accumulators = sc.update(state["params"], state[SPARSECORE]["accumulators"], inputs, grads, slots,
+                                         state["step"])
+        params = sc.apply_updates(state["params"], updates, tables)
+        return params, opt_state, dict(state[SPARSECORE], accumulators=accumulators), norm
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -325,9 +374,12 @@ class Trainer:
         args = {"state": ocp.args.StandardRestore(self.abstract_state)}
         args.update({name: DataRestore(it) for name, it in self._data_items(iterators).items()})
         if step is not None:
-            return self.laid_out(manager.restore(step, args=ocp.args.Composite(**args))["state"])
-        state, _ = newest_intact(manager, lambda s: manager.restore(s, args=ocp.args.Composite(**args))["state"],
-                                  quarantine)
+            state = manager.restore(step, args=ocp.args.Composite(**args))["state"]
+        else:
+            state, _ = newest_intact(manager, lambda s: manager.restore(s, args=ocp.args.Composite(**args))["state"],
+                                     quarantine)
+        if self.sparsecore is not None:
+            self.sparsecore.check_restored(state)
         return self.laid_out(state)
 
     def save(self, manager: ocp.CheckpointManager, state, iterators, force: bool = False,
