@@ -95,7 +95,7 @@ def test_model_and_train_validation(override, message):
     ("--config.retrieval.leaves_fraction=0", "config.retrieval.leaves_fraction: expected a fraction in (0, 1]"),
     ("--config.calibration.ece_bins=1", "config.calibration.ece_bins: expected an integer in [2, 1000], got 1"),
     ("--config.optim.large_table_optimizer=sgd",
-     "config.optim.large_table_optimizer: expected 'adamw' or 'rowwise_adagrad', got 'sgd'"),
+     "config.optim.large_table_optimizer: expected 'adamw' or 'rowwise_adagrad' or 'adagrad', got 'sgd'"),
     ("--config.model.wide_pooling=('max',)", "config.model.wide_pooling: expected a tuple of 'mean' / 'sum'"),
     ("--config.optim.ema_decay=1.0", "config.optim.ema_decay: expected a decay in [0, 1)"),
 ])

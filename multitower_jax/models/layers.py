@@ -131,7 +131,9 @@ def padded_rows(num_embeddings: int, multiple: int) -> int:
 
 
 # A variable collection that can stand in for embedding tables: the rows of a table that one
-# batch looks up, ``[slots, dim]``, its ids relabelled to positions in them (`train.batch_rows`).
+# batch looks up, ``[slots, dim]``, its ids relabelled to positions in them (`train.batch_rows`),
+# or ``[chips, slots, dim]``: each chip's rows, its ids relabelled to positions in its own
+# (`train.sparsecore`), so the lookup and its gradient stay on the chip.
 BATCH_ROWS = "batch_rows"
 
 
@@ -151,7 +153,12 @@ class Embed(nn.Module):
             table = self.get_variable(BATCH_ROWS, "embedding")
         else:
             table = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features), jnp.float32)
-        return jnp.take(jnp.asarray(table, self.dtype), ids, axis=0)
+        table = jnp.asarray(table, self.dtype)
+        if table.ndim == 3:  # per chip: the batch's rows are split over the chips in order
+            ids_per_chip = ids.reshape(table.shape[0], -1)
+            rows = jax.vmap(lambda t, i: jnp.take(t, i, axis=0))(table, ids_per_chip)
+            return rows.reshape(*ids.shape, table.shape[-1])
+        return jnp.take(table, ids, axis=0)
 
 
 def embed(num_embeddings: int, features: int, name: str | None = None, dtype: Dtype = jnp.float32,

@@ -145,6 +145,7 @@ class BatchRows:
             path = param_names(path)
             if path not in self.readers or path in self.large:
                 return g
+            g = g.reshape(rows[path].shape + table.shape[1:])  # (per chip rows: `train.sparsecore`)
             return jnp.zeros(table.shape, g.dtype).at[rows[path]].add(g, mode="drop")
 
         return jax.tree_util.tree_map_with_path(densify, grads, params)

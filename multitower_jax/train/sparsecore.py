@@ -15,9 +15,15 @@ The train step here is `train.batch_rows`'s with the SparseCores in it:
    (`host_inputs`) and the step builds again on the device (`slot_ids`);
 2. the large tables' rows for the slots are looked up (SparseCore's lookup, or `jnp.take`), a
    smaller table reading the same feature (the wide part's) takes its rows for them, and the
-   model runs on those rows with each id replaced by its slot (0 stays 0: `relabel`);
+   model runs on those rows, ``[chips, slots_per_chip, dim]``, with each id replaced by its
+   slot on its chip (0 stays 0: `relabel`): every chip reads and differentiates its own rows
+   (`layers.Embed`), no rows cross chips;
 3. the gradient with respect to a large table's slots goes, scaled by the one global clipping
-   factor, to SparseCore's Adagrad (`update`); the rest go through optax.
+   factor, to SparseCore's Adagrad (`update`), which sums each row's slots' gradients and
+   updates the row; the rest go through optax. The global norm counts each slot's gradient on
+   its own (summing a row's slots across chips first, as the plain step's table gradient does,
+   would move every slot's gradient between the chips): an id repeated in a batch weighs less
+   in it than in the plain step's, so the step clips a little less often.
 
 The tables live in the SparseCores' MOD-sharded row order: natural row ``i`` is row
 ``(i % G) * (rows // G) + i // G`` of the stored table, with G SparseCores in all (`mod_rows`).
@@ -28,7 +34,8 @@ order (`Trainer.model_params`).
 ``sharding.sparsecore_kernel = "reference"`` runs the same steps with XLA's gather and an
 Adagrad of the looked-up rows (their gradients summed per row first, as SparseCore does), on
 any backend: a CPU test checks it against the plain step with ``optim.large_table_optimizer =
-"adagrad"``; ``"tpu"`` only runs (and compiles, `multitower compile`) on a TPU with SparseCores.
+"adagrad"`` (without clipping); ``"tpu"`` only runs (and compiles: `multitower compile`) on a
+TPU with SparseCores.
 """
 
 from __future__ import annotations
@@ -152,31 +159,33 @@ class SparseCoreTables:
         return np.concatenate([zeros, *parts, np.zeros((local_chips, pad), np.int32)], axis=1).ravel()
 
     def relabel(self, batches: Mapping[str, Any]) -> dict[str, Any]:
-        """`batches` with every placed feature's ids replaced by their slots (id 0 by slot 0)."""
+        """`batches` with every placed feature's ids replaced by their slots on their chip (id 0
+        by slot 0, which holds id 0 on every chip)."""
         new = copy_dicts(batches)
         for key in self.features():
-            offset, width = 1, self.slots_per_chip[key]
+            offset = 1
             for p, ids in self.view_of.feature_ids(batches, key):
                 per_chip = ids.reshape(self.chips, -1)
-                slots = (jnp.arange(self.chips, dtype=jnp.int32)[:, None] * width + offset
-                         + jnp.arange(per_chip.shape[1], dtype=jnp.int32)[None, :])
+                slots = offset + jnp.arange(per_chip.shape[1], dtype=jnp.int32)[None, :]
                 new[p][key[1]][key[2]] = jnp.where(per_chip == 0, 0, slots).reshape(ids.shape)
                 offset += per_chip.shape[1]
         return new
 
     def view(self, params: Any, batches: Mapping[str, Any], inputs: Any) -> tuple[Any, dict[str, Any], dict[Path, jax.Array]]:
         """(the parameters with every reader table of a placed feature replaced by its rows for the
-        slots, the relabelled batches, {reader table path: its slot ids})."""
+        slots, ``[chips, slots_per_chip, dim]``, the relabelled batches, {reader table path: its
+        slot ids})."""
         ids = {key: self.slot_ids(batches, key) for key in self.features()}
         slots = {path: ids[key] for path, key in self.view_of.readers.items()}
         looked_up = self.lookup(params, inputs, ids)
 
         def rows_of(path, table):
             path = param_names(path)
-            if path in looked_up:
-                return looked_up[path]
             found = slots.get(path)
-            return table if found is None else jnp.take(table, found, axis=0)
+            if found is None:
+                return table
+            rows = looked_up[path] if path in looked_up else jnp.take(table, found, axis=0)
+            return rows.reshape(self.chips, -1, rows.shape[-1])
 
         return jax.tree_util.tree_map_with_path(rows_of, params), self.relabel(batches), slots
 
@@ -197,24 +206,13 @@ class SparseCoreTables:
         out = self._shard_map(run, 2)(inputs, tables)
         return {path: out[_name(path)] for path in self.paths}
 
-    def global_norm(self, grads: Any, ids: Mapping[Path, jax.Array]) -> jax.Array:
-        """The global norm of the step's gradients (`view`'s, the small readers' made table-sized
-        by `BatchRows.dense_gradients`), with each placed table's slots' gradients summed per row:
-        the norm of the plain step's gradients, which it clips by."""
-        total = jnp.zeros((), jnp.float32)
-        for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-            path = param_names(path)
-            if path in self.paths:
-                g = self._row_sums(path, g, ids[path])[1]
-            total += jnp.sum(jnp.square(g.astype(jnp.float32)))
-        return jnp.sqrt(total)
-
     def _row_sums(self, path: Path, grad: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(the distinct stored rows of `ids`, padded past the table's end; their summed gradients)."""
         size = self.shapes[path][0]
         stored = mod_rows(ids, size, self.shards)
         rows, where = jnp.unique(stored, size=stored.size, fill_value=size, return_inverse=True)
-        return rows, jax.ops.segment_sum(grad.astype(jnp.float32), where.ravel(), num_segments=stored.size)
+        grad = grad.reshape(stored.size, -1).astype(jnp.float32)
+        return rows, jax.ops.segment_sum(grad, where.ravel(), num_segments=stored.size)
 
     def update(self, params: Any, accumulators: Any, inputs: Any, grads: Any, ids: Mapping[Path, jax.Array],
                step: jax.Array) -> tuple[dict[Path, jax.Array], Any]:
@@ -238,7 +236,8 @@ class SparseCoreTables:
         run = functools.partial(embedding.tpu_sparse_dense_matmul_grad, feature_specs=self.feature_specs,
                                 global_device_count=self.chips, num_sc_per_device=self.per_chip,
                                 sharding_strategy="MOD", step=step)
-        out = self._shard_map(run, 3)({_name(path): _get(grads, path) for path in self.paths}, inputs, variables)
+        grads = {_name(path): _get(grads, path).reshape(-1, self.shapes[path][1]) for path in self.paths}
+        out = self._shard_map(run, 3)(grads, inputs, variables)
         return ({path: out[_name(path)].table for path in self.paths},
                 replace_paths(accumulators, {path: out[_name(path)].slot[0] for path in self.paths}))
 

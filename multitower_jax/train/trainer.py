@@ -76,6 +76,9 @@ class Trainer:
         # back in the backend's default layout) goes through this identity into the step's formats.
         self._lay_out = (None if layout == "default"
                          else jax.jit(lambda state: state, out_shardings=self.state_shardings))
+        if self.sparsecore is not None:  # the placed tables in natural order, sharded as before, any layout
+            self._natural = jax.jit(self.sparsecore.natural, out_shardings=jax.tree.map(
+                lambda s: getattr(s, "sharding", s), self.state_shardings["params"]))
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), self.state_shardings)
         batch_sharding = sharding.batch_sharding(self.mesh)
@@ -134,7 +137,7 @@ class Trainer:
         """The parameters a train state stands for: the moving average when the run keeps one
         (``optim.ema_decay``), else the last step's; SparseCore tables in natural row order."""
         params = state.get("ema_params", state["params"])
-        return params if self.sparsecore is None else self.sparsecore.natural(params)
+        return params if self.sparsecore is None else self._natural(params)
 
     def _fitted_wide_cvr(self, params: Any) -> Any:
         """`params` with each placement's wide CVR column set to a logistic regression of
@@ -245,10 +248,10 @@ class Trainer:
 
     def _sparsecore_update(self, state: dict[str, Any], grads: Any, inputs: Any, slots: Any):
         """(params, opt_state, the SparseCore state, the gradients' global norm) after one update:
-        every gradient clipped by the one global norm (`SparseCoreTables.global_norm`), optax on
-        all but the placed tables, SparseCore's Adagrad on those."""
+        every gradient clipped by the one global norm (the placed tables' per slot), optax on all
+        but the placed tables, SparseCore's Adagrad on those."""
         sc = self.sparsecore
-        norm = sc.global_norm(grads, slots)
+        norm = optax.global_norm(grads)
         scale = optim.clip_scale(norm, float(self.config.optim.clip_norm))
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
