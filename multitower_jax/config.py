@@ -323,6 +323,9 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
         require_choice(config.sharding.get("sparsecore_kernel", "tpu"), "sharding.sparsecore_kernel",
                        SPARSECORE_KERNELS)
         require_positive_int(config.sharding.get("sparsecores_per_chip", 1), "sharding.sparsecores_per_chip")
+        limit = config.sharding.get("sparsecore_max_ids_per_partition", 0)
+        require(isinstance(limit, int) and limit >= 0 and limit % 8 == 0, "sharding.sparsecore_max_ids_per_partition",
+                "a multiple of 8, or 0 (every id a SparseCore holds)", limit)
     multiple = config.model.get("vocab_multiple", 1) if "model" in config else 1
     if mesh.model > 1 and ("vocab", "model") in [tuple(r) for r in rules]:
         require(multiple % mesh.model == 0, "model.vocab_multiple",

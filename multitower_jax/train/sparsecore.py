@@ -120,15 +120,17 @@ class SparseCoreTables:
                 raise ValueError(f"sharding.large_table_placement='sparsecore': table {'/'.join(path)} has {rows} "
                                  f"rows, not a multiple of 8 x {self.shards} SparseCores (pad it with "
                                  f"model.vocab_multiple={8 * self.shards})")
+        self.max_ids_per_partition = int(config.sharding.get("sparsecore_max_ids_per_partition", 0) or 0)
         self.learning_rate = optim.rowwise_schedule(config)
         self.initial_accumulator = float(config.optim.get("rowwise_initial_accumulator", 0.1))
         rows_per_chip = int(config.data.batch_size) // self.chips
-        # Per feature: the leading 0 and the ids of one chip's rows (all placements), padded with 0s
+        # Per feature: the leading 0 and the ids of one chip's rows (all placements), then padding
         # to a multiple of 8 per SparseCore (each takes an equal share of the chip's slots).
+        self.used_slots_per_chip = {key: 1 + rows_per_chip * sum(
+            math.prod(fake.random_batch(spec, p, 1, seed=0)[key[1]][key[2]].shape[1:]) for p in self._holders(key))
+            for key in self.features()}
         align = 8 * self.per_chip
-        self.slots_per_chip = {key: -(-(1 + rows_per_chip * sum(
-            math.prod(fake.random_batch(spec, p, 1, seed=0)[key[1]][key[2]].shape[1:]) for p in self._holders(key)))
-            // align) * align for key in self.features()}
+        self.slots_per_chip = {key: -(-used // align) * align for key, used in self.used_slots_per_chip.items()}
         if self.kernel == "tpu":
             self.feature_specs = self._feature_specs()
 
@@ -264,8 +266,10 @@ class SparseCoreTables:
         for path in sorted(self.paths):
             key, (rows, dim) = self.view_of.readers[path], self.shapes[path]
             slots = self.slots_per_chip[key]
-            # Ids one SparseCore may send to one partition: at most all of its slots.
-            limit = -(-slots // self.per_chip // 8) * 8 or 8
+            # Ids one SparseCore may send to one partition (another SparseCore's shard): at most
+            # all of its slots, unless the config says fewer (the SparseCore programs are sized by
+            # it; a batch over it is an error, never dropped ids: allow_id_dropping=False).
+            limit = self.max_ids_per_partition or slots // self.per_chip
             table = embedding_spec.TableSpec(
                 vocabulary_size=rows, embedding_dim=dim, initializer=jax.nn.initializers.zeros,
                 optimizer=embedding_spec.AdagradOptimizerSpec(learning_rate=self.learning_rate,
@@ -286,17 +290,43 @@ class SparseCoreTables:
 
     def host_inputs(self, batches: Mapping[str, Any]) -> Any:
         """This process's batches -> the SparseCores' preprocessed inputs (None with the reference
-        kernel), to send with the batch under `SPARSECORE` (`sharding.shard_batch`)."""
+        kernel), to send with the batch under `SPARSECORE` (`sharding.shard_batch`). One id per
+        slot; the padding slots hold none (they would all fall in the first shard)."""
         if self.kernel == "reference":
             return None
         embedding = _tpu_embedding()[0]
         local = int(self.mesh.local_mesh.size)
-        features = {_name(path): self.host_slot_ids(batches, self.view_of.readers[path], local)[:, None]
-                    for path in sorted(self.paths)}
+        features = {}
+        for path in sorted(self.paths):
+            key = self.view_of.readers[path]
+            used = self.used_slots_per_chip[key]
+            slots = self.host_slot_ids(batches, key, local).reshape(local, -1)
+            self._check_partition_limit(_name(path), slots[:, :used])
+            samples = np.empty(slots.shape, dtype=object)  # ragged: one id per used slot, none after
+            for chip, position in np.ndindex(*slots.shape):
+                samples[chip, position] = slots[chip, position:position + 1] if position < used else _NO_IDS
+            features[_name(path)] = samples.ravel()
         inputs, _ = embedding.preprocess_sparse_dense_matmul_input(
             features, None, self.feature_specs, local_device_count=local, global_device_count=self.chips,
             num_sc_per_device=self.per_chip, sharding_strategy="MOD", allow_id_dropping=False)
         return inputs
+
+    def _check_partition_limit(self, name: str, used: np.ndarray) -> None:
+        """A clear error where jax-tpu-embedding's preprocessing would abort the process: more ids
+        of one SparseCore's share of a chip's slots (`used`: [chips, used slots]) in one shard than
+        ``sharding.sparsecore_max_ids_per_partition``."""
+        if not self.max_ids_per_partition:
+            return  # the bound is every slot a SparseCore holds
+        per_sc = self.slots_per_chip[self.view_of.readers[_path(name)]] // self.per_chip
+        for chip, ids in enumerate(used):
+            for sc in range(self.per_chip):
+                counts = np.bincount(ids[sc * per_sc:(sc + 1) * per_sc] % self.shards, minlength=self.shards)
+                if counts.max() > self.max_ids_per_partition:
+                    raise ValueError(
+                        f"SparseCore table {name}: {counts.max()} ids of one SparseCore's share of the batch "
+                        f"(chip {chip}, SparseCore {sc}) fall in one shard ({int(counts.argmax())} of {self.shards}), "
+                        f"more than sharding.sparsecore_max_ids_per_partition={self.max_ids_per_partition}: raise it "
+                        "(0 takes every id a SparseCore holds)")
 
     def abstract_inputs(self) -> Any:
         """ShapeDtypeStructs of the global `host_inputs` (to compile the train step ahead of time)."""
@@ -338,6 +368,9 @@ class SparseCoreTables:
             raise ValueError(f"the checkpoint's SparseCore tables are sharded over {saved} SparseCores, this run's "
                              f"over {self.shards} ({self.chips} chips x {self.per_chip}): their row order differs, "
                              "so it cannot be continued here (evaluate or export it on its own topology)")
+
+
+_NO_IDS = np.zeros(0, np.int32)
 
 
 def _name(path: Path) -> str:
