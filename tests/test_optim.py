@@ -195,11 +195,14 @@ def _flat(tree):
             "kernel": tree["dense"]["kernel"], "bias": tree["dense"]["bias"]}
 
 
-def test_rowwise_adagrad_moves_only_the_batch_rows_as_a_numpy_reference():
-    """A 10 x 4 table (160 bytes, over the 100-byte threshold) takes row-wise Adagrad, the 3 x 4
-    table (48 bytes) and the dense layer AdamW, both after one global clipping; the gradients
-    are zero outside the rows of the batch's ids, as an embedding lookup's are."""
-    config = config_with(**ROWWISE)
+@pytest.mark.parametrize("choice", ["rowwise_adagrad", "adagrad"])
+def test_rowwise_adagrad_moves_only_the_batch_rows_as_a_numpy_reference(choice):
+    """A 10 x 4 table (160 bytes, over the 100-byte threshold) takes row-wise Adagrad (or Adagrad,
+    one accumulator per element), the 3 x 4 table (48 bytes) and the dense layer AdamW, both after
+    one global clipping; the gradients are zero outside the rows of the batch's ids, as an
+    embedding lookup's are."""
+    config = config_with(**dict(ROWWISE, large_table_optimizer=choice))
+    per_element = choice == "adagrad"
     rng = np.random.default_rng(1)
     flat = {"big": rng.normal(size=(10, 4)), "small": rng.normal(size=(3, 4)), "kernel": rng.normal(size=(4, 2)),
             "bias": rng.normal(size=(2,))}
@@ -225,10 +228,14 @@ def test_rowwise_adagrad_moves_only_the_batch_rows_as_a_numpy_reference():
     for g in grads:
         norm = np.sqrt(sum(np.sum(np.square(x)) for x in g.values()))
         clipped.append({k: v * min(1.0, 1.0 / norm) for k, v in g.items()})
-    table, sum_sq = flat["big"].copy(), np.full(10, 0.1)
+    table, sum_sq = flat["big"].copy(), np.full((10, 4) if per_element else 10, 0.1)
     for g, lr in zip(clipped, lrs):
-        sum_sq += np.mean(g["big"] ** 2, axis=1)
-        table -= lr * (0.5 / 0.1) * g["big"] / (np.sqrt(sum_sq)[:, None] + 1e-8)
+        if per_element:  # SparseCore's Adagrad: no eps
+            sum_sq += g["big"] ** 2
+            table -= lr * (0.5 / 0.1) * g["big"] / np.sqrt(sum_sq)
+        else:
+            sum_sq += np.mean(g["big"] ** 2, axis=1)
+            table -= lr * (0.5 / 0.1) * g["big"] / (np.sqrt(sum_sq)[:, None] + 1e-8)
     rest = np_adamw({k: flat[k] for k in ("small", "kernel", "bias")},
                     [{k: g[k] for k in ("small", "kernel", "bias")} for g in clipped], lrs, 0.5, np.inf,
                     decays={"small": True, "kernel": True, "bias": False})
@@ -240,13 +247,13 @@ def test_rowwise_adagrad_moves_only_the_batch_rows_as_a_numpy_reference():
     for k in ("small", "kernel", "bias"):
         np.testing.assert_allclose(got[k], rest[k], rtol=2e-5, atol=1e-6, err_msg=k)
 
-    # The state: one accumulator per row of the big table (untouched rows keep 0.1 exactly);
-    # AdamW's moments only for the other parameters.
-    accumulators = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (10,)]
+    # The state: one accumulator per row (or element) of the big table (untouched rows keep 0.1
+    # exactly); AdamW's moments only for the other parameters.
+    accumulators = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == sum_sq.shape]
     assert len(accumulators) == 1
     np.testing.assert_allclose(np.asarray(accumulators[0]), sum_sq, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(accumulators[0])[never], np.float32(0.1))
-    assert not [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (10, 4)]
+    assert len([x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (10, 4)]) == int(per_element)
     assert len([x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (3, 4)]) == 2
 
 

@@ -204,3 +204,24 @@ def test_the_tpu_kernel_compiles_for_v5p_and_its_host_inputs_look_up_the_slots(v
                              num_sc_per_chip=4, samples_per_chip=sc.slots_per_chip[key])
         slots = sc.host_slot_ids({"search": batch}, key, 4)
         np.testing.assert_array_equal(got, table[slots], err_msg=name)
+
+
+@needs_tpu_embedding
+def test_too_many_ids_for_one_shard_is_a_clear_error_not_an_abort(v5p_2x2x1, tmp_path):
+    """jax-tpu-embedding's preprocessing aborts the process when a SparseCore sends more ids to
+    one shard than its bound; the host checks first and names the table and the option. With the
+    bound at 0 (every id a SparseCore holds) the same batch goes through."""
+    batch = None
+    for limit in (0, 8):
+        config = _config(tmp_path, *ON_SPARSECORE, "--config.data.batch_size=256",
+                         f"--config.sharding.sparsecore_max_ids_per_partition={limit}")
+        trainer = Trainer(config, None, devices=v5p_2x2x1)
+        if batch is None:
+            batch = fake.random_batch(trainer.spec, "search", 256, seed=1)
+            batch["ad"]["advertiser_id"][:] = 17  # every id in one shard
+        if limit == 0:
+            assert trainer.sparsecore.host_inputs({"search": batch}) is not None
+        else:
+            with pytest.raises(ValueError, match=r"embed_advertiser_id/embedding: 23 ids of one SparseCore's share .* "
+                                                 r"sharding.sparsecore_max_ids_per_partition=8"):
+                trainer.sparsecore.host_inputs({"search": batch})
