@@ -174,10 +174,8 @@ def test_the_tpu_kernel_compiles_for_v5p_and_its_host_inputs_look_up_the_slots(v
     """The train step with jax-tpu-embedding's lookup and Adagrad compiles for a v5p 2x2x1 slice
     (4 chips x 4 SparseCores): its program runs SparseCore custom calls and holds a quarter of
     each placed table per chip. The host preprocessing of a real batch has the compiled program's
-    input shapes, and an independent emulation of the SparseCore lookup over it gives each slot's
-    row (what the reference kernel looks up)."""
-    from sparsecore_emulation import emulate_lookup
-
+    input shapes, and a numpy emulation of the SparseCore lookup over it (`_emulate_lookup`) gives
+    each slot's row (what the reference kernel looks up), zeros for the padding slots."""
     config = _config(tmp_path, *ON_SPARSECORE, "--config.data.batch_size=256")
     programs = aot.compile_programs(config, v5p_2x2x1, programs=("train_step",))
     trainer, compiled = programs["trainer"], programs["train_step"]
@@ -198,12 +196,40 @@ def test_the_tpu_kernel_compiles_for_v5p_and_its_host_inputs_look_up_the_slots(v
         key, (rows, dim) = sc.view_of.readers[path], sc.shapes[path]
         table = rng.normal(size=(rows, dim)).astype(np.float32)
         name = "/".join(path)
-        one = jax.tree.map(lambda d, name=name: {name: d[name]} if isinstance(d, dict) else d, inputs,
-                           is_leaf=lambda x: isinstance(x, dict))
-        got = emulate_lookup(one, np.asarray(sparsecore.mod_order(table, sc.shards)), num_chips=4,
-                             num_sc_per_chip=4, samples_per_chip=sc.slots_per_chip[key])
-        slots = sc.host_slot_ids({"search": batch}, key, 4)
-        np.testing.assert_array_equal(got, table[slots], err_msg=name)
+        buffers = [np.asarray(getattr(inputs.sparse_dense_matmul_input, f)[name])
+                   for f in ("lhs_row_pointers", "lhs_embedding_ids", "lhs_sample_ids", "lhs_gains")]
+        got = _emulate_lookup(*buffers, np.asarray(sparsecore.mod_order(table, sc.shards)), chips=4, per_chip=4,
+                              slots_per_chip=sc.slots_per_chip[key])
+        slots = sc.host_slot_ids({"search": batch}, key, 4).reshape(4, -1)
+        slots[:, sc.used_slots_per_chip[key]:] = -1  # the padding slots hold no id: zeros
+        want = np.where((slots >= 0).ravel()[:, None], table[np.maximum(slots, 0).ravel()], 0.0)
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def _emulate_lookup(row_pointers, embedding_ids, sample_ids, gains, table_mod, *, chips, per_chip, slots_per_chip):
+    """What the SparseCore lookup computes from jax-tpu-embedding's preprocessed buffers (one
+    table, MOD order, one host), in numpy: the activations ``[chips * slots_per_chip, dim]``.
+
+    The buffers are, per chip and per SparseCore of it, one section of equal size; in it, the
+    entries of each of the G = chips x per_chip shards (partitions) in turn, each shard's starting
+    at a multiple of 8; ``row_pointers`` (G per SparseCore) are the shards' end offsets in the
+    section. An entry is (the row within the shard, ``id // G``; the sample within the
+    SparseCore's share of the chip's slots; its gain); shard ``p``'s row ``r`` is row
+    ``p * rows / G + r`` of the MOD-ordered table. Unused entries hold 2^31 - 1."""
+    shards, rows = chips * per_chip, table_mod.shape[0]
+    section = embedding_ids.size // shards
+    pointers = row_pointers.reshape(chips, per_chip, shards)
+    ids, samples, weights = (a.reshape(chips, per_chip, section) for a in (embedding_ids, sample_ids, gains))
+    out = np.zeros((chips * slots_per_chip, table_mod.shape[1]), table_mod.dtype)
+    per_sc = slots_per_chip // per_chip
+    for chip, sc in np.ndindex(chips, per_chip):
+        start = 0
+        for shard, end in enumerate(pointers[chip, sc]):
+            for e in range(start, end):
+                slot = chip * slots_per_chip + sc * per_sc + samples[chip, sc, e]
+                out[slot] += weights[chip, sc, e] * table_mod[shard * (rows // shards) + ids[chip, sc, e]]
+            start = -(-end // 8) * 8
+    return out
 
 
 @needs_tpu_embedding
