@@ -10,8 +10,10 @@ preprocessing builds on the host for every chip and SparseCore.
 The train step here is `train.batch_rows`'s with the SparseCores in it:
 
 1. per id feature that a large table reads, the step's *slots* are, per chip, id 0 (the OOV /
-   padding row), every id of the chip's rows of the batch (every placement's) in order, and 0s
-   up to a multiple of 8 per SparseCore: ``chips * slots_per_chip`` ids, which the host preprocesses for the SparseCores
+   padding row), every id of the chip's rows of the batch (every placement's) in order, and
+   padding up to a multiple of 8 per SparseCore (ids 0, 1, 2, ... mod the shard count, so they
+   spread over the shards; weight 0 for the SparseCores, never read by the model):
+   ``chips * slots_per_chip`` ids, which the host preprocesses for the SparseCores
    (`host_inputs`) and the step builds again on the device (`slot_ids`);
 2. the large tables' rows for the slots are looked up (SparseCore's lookup, or `jnp.take`), a
    smaller table reading the same feature (the wide part's) takes its rows for them, and the
@@ -145,20 +147,26 @@ class SparseCoreTables:
 
     def slot_ids(self, batches: Mapping[str, Any], key: FeatureKey) -> jax.Array:
         """int32[chips * slots_per_chip]: per chip, 0, the ids of its rows of every placement's
-        batch (the batch's rows are split over the chips in order), and 0s up to its slot count."""
+        batch (the batch's rows are split over the chips in order), and `_padding` up to its slot
+        count."""
         parts = [ids.reshape(self.chips, -1) for _, ids in self.view_of.feature_ids(batches, key)]
-        pad = self.slots_per_chip[key] - 1 - sum(p.shape[1] for p in parts)
-        zeros = jnp.zeros((self.chips, 1), jnp.int32)
-        return jnp.concatenate([zeros, *parts, jnp.zeros((self.chips, pad), jnp.int32)], axis=1).ravel()
+        zeros, padding = jnp.zeros((self.chips, 1), jnp.int32), self._padding(key, self.chips)
+        return jnp.concatenate([zeros, *parts, jnp.asarray(padding)], axis=1).ravel()
+
+    def _padding(self, key: FeatureKey, chips: int) -> np.ndarray:
+        """The ids of the padding slots, ``[chips, slots past the used ones]``: 0, 1, 2, ... mod
+        the shard count, one per shard in turn (all in one shard, they would count against
+        `sharding.sparsecore_max_ids_per_partition` there)."""
+        pad = self.slots_per_chip[key] - self.used_slots_per_chip[key]
+        return np.broadcast_to(np.arange(pad, dtype=np.int32) % self.shards, (chips, pad))
 
     def host_slot_ids(self, batches: Mapping[str, Any], key: FeatureKey, local_chips: int) -> np.ndarray:
         """`slot_ids` of this process's batches (numpy), for its `local_chips` chips."""
         placement, section, feature = key
         parts = [np.asarray(batches[p][section][feature], np.int32).reshape(local_chips, -1)
                  for p in ((placement,) if placement else self.view_of.placements)]
-        pad = self.slots_per_chip[key] - 1 - sum(p.shape[1] for p in parts)
         zeros = np.zeros((local_chips, 1), np.int32)
-        return np.concatenate([zeros, *parts, np.zeros((local_chips, pad), np.int32)], axis=1).ravel()
+        return np.concatenate([zeros, *parts, self._padding(key, local_chips)], axis=1).ravel()
 
     def relabel(self, batches: Mapping[str, Any]) -> dict[str, Any]:
         """`batches` with every placed feature's ids replaced by their slots on their chip (id 0
@@ -186,7 +194,8 @@ class SparseCoreTables:
             found = slots.get(path)
             if found is None:
                 return table
-            rows = looked_up[path] if path in looked_up else jnp.take(table, found, axis=0)
+            # (a small table may have fewer rows than a padding slot's id: clipped, never read)
+            rows = looked_up[path] if path in looked_up else jnp.take(table, found, axis=0, mode="clip")
             return rows.reshape(self.chips, -1, rows.shape[-1])
 
         return jax.tree_util.tree_map_with_path(rows_of, params), self.relabel(batches), slots
@@ -291,34 +300,32 @@ class SparseCoreTables:
     def host_inputs(self, batches: Mapping[str, Any]) -> Any:
         """This process's batches -> the SparseCores' preprocessed inputs (None with the reference
         kernel), to send with the batch under `SPARSECORE` (`sharding.shard_batch`). One id per
-        slot; the padding slots hold none (they would all fall in the first shard)."""
+        slot, of weight 0 in the padding slots."""
         if self.kernel == "reference":
             return None
         embedding = _tpu_embedding()[0]
         local = int(self.mesh.local_mesh.size)
-        features = {}
+        features, weights = {}, {}
         for path in sorted(self.paths):
             key = self.view_of.readers[path]
-            used = self.used_slots_per_chip[key]
             slots = self.host_slot_ids(batches, key, local).reshape(local, -1)
-            self._check_partition_limit(_name(path), slots[:, :used])
-            samples = np.empty(slots.shape, dtype=object)  # ragged: one id per used slot, none after
-            for chip, position in np.ndindex(*slots.shape):
-                samples[chip, position] = slots[chip, position:position + 1] if position < used else _NO_IDS
-            features[_name(path)] = samples.ravel()
+            self._check_partition_limit(_name(path), slots)
+            features[_name(path)] = slots.reshape(-1, 1)
+            weights[_name(path)] = (np.arange(slots.shape[1]) < self.used_slots_per_chip[key]).astype(
+                np.float32)[None, :].repeat(local, axis=0).reshape(-1, 1)
         inputs, _ = embedding.preprocess_sparse_dense_matmul_input(
-            features, None, self.feature_specs, local_device_count=local, global_device_count=self.chips,
+            features, weights, self.feature_specs, local_device_count=local, global_device_count=self.chips,
             num_sc_per_device=self.per_chip, sharding_strategy="MOD", allow_id_dropping=False)
         return inputs
 
-    def _check_partition_limit(self, name: str, used: np.ndarray) -> None:
+    def _check_partition_limit(self, name: str, slots: np.ndarray) -> None:
         """A clear error where jax-tpu-embedding's preprocessing would abort the process: more ids
-        of one SparseCore's share of a chip's slots (`used`: [chips, used slots]) in one shard than
+        of one SparseCore's share of a chip's slots (`slots`: [chips, slots]) in one shard than
         ``sharding.sparsecore_max_ids_per_partition``."""
         if not self.max_ids_per_partition:
             return  # the bound is every slot a SparseCore holds
         per_sc = self.slots_per_chip[self.view_of.readers[_path(name)]] // self.per_chip
-        for chip, ids in enumerate(used):
+        for chip, ids in enumerate(slots):
             for sc in range(self.per_chip):
                 counts = np.bincount(ids[sc * per_sc:(sc + 1) * per_sc] % self.shards, minlength=self.shards)
                 if counts.max() > self.max_ids_per_partition:
@@ -368,9 +375,6 @@ class SparseCoreTables:
             raise ValueError(f"the checkpoint's SparseCore tables are sharded over {saved} SparseCores, this run's "
                              f"over {self.shards} ({self.chips} chips x {self.per_chip}): their row order differs, "
                              "so it cannot be continued here (evaluate or export it on its own topology)")
-
-
-_NO_IDS = np.zeros(0, np.int32)
 
 
 def _name(path: Path) -> str:
