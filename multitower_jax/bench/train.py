@@ -19,7 +19,6 @@ import numpy as np
 from multitower_jax import bench
 from multitower_jax import features as F
 from multitower_jax.data import fake
-from multitower_jax.train import sharding
 from multitower_jax.train.trainer import Trainer
 
 
@@ -48,7 +47,8 @@ def run(config: ml_collections.ConfigDict, json_path: str | None = None, steps: 
     placement = config.data.placements[0]
     batch_size = int(config.data.batch_size)
     trainer = Trainer(config, workdir=None)  # random batches: no data; parameters start at random
-    batches = [sharding.shard_batch(fake.random_batch(spec, placement, batch_size, seed=i), trainer.mesh)
+    # (with the large tables on the SparseCores, with their preprocessed inputs)
+    batches = [trainer.shard_batches({placement: fake.random_batch(spec, placement, batch_size, seed=i)})
                for i in range(steps)]
     state = trainer.init_state()
     lowered = trainer.train_step.lower(state, batches[0])

@@ -30,9 +30,9 @@ from multitower_jax.calibration import evaluation as calibration_evaluation
 from multitower_jax.data import pipeline
 from multitower_jax.models import model as model_lib
 from multitower_jax.train import batch_rows, evaluate, losses, optim, sharding, sparsecore, text_init, wide_init
-from multitower_jax.train.sparsecore import SPARSECORE
 from multitower_jax.train.checkpoint_fallback import CheckpointError, CorruptCheckpointWarning, newest_intact
 from multitower_jax.train.data_checkpoint import DataRestore, DataSave
+from multitower_jax.train.sparsecore import SPARSECORE
 
 
 class Trainer:
