@@ -149,9 +149,18 @@ class SparseCoreTables:
         """int32[chips * slots_per_chip]: per chip, 0, the ids of its rows of every placement's
         batch (the batch's rows are split over the chips in order), and `_padding` up to its slot
         count."""
-        parts = [ids.reshape(self.chips, -1) for _, ids in self.view_of.feature_ids(batches, key)]
-        zeros, padding = jnp.zeros((self.chips, 1), jnp.int32), self._padding(key, self.chips)
-        return jnp.concatenate([zeros, *parts, jnp.asarray(padding)], axis=1).ravel()
+        return self._slots(jnp, [ids for _, ids in self.view_of.feature_ids(batches, key)], key, self.chips)
+
+    def host_slot_ids(self, batches: Mapping[str, Any], key: FeatureKey, local_chips: int) -> np.ndarray:
+        """`slot_ids` of this process's batches (numpy), for its `local_chips` chips."""
+        parts = [np.asarray(batches[p][key[1]][key[2]], np.int32) for p in self._holders(key)]
+        return self._slots(np, parts, key, local_chips)
+
+    def _slots(self, xp, parts: list, key: FeatureKey, chips: int):
+        """Per chip (`xp`: numpy or jax.numpy): 0, its rows' ids of each part in turn, the padding."""
+        per_chip = [ids.reshape(chips, -1) for ids in parts]
+        zeros, padding = xp.zeros((chips, 1), xp.int32), xp.asarray(self._padding(key, chips))
+        return xp.concatenate([zeros, *per_chip, padding], axis=1).ravel()
 
     def _padding(self, key: FeatureKey, chips: int) -> np.ndarray:
         """The ids of the padding slots, ``[chips, slots past the used ones]``: 0, 1, 2, ... mod
@@ -159,14 +168,6 @@ class SparseCoreTables:
         `sharding.sparsecore_max_ids_per_partition` there)."""
         pad = self.slots_per_chip[key] - self.used_slots_per_chip[key]
         return np.broadcast_to(np.arange(pad, dtype=np.int32) % self.shards, (chips, pad))
-
-    def host_slot_ids(self, batches: Mapping[str, Any], key: FeatureKey, local_chips: int) -> np.ndarray:
-        """`slot_ids` of this process's batches (numpy), for its `local_chips` chips."""
-        placement, section, feature = key
-        parts = [np.asarray(batches[p][section][feature], np.int32).reshape(local_chips, -1)
-                 for p in ((placement,) if placement else self.view_of.placements)]
-        zeros = np.zeros((local_chips, 1), np.int32)
-        return np.concatenate([zeros, *parts, self._padding(key, local_chips)], axis=1).ravel()
 
     def relabel(self, batches: Mapping[str, Any]) -> dict[str, Any]:
         """`batches` with every placed feature's ids replaced by their slots on their chip (id 0
