@@ -121,22 +121,27 @@ def test_the_step_on_the_sparsecores_equals_the_plain_adagrad_step(tmp_path):
 
 def test_slots_built_on_the_host_are_the_steps(tmp_path):
     """The ids the host preprocesses for the SparseCores are the step's slots: per chip, 0 and the
-    chip's ids, 0s after; the model sees each id as its slot on its chip, 0 as 0."""
+    chip's ids; the model sees each id as its slot on its chip, 0 as 0; the slots it never reads
+    (ids 0 of the multi-hot padding, the padding) spread over the shards."""
     trainer = Trainer(_config(tmp_path, *REFERENCE), None, devices=jax.devices()[:4])
     sc = trainer.sparsecore
     batch = fake.random_batch(trainer.spec, "search", 256, seed=5)
     batch["context"]["categories"][:3] = 0  # padding
-    for key in sc.features():
-        host = sc.host_slot_ids({"search": batch}, key, 4)
-        np.testing.assert_array_equal(host, np.asarray(sc.slot_ids({"search": batch}, key)))
-        assert host.size == 4 * sc.slots_per_chip[key] and (host[::sc.slots_per_chip[key]] == 0).all()
     relabelled = sc.relabel({"search": batch})["search"]
-    for (placement, section, feature) in sc.features():
-        ids, slots = batch[section][feature], np.asarray(relabelled[section][feature])
-        host = sc.host_slot_ids({"search": batch}, (placement, section, feature), 4).reshape(4, -1)
-        # each id's slot on its chip (the rows are split over the chips in order) holds the id
-        np.testing.assert_array_equal(np.take_along_axis(host, slots.reshape(4, -1), axis=1), ids.reshape(4, -1))
+    for key in sc.features():
+        host, read = sc.host_slots({"search": batch}, key, 4)
+        np.testing.assert_array_equal(host.ravel(), np.asarray(sc.slot_ids({"search": batch}, key)))
+        assert host.shape == (4, sc.slots_per_chip[key]) and (host[:, 0] == 0).all() and read[:, 0].all()
+        ids, slots = batch[key[1]][key[2]].reshape(4, -1), np.asarray(relabelled[key[1]][key[2]]).reshape(4, -1)
+        # each nonzero id's slot on its chip (the rows are split over the chips in order) holds
+        # the id; the model reads exactly those slots and slot 0
+        np.testing.assert_array_equal(np.take_along_axis(host, slots, axis=1), ids)
         assert ((slots == 0) == (ids == 0)).all()
+        assert read.sum() == 4 + (ids != 0).sum()
+        # the unread slots spread evenly over the shards, on each chip
+        for chip in range(4):
+            unread = host[chip][~read[chip]] % sc.shards
+            assert np.bincount(unread).max() == -(-unread.size // sc.shards)
 
 
 def test_the_placement_needs_adagrad_row_sharding_and_rows_in_eights_per_sparsecore(tmp_path):
@@ -175,7 +180,8 @@ def test_the_tpu_kernel_compiles_for_v5p_and_its_host_inputs_look_up_the_slots(v
     (4 chips x 4 SparseCores): its program runs SparseCore custom calls and holds a quarter of
     each placed table per chip. The host preprocessing of a real batch has the compiled program's
     input shapes, and a numpy emulation of the SparseCore lookup over it (`_emulate_lookup`) gives
-    each slot's row (what the reference kernel looks up), zeros for the padding slots."""
+    each slot's row (what the reference kernel looks up), zeros for the slots the model never
+    reads."""
     config = _config(tmp_path, *ON_SPARSECORE, "--config.data.batch_size=256")
     programs = aot.compile_programs(config, v5p_2x2x1, programs=("train_step",))
     trainer, compiled = programs["trainer"], programs["train_step"]
@@ -200,9 +206,8 @@ def test_the_tpu_kernel_compiles_for_v5p_and_its_host_inputs_look_up_the_slots(v
                    for f in ("lhs_row_pointers", "lhs_embedding_ids", "lhs_sample_ids", "lhs_gains")]
         got = _emulate_lookup(*buffers, np.asarray(sparsecore.mod_order(table, sc.shards)), chips=4, per_chip=4,
                               slots_per_chip=sc.slots_per_chip[key])
-        slots = sc.host_slot_ids({"search": batch}, key, 4).reshape(4, -1)
-        slots[:, sc.used_slots_per_chip[key]:] = -1  # the padding slots hold no id: zeros
-        want = np.where((slots >= 0).ravel()[:, None], table[np.maximum(slots, 0).ravel()], 0.0)
+        slots, read = sc.host_slots({"search": batch}, key, 4)
+        want = np.where(read.ravel()[:, None], table[slots.ravel()], 0.0)  # weight 0: zeros
         np.testing.assert_array_equal(got, want, err_msg=name)
 
 
@@ -247,7 +252,9 @@ def test_too_many_ids_for_one_shard_is_a_clear_error_not_an_abort(v5p_2x2x1, tmp
             batch["ad"]["advertiser_id"][:] = 17  # every id in one shard
         if limit == 0:
             assert trainer.sparsecore.host_inputs({"search": batch}) is not None
+            # noted for the train log: a SparseCore's 24 slots all hold advertiser 17
+            assert trainer.host_metrics() == {"sparsecore_max_ids_per_shard": 24}
         else:
-            with pytest.raises(ValueError, match=r"embed_advertiser_id/embedding: 23 ids of one SparseCore's share .* "
+            with pytest.raises(ValueError, match=r"embed_advertiser_id/embedding: 24 ids of one SparseCore's share .* "
                                                  r"sharding.sparsecore_max_ids_per_partition=8"):
                 trainer.sparsecore.host_inputs({"search": batch})

@@ -164,7 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                         f"{workdir / 'checkpoints'} (lower config.optim.peak_lr or check the data)")
                 rate = (step - start_step) * batch_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", ex_per_s=f"{rate:,.0f}")
-                log(pending[0], dict(values, examples_per_sec=rate))
+                log(pending[0], dict(values, examples_per_sec=rate, **trainer.host_metrics()))
             pending = (step, metrics)
             bar.update(1)
             if jax.process_count() == 1:

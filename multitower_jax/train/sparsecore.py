@@ -11,8 +11,8 @@ The train step here is `train.batch_rows`'s with the SparseCores in it:
 
 1. per id feature that a large table reads, the step's *slots* are, per chip, id 0 (the OOV /
    padding row), every id of the chip's rows of the batch (every placement's) in order, and
-   padding up to a multiple of 8 per SparseCore (ids 0, 1, 2, ... mod the shard count, so they
-   spread over the shards; weight 0 for the SparseCores, never read by the model):
+   padding up to a multiple of 8 per SparseCore; a slot the model never reads (padding, an id
+   0 past the first) holds an id spread over the shards instead, of weight 0 (`_slots`):
    ``chips * slots_per_chip`` ids, which the host preprocesses for the SparseCores
    (`host_inputs`) and the step builds again on the device (`slot_ids`);
 2. the large tables' rows for the slots are looked up (SparseCore's lookup, or `jnp.take`), a
@@ -123,6 +123,7 @@ class SparseCoreTables:
                                  f"rows, not a multiple of 8 x {self.shards} SparseCores (pad it with "
                                  f"model.vocab_multiple={8 * self.shards})")
         self.max_ids_per_partition = int(config.sharding.get("sparsecore_max_ids_per_partition", 0) or 0)
+        self.max_ids_seen = 0  # the most ids one SparseCore sent to one shard in a step, so far (`host_inputs`)
         self.learning_rate = optim.rowwise_schedule(config)
         self.initial_accumulator = float(config.optim.get("rowwise_initial_accumulator", 0.1))
         rows_per_chip = int(config.data.batch_size) // self.chips
@@ -146,28 +147,28 @@ class SparseCoreTables:
     # -- the slots: per chip, 0 and then the chip's ids -----------------------------------------
 
     def slot_ids(self, batches: Mapping[str, Any], key: FeatureKey) -> jax.Array:
-        """int32[chips * slots_per_chip]: per chip, 0, the ids of its rows of every placement's
-        batch (the batch's rows are split over the chips in order), and `_padding` up to its slot
-        count."""
-        return self._slots(jnp, [ids for _, ids in self.view_of.feature_ids(batches, key)], key, self.chips)
+        """int32[chips * slots_per_chip]: the slots' ids (`_slots`) of the global batch."""
+        return self._slots(jnp, [ids for _, ids in self.view_of.feature_ids(batches, key)], key, self.chips)[0].ravel()
 
-    def host_slot_ids(self, batches: Mapping[str, Any], key: FeatureKey, local_chips: int) -> np.ndarray:
-        """`slot_ids` of this process's batches (numpy), for its `local_chips` chips."""
+    def host_slots(self, batches: Mapping[str, Any], key: FeatureKey, local_chips: int) -> tuple[np.ndarray, np.ndarray]:
+        """The slots' ids and which ones the model reads (`_slots`, numpy) of this process's batches,
+        for its `local_chips` chips."""
         parts = [np.asarray(batches[p][key[1]][key[2]], np.int32) for p in self._holders(key)]
         return self._slots(np, parts, key, local_chips)
 
     def _slots(self, xp, parts: list, key: FeatureKey, chips: int):
-        """Per chip (`xp`: numpy or jax.numpy): 0, its rows' ids of each part in turn, the padding."""
-        per_chip = [ids.reshape(chips, -1) for ids in parts]
-        zeros, padding = xp.zeros((chips, 1), xp.int32), xp.asarray(self._padding(key, chips))
-        return xp.concatenate([zeros, *per_chip, padding], axis=1).ravel()
-
-    def _padding(self, key: FeatureKey, chips: int) -> np.ndarray:
-        """The ids of the padding slots, ``[chips, slots past the used ones]``: 0, 1, 2, ... mod
-        the shard count, one per shard in turn (all in one shard, they would count against
-        `sharding.sparsecore_max_ids_per_partition` there)."""
+        """(ids, read), ``[chips, slots_per_chip]`` (`xp`: numpy or jax.numpy): per chip, id 0, its
+        rows' ids of each part in turn, then padding. The slots the model never reads (an id 0 past
+        the first slot: a multi-hot feature's padding, the padding) hold ids 0, 1, 2, ... mod the
+        shard count in turn instead, so they spread evenly over the shards (in one shard, they
+        would count against ``sharding.sparsecore_max_ids_per_partition`` there); the SparseCores
+        give them weight 0."""
         pad = self.slots_per_chip[key] - self.used_slots_per_chip[key]
-        return np.broadcast_to(np.arange(pad, dtype=np.int32) % self.shards, (chips, pad))
+        ids = xp.concatenate([xp.zeros((chips, 1), xp.int32), *[p.reshape(chips, -1) for p in parts],
+                              xp.zeros((chips, pad), xp.int32)], axis=1)
+        read = (ids != 0) | (xp.arange(ids.shape[1]) == 0)[None, :]
+        turn = xp.cumsum(~read, axis=1, dtype=xp.int32) - 1  # each unread slot's rank on its chip
+        return xp.where(read, ids, turn % self.shards), read
 
     def relabel(self, batches: Mapping[str, Any]) -> dict[str, Any]:
         """`batches` with every placed feature's ids replaced by their slots on their chip (id 0
@@ -301,40 +302,41 @@ class SparseCoreTables:
     def host_inputs(self, batches: Mapping[str, Any]) -> Any:
         """This process's batches -> the SparseCores' preprocessed inputs (None with the reference
         kernel), to send with the batch under `SPARSECORE` (`sharding.shard_batch`). One id per
-        slot, of weight 0 in the padding slots."""
-        if self.kernel == "reference":
-            return None
-        embedding = _tpu_embedding()[0]
+        slot, of weight 0 in the slots the model never reads. With either kernel, the ids per shard are counted
+        (`max_ids_seen`) and checked against the bound."""
         local = int(self.mesh.local_mesh.size)
         features, weights = {}, {}
         for path in sorted(self.paths):
             key = self.view_of.readers[path]
-            slots = self.host_slot_ids(batches, key, local).reshape(local, -1)
-            self._check_partition_limit(_name(path), slots)
+            slots, read = self.host_slots(batches, key, local)
+            self._count_ids_per_shard(_name(path), slots)
             features[_name(path)] = slots.reshape(-1, 1)
-            weights[_name(path)] = (np.arange(slots.shape[1]) < self.used_slots_per_chip[key]).astype(
-                np.float32)[None, :].repeat(local, axis=0).reshape(-1, 1)
-        inputs, _ = embedding.preprocess_sparse_dense_matmul_input(
+            weights[_name(path)] = read.astype(np.float32).reshape(-1, 1)
+        if self.kernel == "reference":
+            return None
+        inputs, _ = _tpu_embedding()[0].preprocess_sparse_dense_matmul_input(
             features, weights, self.feature_specs, local_device_count=local, global_device_count=self.chips,
             num_sc_per_device=self.per_chip, sharding_strategy="MOD", allow_id_dropping=False)
         return inputs
 
-    def _check_partition_limit(self, name: str, slots: np.ndarray) -> None:
-        """A clear error where jax-tpu-embedding's preprocessing would abort the process: more ids
-        of one SparseCore's share of a chip's slots (`slots`: [chips, slots]) in one shard than
-        ``sharding.sparsecore_max_ids_per_partition``."""
-        if not self.max_ids_per_partition:
-            return  # the bound is every slot a SparseCore holds
-        per_sc = self.slots_per_chip[self.view_of.readers[_path(name)]] // self.per_chip
-        for chip, ids in enumerate(slots):
-            for sc in range(self.per_chip):
-                counts = np.bincount(ids[sc * per_sc:(sc + 1) * per_sc] % self.shards, minlength=self.shards)
-                if counts.max() > self.max_ids_per_partition:
-                    raise ValueError(
-                        f"SparseCore table {name}: {counts.max()} ids of one SparseCore's share of the batch "
-                        f"(chip {chip}, SparseCore {sc}) fall in one shard ({int(counts.argmax())} of {self.shards}), "
-                        f"more than sharding.sparsecore_max_ids_per_partition={self.max_ids_per_partition}: raise it "
-                        "(0 takes every id a SparseCore holds)")
+    def _count_ids_per_shard(self, name: str, slots: np.ndarray) -> None:
+        """Note the most ids one SparseCore's share of a chip's `slots` ([chips, slots]) sends to
+        one shard (`max_ids_seen`, what ``sharding.sparsecore_max_ids_per_partition`` bounds), and
+        stop with a clear error over the bound, where jax-tpu-embedding's preprocessing would
+        abort the process."""
+        chips, per_sc = slots.shape[0], slots.shape[1] // self.per_chip
+        sparsecore = np.arange(chips * self.per_chip).repeat(per_sc)  # each slot's SparseCore, in order
+        counts = np.bincount(sparsecore * self.shards + slots.ravel() % self.shards,
+                             minlength=chips * self.per_chip * self.shards)
+        most = int(counts.max())
+        self.max_ids_seen = max(self.max_ids_seen, most)
+        if self.max_ids_per_partition and most > self.max_ids_per_partition:
+            where = int(counts.argmax())
+            raise ValueError(
+                f"SparseCore table {name}: {most} ids of one SparseCore's share of the batch (chip "
+                f"{where // self.shards // self.per_chip}, SparseCore {where // self.shards % self.per_chip}) fall in one "
+                f"shard ({where % self.shards} of {self.shards}), more than sharding.sparsecore_max_ids_per_partition="
+                f"{self.max_ids_per_partition}: raise it (0 takes every id a SparseCore holds)")
 
     def abstract_inputs(self) -> Any:
         """ShapeDtypeStructs of the global `host_inputs` (to compile the train step ahead of time)."""

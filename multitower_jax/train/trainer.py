@@ -184,6 +184,12 @@ class Trainer:
             out[SPARSECORE] = sharding.shard_batch(inputs, self.mesh)
         return out
 
+    def host_metrics(self) -> dict[str, float]:
+        """What the host measured while feeding the steps: with the tables on the SparseCores, the
+        most ids one SparseCore has sent to one shard in a step (what
+        ``sharding.sparsecore_max_ids_per_partition`` bounds)."""
+        return {} if self.sparsecore is None else {"sparsecore_max_ids_per_shard": self.sparsecore.max_ids_seen}
+
     def placement_batches(self, batch: dict[str, Any]) -> dict[str, Any]:
         """``{placement: batch}`` for every placement; a plain batch is the only placement's."""
         if set(batch) == set(self.placements) and "user" not in batch:
