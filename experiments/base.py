@@ -191,7 +191,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Ids one SparseCore may send to one other's shard per step; 0: all of its share of the batch
     # (always enough). jax-tpu-embedding sizes its programs by it: XLA estimates pod_v5p's
     # SparseCore part at 4.0 GB per chip with 0 (264), 1.23 GB with 64 and 0.43 GB with 8. A batch
-    # over it stops the run with jax-tpu-embedding's error; the ids are never dropped.
+    # over it stops the run with an error (ids are never dropped); the train log's
+    # sparsecore_max_ids_per_shard is the most a run has seen.
     config.sharding.sparsecore_max_ids_per_partition = 0
 
     # Serving (multitower rank / export-scorer / bench score|serve): candidate buckets, K, top-N,
