@@ -301,8 +301,6 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
 MESH_AXES = ("data", "model")
 # `sharding.large_table_layout`: the large tables' memory layout (`train.sharding.pin_large_tables`).
 LARGE_TABLE_LAYOUTS = ("default", "row_major", "column_major")
-LARGE_TABLE_PLACEMENTS = model_settings.LARGE_TABLE_PLACEMENTS
-SPARSECORE_KERNELS = model_settings.SPARSECORE_KERNELS
 
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:
@@ -319,9 +317,9 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
         require_choice(config.sharding.get("large_table_layout", "default"), "sharding.large_table_layout",
                        LARGE_TABLE_LAYOUTS)
         require_choice(config.sharding.get("large_table_placement", "tensorcore"), "sharding.large_table_placement",
-                       LARGE_TABLE_PLACEMENTS)
+                       model_settings.LARGE_TABLE_PLACEMENTS)
         require_choice(config.sharding.get("sparsecore_kernel", "tpu"), "sharding.sparsecore_kernel",
-                       SPARSECORE_KERNELS)
+                       model_settings.SPARSECORE_KERNELS)
         require_positive_int(config.sharding.get("sparsecores_per_chip", 1), "sharding.sparsecores_per_chip")
         limit = config.sharding.get("sparsecore_max_ids_per_partition", 0)
         require(isinstance(limit, int) and limit >= 0 and limit % 8 == 0, "sharding.sparsecore_max_ids_per_partition",

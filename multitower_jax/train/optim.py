@@ -118,7 +118,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any = None,
     same warm-up / cosine shape, no weight decay), the rest AdamW, both after the one global
     clipping. Which tables those are is decided here, once, by their paths: the update may then
     get a large table's gradient for the batch's rows only (`train.batch_rows`) and pass
-    ``rows=`` on to `rowwise_adagrad`."""
+    ``rows=`` on to `rowwise_adagrad`. ``"adagrad"`` is the same with one accumulator per element.
+
+    `sparsecore_paths`: the large tables placed on the SparseCores (`train.sparsecore`). They are
+    not optax's: their updates here are zeros, with no state (the SparseCores update them), and
+    there is then no clipping here: the train step clips every gradient itself, the SparseCore
+    tables' with the rest (`Trainer._sparsecore_update`)."""
     o = config.optim
     parts = []
     if float(o.clip_norm) > 0 and not sparsecore_paths:
@@ -195,14 +200,6 @@ def _without_boxed_masks(tx: optax.GradientTransformation) -> optax.GradientTran
         return jax.tree.map(unbox_masked, tx.init(params), is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
     return optax.GradientTransformationExtraArgs(init_fn, optax.with_extra_args_support(tx).update)
-
-
-def clip_scale(norm: jax.Array, max_norm: float) -> jax.Array:
-    """The factor `optax.clip_by_global_norm(max_norm)` multiplies every gradient by, given their
-    global `norm` (1 when `max_norm` is 0: no clipping)."""
-    if max_norm <= 0:
-        return jnp.ones((), jnp.float32)
-    return jnp.where(norm < max_norm, 1.0, max_norm / norm)
 
 
 def rowwise_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

@@ -256,10 +256,10 @@ class Trainer:
         """(params, opt_state, the SparseCore state, the gradients' global norm) after one update:
         every gradient clipped by the one global norm (the placed tables' per slot), optax on all
         but the placed tables, SparseCore's Adagrad on those."""
-        sc = self.sparsecore
+        sc, clip_norm = self.sparsecore, float(self.config.optim.clip_norm)
         norm = optax.global_norm(grads)
-        scale = optim.clip_scale(norm, float(self.config.optim.clip_norm))
-        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+        if clip_norm > 0:  # optax's clipping, which `self.tx` leaves out here, over every gradient
+            grads, _ = optax.clip_by_global_norm(clip_norm).update(grads, optax.EmptyState())
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         tables, accumulators = sc.update(state["params"], state[SPARSECORE]["accumulators"], inputs, grads, slots,
                                          state["step"])
